@@ -1,0 +1,137 @@
+"""Builds csrc/ on first use with torch.utils.cpp_extension (ninja) and loads it into torch.ops.
+
+The build folder is named by a hash of the sources, the compiler flags and the torch version, so an
+edit triggers exactly one rebuild and unchanged sources load from the cache. CUDA sources are added
+when torch has CUDA, a GPU is visible and nvcc is found (or when forced, as the compile test does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CPU_SOURCES = ("ops.cpp", "dcnv4_cpu.cpp")
+CUDA_SOURCES = ("cuda/dcnv4_cuda.cpp", "cuda/dcnv4_cuda.cu")
+CXX_FLAGS = ["-O3", "-std=c++17"]
+NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+
+_loaded_path: str | None = None
+
+
+class BuildError(RuntimeError):
+    """The compiled kernels could not be built."""
+
+
+def cache_root() -> Path:
+    """Where builds are cached: $UNET_DCNV4_BUILD_DIR or ~/.cache/unet_dcnv4/build."""
+    env = os.environ.get("UNET_DCNV4_BUILD_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "unet_dcnv4" / "build"
+
+
+def find_nvcc() -> str | None:
+    """The nvcc to use: $CUDA_HOME/bin/nvcc, /usr/local/cuda/bin/nvcc or the one on PATH."""
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def cuda_wanted() -> bool:
+    return torch.version.cuda is not None and torch.cuda.is_available() and find_nvcc() is not None
+
+
+def _cuda_env() -> list[str]:
+    """Point torch at a full CUDA toolkit; returns extra include folders (the pip nvidia headers)."""
+    nvcc = Path(find_nvcc()).resolve()
+    os.environ.setdefault("CUDA_HOME", str(nvcc.parents[1]))
+    import torch.utils.cpp_extension as ext
+
+    ext.CUDA_HOME = os.environ["CUDA_HOME"]
+    includes = []
+    try:
+        import nvidia
+
+        for root in nvidia.__path__:
+            includes += [str(p) for p in sorted(Path(root).glob("cu*/include"))]
+    except ImportError:
+        pass
+    return includes
+
+
+def _sources(with_cuda: bool) -> list[Path]:
+    names = CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())
+    return [CSRC / n for n in names]
+
+
+def _digest(sources: list[Path], flags: list[str]) -> str:
+    h = hashlib.sha256()
+    h.update(torch.__version__.encode())
+    h.update(sys.version.encode())
+    h.update(" ".join(flags).encode())
+    h.update(os.environ.get("TORCH_CUDA_ARCH_LIST", "").encode())
+    for path in sorted(CSRC.rglob("*")):
+        if path.suffix in (".h", ".cuh", ".cpp", ".cu"):
+            h.update(str(path.relative_to(CSRC)).encode())
+            h.update(path.read_bytes())
+    h.update(" ".join(str(s.relative_to(CSRC)) for s in sources).encode())
+    return h.hexdigest()[:16]
+
+
+def build(with_cuda: bool | None = None, verbose: bool = False) -> str:
+    """Compile the extension (or find it in the cache) and return the path of the shared library.
+
+    Args:
+        with_cuda: include the CUDA kernels; None decides from the machine (torch CUDA, GPU, nvcc).
+        verbose: print the compiler's commands.
+    """
+    if with_cuda is None:
+        with_cuda = cuda_wanted()
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        raise BuildError("unet_dcnv4 needs a C++ compiler to build its kernels (none found as $CXX or c++); "
+                         "install g++ or set UNET_DCNV4_REFERENCE=1 to use the slow PyTorch reference")
+    if with_cuda and find_nvcc() is None:
+        raise BuildError("unet_dcnv4: building the CUDA kernels needs nvcc; set CUDA_HOME to a CUDA toolkit")
+    import torch.utils.cpp_extension as ext
+
+    includes = [str(CSRC)] + (_cuda_env() if with_cuda else [])
+    sources = _sources(with_cuda)
+    flags = CXX_FLAGS + (["-DDCNV4_WITH_CUDA"] if with_cuda else [])
+    tag = _digest(sources, flags + (NVCC_FLAGS if with_cuda else []))
+    name = f"unet_dcnv4_{'cuda' if with_cuda else 'cpu'}_{tag}"
+    folder = cache_root() / name
+    folder.mkdir(parents=True, exist_ok=True)
+    library = folder / f"{name}.so"
+    if not library.exists():
+        print(f"unet_dcnv4: building the {'CPU+CUDA' if with_cuda else 'CPU'} kernels in {folder} "
+              "(once; takes a minute or two)...", file=sys.stderr, flush=True)
+    try:
+        ext.load(
+            name=name,
+            sources=[str(s) for s in sources],
+            extra_include_paths=includes,
+            extra_cflags=flags,
+            extra_cuda_cflags=NVCC_FLAGS if with_cuda else None,
+            build_directory=str(folder),
+            with_cuda=with_cuda,
+            is_python_module=False,
+            verbose=verbose,
+        )
+    except Exception as err:  # the compiler's output is in the exception text
+        raise BuildError(f"unet_dcnv4: building the kernels in {folder} failed:\n{err}\n"
+                         "Set UNET_DCNV4_REFERENCE=1 to run the slow PyTorch reference instead.") from err
+    return str(library)
+
+
+def load() -> None:
+    """Build if needed and load the kernels into torch.ops.unet_dcnv4 (once per process)."""
+    global _loaded_path
+    if _loaded_path is None:
+        path = build()
+        # cpp_extension.load(is_python_module=False) already loaded it into the process.
+        _loaded_path = path
