@@ -20,7 +20,7 @@ struct Params {
   int kh, kw, sh, sw, ph, pw, dh, dw;
   int K;  // points per group: kh * kw - remove_center
   bool remove_center;
-  float offset_scale;
+  double offset_scale;  // cast to the accumulation type where used
 };
 
 // Kernel tap (i, j) of point k: x index i is the outer loop, y index j the inner one, the centre

@@ -52,7 +52,7 @@ inline Params make_params(const at::Tensor& value, const at::Tensor& offset_mask
   p.remove_center = remove_center;
   TORCH_CHECK(!(remove_center && p.kh * p.kw == 1), "remove_center needs a kernel with more than one tap");
   p.K = p.kh * p.kw - (remove_center ? 1 : 0);
-  p.offset_scale = static_cast<float>(offset_scale);
+  p.offset_scale = offset_scale;
   p.Ho = (p.H + 2 * p.ph - (p.dh * (p.kh - 1) + 1)) / p.sh + 1;
   p.Wo = (p.W + 2 * p.pw - (p.dw * (p.kw - 1) + 1)) / p.sw + 1;
   TORCH_CHECK(p.Ho >= 1 && p.Wo >= 1, "value's spatial size (", p.H, ", ", p.W,

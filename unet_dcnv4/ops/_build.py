@@ -18,8 +18,8 @@ import torch
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CPU_SOURCES = ("ops.cpp", "dcnv4_cpu.cpp")
 CUDA_SOURCES = ("cuda/dcnv4_cuda.cpp", "cuda/dcnv4_cuda.cu")
-CXX_FLAGS = ["-O3", "-std=c++17"]
-NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+CXX_FLAGS = ["-O3", "-fopenmp-simd"]  # the C++ standard is the one torch asks for
+NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
 
 _loaded_path: str | None = None
 
@@ -75,8 +75,9 @@ def _digest(sources: list[Path], flags: list[str]) -> str:
     h.update(sys.version.encode())
     h.update(" ".join(flags).encode())
     h.update(os.environ.get("TORCH_CUDA_ARCH_LIST", "").encode())
+    with_cuda = any(s.suffix == ".cu" for s in sources)
     for path in sorted(CSRC.rglob("*")):
-        if path.suffix in (".h", ".cuh", ".cpp", ".cu"):
+        if path.suffix in (".h", ".cuh", ".cpp", ".cu") and (with_cuda or "cuda" not in path.parts):
             h.update(str(path.relative_to(CSRC)).encode())
             h.update(path.read_bytes())
     h.update(" ".join(str(s.relative_to(CSRC)) for s in sources).encode())

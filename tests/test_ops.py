@@ -1,0 +1,288 @@
+"""The DCNv4 operator on the CPU: reference against a naive loop, kernels against the reference,
+gradients, torch.library registration, torch.compile, the build, and input validation."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from unet_dcnv4.ops import dcnv4, dcnv4_reference, load_extension, output_size
+from unet_dcnv4.ops.reference import pair, sampling_points
+
+
+@pytest.fixture(autouse=True)
+def _kernels(monkeypatch):
+    """Every test here exercises the compiled op unless it asks for the reference itself."""
+    monkeypatch.delenv("UNET_DCNV4_REFERENCE", raising=False)
+    load_extension()
+
+
+def make_inputs(N, H, W, G, D, kernel_size=3, stride=1, padding=1, dilation=1, remove_center=False,
+                extra_channels=0, offset_std=2.0, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    kh, kw = pair(kernel_size, "kernel_size")
+    Ho, Wo = output_size(H, W, (kh, kw), pair(stride, "s"), pair(padding, "p"), pair(dilation, "d"))
+    K = kh * kw - int(remove_center)
+    value = torch.randn(N, H, W, G * D, generator=gen, dtype=torch.float64)
+    offset_mask = torch.randn(N, Ho, Wo, 3 * G * K + extra_channels, generator=gen, dtype=torch.float64)
+    used = offset_mask[..., : 3 * G * K].reshape(N, Ho, Wo, G, 3 * K)
+    used[..., : 2 * K] *= offset_std  # offsets are drawn wider than masks, as in the anchors
+    offset_mask[..., : 3 * G * K] = used.reshape(N, Ho, Wo, 3 * G * K)
+    return value.to(dtype), offset_mask.to(dtype)
+
+
+def naive_dcnv4(value, offset_mask, kernel_size, stride, padding, dilation, groups, offset_scale, remove_center):
+    """The contract of DESIGN.md written as a per-pixel, per-point loop (float64, tiny shapes only)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (pair(kernel_size, "k"), pair(stride, "s"), pair(padding, "p"),
+                                              pair(dilation, "d"))
+    N, H, W, C = value.shape
+    D = C // groups
+    Ho, Wo = output_size(H, W, (kh, kw), (sh, sw), (ph, pw), (dh, dw))
+    points = [(i, j) for i in range(kw) for j in range(kh) if not (remove_center and i == kw // 2 and j == kh // 2)]
+    K = len(points)
+    cw, ch = dw * (kw - 1) // 2, dh * (kh - 1) // 2
+    out = torch.zeros(N, Ho, Wo, C, dtype=torch.float64)
+
+    def pixel(n, y, x, g):
+        if 0 <= y < H and 0 <= x < W:
+            return value[n, y, x, g * D:(g + 1) * D].double()
+        return torch.zeros(D, dtype=torch.float64)
+
+    for n in range(N):
+        for ho in range(Ho):
+            for wo in range(Wo):
+                for g in range(groups):
+                    om = offset_mask[n, ho, wo, 3 * K * g: 3 * K * (g + 1)].double()
+                    for k, (i, j) in enumerate(points):
+                        dx, dy, m = om[2 * k].item(), om[2 * k + 1].item(), om[2 * K + k].item()
+                        x = wo * sw - pw + cw + offset_scale * (i * dw - cw + dx)
+                        y = ho * sh - ph + ch + offset_scale * (j * dh - ch + dy)
+                        x0, y0 = math.floor(x), math.floor(y)
+                        lx, ly = x - x0, y - y0
+                        sample = ((1 - ly) * (1 - lx) * pixel(n, y0, x0, g) + (1 - ly) * lx * pixel(n, y0, x0 + 1, g)
+                                  + ly * (1 - lx) * pixel(n, y0 + 1, x0, g) + ly * lx * pixel(n, y0 + 1, x0 + 1, g))
+                        out[n, ho, wo, g * D:(g + 1) * D] += m * sample
+    return out
+
+
+# (N, H, W, G, D, kernel_size, stride, padding, dilation, remove_center, extra_channels, offset_std, offset_scale)
+SHAPES = [
+    (2, 13, 9, 2, 4, 3, 1, 1, 1, False, 0, 2.0, 1.0),
+    (1, 7, 7, 1, 24, 3, 1, 1, 1, True, 5, 2.0, 1.0),
+    (2, 1, 1, 3, 1, 3, 1, 1, 1, False, 0, 2.0, 1.0),
+    (0, 6, 5, 2, 4, 3, 1, 1, 1, False, 0, 2.0, 1.0),
+    (2, 6, 7, 2, 4, 1, 1, 0, 1, False, 2, 2.0, 1.0),
+    (1, 9, 8, 1, 4, 5, 1, 2, 1, False, 0, 2.0, 0.5),
+    (1, 8, 9, 2, 1, (3, 5), 1, (1, 2), 1, True, 0, 2.0, 1.0),
+    (2, 13, 9, 1, 4, 3, 2, 1, 1, False, 3, 2.0, 1.0),
+    (1, 11, 10, 2, 4, 3, 1, 2, 2, False, 0, 2.0, 1.5),
+    (1, 7, 7, 2, 4, 3, 1, 1, 1, False, 0, 40.0, 1.0),
+    (1, 5, 6, 1, 16, (2, 4), (2, 1), (0, 1), (1, 2), False, 8, 2.0, 0.25),
+]
+SHAPE_IDS = [f"N{s[0]}_{s[1]}x{s[2]}_G{s[3]}_D{s[4]}_k{s[5]}_s{s[6]}_d{s[8]}_rc{int(s[9])}" for s in SHAPES]
+
+
+def run_case(shape, dtype, seed=0):
+    N, H, W, G, D, k, s, p, d, rc, extra, std, scale = shape
+    value, offset_mask = make_inputs(N, H, W, G, D, k, s, p, d, rc, extra, std, dtype, seed)
+    args = (k, s, p, d, G, scale, rc)
+    return value, offset_mask, args
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item() if b.numel() else 0.0
+
+
+@pytest.mark.parametrize("shape", SHAPES[:4] + SHAPES[6:8], ids=SHAPE_IDS[:4] + SHAPE_IDS[6:8])
+def test_reference_matches_naive_loop(shape):
+    value, offset_mask, args = run_case(shape, torch.float64, seed=1)
+    ref = dcnv4_reference(value, offset_mask, *args)
+    torch.testing.assert_close(ref, naive_dcnv4(value, offset_mask, *args), rtol=1e-12, atol=1e-12)
+
+
+def test_sampling_points_are_column_major():
+    assert sampling_points((3, 3), (1, 1), False)[:4] == [(0, 0), (0, 1), (0, 2), (1, 0)]
+    assert (1, 1) not in sampling_points((3, 3), (1, 1), True)
+    assert len(sampling_points((3, 5), (1, 1), True)) == 14
+
+
+def test_reference_equals_grid_sample():
+    """DESIGN.md: the sampling equals grid_sample(zeros, align_corners=False) after x -> (2x+1)/W - 1."""
+    N, H, W, D = 2, 6, 7, 3
+    value, offset_mask = make_inputs(N, H, W, 1, D, kernel_size=1, padding=0, dtype=torch.float64)
+    out = dcnv4_reference(value, offset_mask, 1, 1, 0, 1, 1, 1.0, False)
+    x = torch.arange(W, dtype=torch.float64)[None, None, :] + offset_mask[..., 0]
+    y = torch.arange(H, dtype=torch.float64)[None, :, None] + offset_mask[..., 1]
+    grid = torch.stack([(2 * x + 1) / W - 1, (2 * y + 1) / H - 1], dim=-1)
+    sampled = torch.nn.functional.grid_sample(value.permute(0, 3, 1, 2), grid, padding_mode="zeros",
+                                              align_corners=False).permute(0, 2, 3, 1)
+    torch.testing.assert_close(out, sampled * offset_mask[..., 2:3])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_kernel_forward_backward_matches_reference(shape, dtype):
+    value, offset_mask, args = run_case(shape, dtype, seed=2)
+    value.requires_grad_(True)
+    offset_mask.requires_grad_(True)
+    out = dcnv4(value, offset_mask, *args)
+    assert out.dtype == dtype and out.shape == (value.shape[0], *output_size(
+        value.shape[1], value.shape[2], pair(args[0], "k"), pair(args[1], "s"), pair(args[2], "p"),
+        pair(args[3], "d")), value.shape[3])
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    grads = torch.autograd.grad(out, (value, offset_mask), grad_out.to(dtype))
+
+    # The oracle: float64 reference on exactly the same (rounded) inputs.
+    v64 = value.detach().double().requires_grad_(True)
+    om64 = offset_mask.detach().double().requires_grad_(True)
+    ref = dcnv4_reference(v64, om64, *args)
+    ref_grads = torch.autograd.grad(ref, (v64, om64), grad_out)
+    if dtype == torch.float64:
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+        return
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    assert rel_err(out, ref) < tol
+    assert rel_err(grads[0], ref_grads[0]) < tol
+    G, K = args[4], offset_mask.shape[-1]
+    used = 3 * G * (pair(args[0], "k")[0] * pair(args[0], "k")[1] - int(args[6]))
+    # Offset gradients jump where a sample crosses a pixel edge; far offsets stay outside and are 0.
+    assert rel_err(grads[1][..., :used], ref_grads[1][..., :used]) < 10 * tol
+    assert torch.all(grads[1][..., used:K] == 0)
+
+
+def test_padding_channels_get_zero_gradient():
+    value, offset_mask, args = run_case(SHAPES[1], torch.float32)
+    offset_mask.requires_grad_(True)
+    dcnv4(value, offset_mask, *args).square().sum().backward()
+    assert torch.all(offset_mask.grad[..., -5:] == 0)
+    assert offset_mask.grad[..., :-5].abs().sum() > 0
+
+
+def test_offsets_far_outside_give_zero():
+    value, offset_mask, args = run_case(SHAPES[0], torch.float32)
+    offset_mask[..., : 2 * 9] = 1e6
+    offset_mask[..., 27: 27 + 2 * 9] = -1e6
+    out = dcnv4(value, offset_mask, *args)
+    assert torch.all(out == 0)
+
+
+def test_non_contiguous_inputs():
+    value, offset_mask, args = run_case(SHAPES[0], torch.float64)
+    value_nc = value.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)  # (N, H, W, C) view of NCHW memory
+    wide = torch.cat([offset_mask, offset_mask], dim=-1)[..., ::2]  # strided last dim
+    wide.copy_(offset_mask)
+    assert not value_nc.is_contiguous() and not wide.is_contiguous()
+    torch.testing.assert_close(dcnv4(value_nc, wide, *args), dcnv4_reference(value, offset_mask, *args),
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_gradcheck_float64():
+    value, offset_mask, args = run_case((1, 5, 4, 2, 3, 3, 1, 1, 1, False, 2, 1.3, 0.8), torch.float64, seed=5)
+    value.requires_grad_(True)
+    offset_mask.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v, om: dcnv4(v, om, *args), (value, offset_mask), eps=1e-6, atol=1e-6)
+
+
+def test_opcheck():
+    value, offset_mask, args = run_case(SHAPES[0], torch.float32)
+    k, s, p, d, G, scale, rc = args
+    op_args = (value, offset_mask, list(pair(k, "k")), list(pair(s, "s")), list(pair(p, "p")), list(pair(d, "d")),
+               G, scale, rc)
+    torch.library.opcheck(torch.ops.unet_dcnv4.dcnv4_forward.default, op_args)
+    value.requires_grad_(True)
+    offset_mask.requires_grad_(True)
+    torch.library.opcheck(torch.ops.unet_dcnv4.dcnv4_forward.default, op_args)
+    grad = torch.randn(value.shape[0], value.shape[1], value.shape[2], value.shape[3])
+    torch.library.opcheck(torch.ops.unet_dcnv4.dcnv4_backward.default, (grad, value.detach(), offset_mask.detach(),
+                                                                        *op_args[2:]))
+
+
+def test_torch_compile_fullgraph():
+    value, offset_mask, args = run_case(SHAPES[0], torch.float32)
+    weight = torch.randn(value.shape[-1], value.shape[-1])
+
+    def f(v, om):
+        return torch.relu(dcnv4(v @ weight, om, *args)).sum(dim=-1)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    value.requires_grad_(True)
+    out = compiled(value, offset_mask)
+    torch.testing.assert_close(out, f(value, offset_mask), rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert value.grad is not None and torch.isfinite(value.grad).all()
+
+
+def test_reference_path_from_environment(monkeypatch):
+    value, offset_mask, args = run_case(SHAPES[0], torch.float64)
+    monkeypatch.setenv("UNET_DCNV4_REFERENCE", "1")
+    called = []
+    monkeypatch.setattr(torch.ops.unet_dcnv4, "dcnv4_forward", lambda *a: called.append(a))
+    out = dcnv4(value, offset_mask, *args)
+    assert not called
+    torch.testing.assert_close(out, dcnv4_reference(value, offset_mask, *args))
+
+
+def _bad(**changes):
+    value, offset_mask = make_inputs(1, 5, 5, 2, 4, dtype=torch.float32)
+    kwargs = dict(value=value, offset_mask=offset_mask, kernel_size=3, stride=1, padding=1, dilation=1, groups=2)
+    kwargs.update(changes)
+    return kwargs
+
+
+BAD_INPUTS = [
+    (dict(value=torch.zeros(5, 5, 8)), ValueError, "value must be 4-D"),
+    (dict(offset_mask=torch.zeros(1, 5, 5)), ValueError, "offset_mask must be 4-D"),
+    (dict(value=torch.zeros(1, 5, 5, 8, dtype=torch.int32)), TypeError, "value must be float"),
+    (dict(offset_mask=torch.zeros(1, 5, 5, 54, dtype=torch.float64)), TypeError, "offset_mask must have value's dtype"),
+    (dict(groups=3), ValueError, "divisible by groups"),
+    (dict(offset_mask=torch.zeros(1, 5, 5, 53)), ValueError, "at least 3 * groups * K = 54"),
+    (dict(offset_mask=torch.zeros(1, 4, 5, 54)), ValueError, "offset_mask must have shape"),
+    (dict(kernel_size=0), ValueError, "kernel_size must be positive"),
+    (dict(stride=(1, 0)), ValueError, "stride must be positive"),
+    (dict(dilation=-1), ValueError, "dilation must be positive"),
+    (dict(padding=-1), ValueError, "padding must be non-negative"),
+    (dict(kernel_size=(3, 3, 3)), TypeError, "kernel_size must be an int or a pair"),
+    (dict(groups=0), ValueError, "groups must be a positive int"),
+    (dict(kernel_size=9, padding=0), ValueError, "too small"),
+]
+
+
+@pytest.mark.parametrize("changes,error,message", BAD_INPUTS, ids=[b[2] for b in BAD_INPUTS])
+def test_bad_inputs_raise_naming_the_argument(changes, error, message):
+    with pytest.raises(error, match=message.replace("*", r"\*")):
+        dcnv4(**_bad(**changes))
+
+
+def test_cpp_checks_name_the_argument():
+    value, offset_mask = make_inputs(1, 5, 5, 2, 4, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match=r"offset_mask must have at least 3 \* groups \* K = 54 channels, got 50"):
+        torch.ops.unet_dcnv4.dcnv4_forward(value, offset_mask[..., :50].contiguous(), [3, 3], [1, 1], [1, 1], [1, 1],
+                                           2, 1.0, False)
+    with pytest.raises(RuntimeError, match="value's channels"):
+        torch.ops.unet_dcnv4.dcnv4_forward(value, offset_mask, [3, 3], [1, 1], [1, 1], [1, 1], 3, 1.0, False)
+
+
+def test_build_is_cached_and_reports_missing_compiler(tmp_path):
+    code = (
+        "import os, sys\n"
+        "from unet_dcnv4.ops import _build\n"
+        "first = _build.build(with_cuda=False)\n"
+        "second = _build.build(with_cuda=False)\n"
+        "assert first == second and os.path.exists(first), (first, second)\n"
+        "os.environ['CXX'] = 'no-such-compiler'\n"
+        "try:\n"
+        "    _build.build(with_cuda=False)\n"
+        "except _build.BuildError as err:\n"
+        "    assert 'C++ compiler' in str(err), err\n"
+        "else:\n"
+        "    sys.exit('no BuildError')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
