@@ -10,8 +10,19 @@ namespace dcnv4 {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
-// output (N, Ho, Wo, C) = dcnv4(value, offset_mask). Returns the launch's error code.
+// output (N, Ho, Wo, C) = dcnv4(value (N, H, W, C), offset_mask (N, Ho, Wo, P)), all contiguous and of
+// `dtype`. Launches nothing when the output is empty. Returns the launch's error code.
 cudaError_t forward_cuda(const Params& p, DType dtype, const void* value, const void* offset_mask, void* output,
                          cudaStream_t stream);
+
+// Gradients of dcnv4 given grad_output (N, Ho, Wo, C):
+// - grad_value_acc (N, H, W, C) is ACCUMULATED into with atomics, so it must be zero-filled; it is
+//   double for kFloat64 and float for every other dtype (half types convert it afterwards);
+// - grad_offset_mask (N, Ho, Wo, P), of `dtype`: channels [0, 3GK) of each pixel are written, the
+//   padding channels [3GK, P) are left to the caller.
+// Returns the launch's error code.
+cudaError_t backward_cuda(const Params& p, DType dtype, const void* grad_output, const void* value,
+                          const void* offset_mask, void* grad_value_acc, void* grad_offset_mask,
+                          cudaStream_t stream);
 
 }  // namespace dcnv4

@@ -1,0 +1,244 @@
+"""Times the compiled DCNv4 op (forward, backward) against its memory floor, the PyTorch reference and
+cuDNN 3x3 convolutions of the same width, on CPU (small shapes) or on a GPU (the anchor shapes).
+
+    python benchmarks/bench_op.py --device cuda --out bench.json
+    python benchmarks/bench_op.py --device cpu --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from unet_dcnv4.ops import dcnv4_reference, load_extension
+
+HERE = Path(__file__).resolve().parent
+# (N, H, W, C, G) of DESIGN.md, group_channels 16.
+ANCHOR_SHAPES = [(64, 56, 56, 64, 4), (64, 28, 28, 128, 8), (64, 14, 14, 256, 16), (64, 7, 7, 512, 32),
+                 (1, 200, 320, 128, 8), (64, 64, 64, 128, 8), (64, 32, 32, 256, 16), (64, 16, 16, 512, 32)]
+CPU_SHAPES = [(8, 32, 32, 64, 4), (2, 16, 16, 32, 2)]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+K = 9  # 3x3, the anchors' kernel
+
+
+def padded_channels(G: int) -> int:
+    """offset_mask channels as the official layer allocates them: 3GK rounded up to a multiple of 8."""
+    return (3 * G * K + 7) // 8 * 8
+
+
+def make_inputs(shape, dtype, device, seed=0):
+    """value (N, H, W, C) ~ randn, offsets 2 * randn, masks randn, padded offset_mask: as the anchors."""
+    N, H, W, C, G = shape
+    gen = torch.Generator(device=device).manual_seed(seed)
+    value = torch.randn(N, H, W, C, generator=gen, device=device).to(dtype)
+    om = torch.randn(N, H, W, padded_channels(G), generator=gen, device=device)
+    om_used = om[..., : 3 * G * K].view(N, H, W, G, 3 * K)
+    om_used[..., : 2 * K] *= 2
+    return value, om.to(dtype)
+
+
+def floor_bytes(shape, dtype) -> tuple[int, int]:
+    """Bytes the op must move: forward value + offset_mask + output; backward value + offset_mask +
+    grad_output read, grad_value + grad_offset_mask written."""
+    N, H, W, C, G = shape
+    size = torch.empty((), dtype=dtype).element_size()
+    v = N * H * W * C * size
+    om = N * H * W * padded_channels(G) * size
+    return 2 * v + om, 3 * v + 2 * om
+
+
+def op_args(G):
+    return ([3, 3], [1, 1], [1, 1], [1, 1], G, 1.0, False)
+
+
+def bench_cuda(fn, warmup_ms=25, rep_ms=100) -> float:
+    """Median ms of fn() with the L2 cache flushed before each call (triton's do_bench)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def bench_cpu(fn, repeats=5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps() -> float:
+    """Device-to-device copy bandwidth counting bytes read plus bytes written, 1 GiB each way."""
+    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    ms = bench_cuda(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def load_anchors(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    doc = json.loads(path.read_text())
+    return {(r["N"], r["H"], r["W"], r["C"], r["G"], r["dtype"]): r for r in doc["rows"]}
+
+
+def run_cuda(dtypes, quick: bool, anchors: dict) -> tuple[dict, list[dict]]:
+    ops = torch.ops.unet_dcnv4
+    gbps = copy_bandwidth_gbps()
+    env = {"device": torch.cuda.get_device_name(), "sms": torch.cuda.get_device_properties(0).multi_processor_count,
+           "torch": torch.__version__, "cuda": torch.version.cuda, "copy_GBps": gbps}
+    print(f"# {env['device']}: device-to-device copy {gbps:.0f} GB/s", flush=True)
+    rows = []
+    shapes = ANCHOR_SHAPES[:4] if quick else ANCHOR_SHAPES
+    for shape in shapes:
+        N, H, W, C, G = shape
+        for name in dtypes:
+            dtype = DTYPES[name]
+            value, om = make_inputs(shape, dtype, "cuda")
+            args = op_args(G)
+            grad_out = torch.randn_like(value)
+            fwd_bytes, bwd_bytes = floor_bytes(shape, dtype)
+            row = {"N": N, "H": H, "W": W, "C": C, "G": G, "dtype": name,
+                   "floor_fwd_ms": fwd_bytes / (gbps * 1e9) * 1e3, "floor_bwd_ms": bwd_bytes / (gbps * 1e9) * 1e3}
+            out = ops.dcnv4_forward(value, om, *args)
+            ref = dcnv4_reference(value.float(), om.float(), 3, 1, 1, 1, G)
+            row["err_fwd"] = rel_err(out, ref)
+            row["fwd_ms"] = bench_cuda(lambda: ops.dcnv4_forward(value, om, *args))
+            row["bwd_ms"] = bench_cuda(lambda: ops.dcnv4_backward(grad_out, value, om, *args))
+            del out, ref
+            if not quick:
+                v_ref = value.detach().requires_grad_()
+                om_ref = om.detach().requires_grad_()
+                row["ref_fwd_ms"] = bench_cuda(lambda: dcnv4_reference(value, om, 3, 1, 1, 1, G), rep_ms=50)
+
+                def ref_fwd_bwd():
+                    dcnv4_reference(v_ref, om_ref, 3, 1, 1, 1, G).backward(grad_out)
+
+                row["ref_fwdbwd_ms"] = bench_cuda(ref_fwd_bwd, rep_ms=50)
+            # cuDNN 3x3 convolutions of the same width on channels-last NCHW views of the same data.
+            x = value.permute(0, 3, 1, 2)
+            dense = torch.nn.Conv2d(C, C, 3, padding=1, bias=False).to("cuda", dtype, memory_format=torch.channels_last)
+            depthwise = torch.nn.Conv2d(C, C, 3, padding=1, groups=C, bias=False).to(
+                "cuda", dtype, memory_format=torch.channels_last)
+            with torch.no_grad():
+                row["conv3x3_fwd_ms"] = bench_cuda(lambda: dense(x))
+                row["dwconv3x3_fwd_ms"] = bench_cuda(lambda: depthwise(x))
+            anchor = anchors.get((N, H, W, C, G, name))
+            if anchor:
+                for d in ("fwd", "bwd"):
+                    if f"best_{d}_x_floor" in anchor:
+                        row[f"anchor_{d}_x_floor"] = anchor[f"best_{d}_x_floor"]
+                        row[f"anchor_{d}_impl"] = anchor[f"best_{d}_impl"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del value, om, grad_out, dense, depthwise, x
+        torch.cuda.empty_cache()
+    return env, rows
+
+
+def run_cpu(dtypes, quick: bool) -> tuple[dict, list[dict]]:
+    ops = torch.ops.unet_dcnv4
+    env = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__}
+    rows = []
+    shapes = CPU_SHAPES[:1] if quick else CPU_SHAPES
+    for shape in shapes:
+        N, H, W, C, G = shape
+        for name in dtypes:
+            dtype = DTYPES[name]
+            value, om = make_inputs(shape, dtype, "cpu")
+            args = op_args(G)
+            grad_out = torch.randn_like(value)
+            row = {"N": N, "H": H, "W": W, "C": C, "G": G, "dtype": name}
+            row["err_fwd"] = rel_err(ops.dcnv4_forward(value, om, *args),
+                                     dcnv4_reference(value.double(), om.double(), 3, 1, 1, 1, G))
+            row["fwd_ms"] = bench_cpu(lambda: ops.dcnv4_forward(value, om, *args))
+            row["bwd_ms"] = bench_cpu(lambda: ops.dcnv4_backward(grad_out, value, om, *args))
+            row["ref_fwd_ms"] = bench_cpu(lambda: dcnv4_reference(value, om, 3, 1, 1, 1, G))
+            v_ref, om_ref = value.detach().requires_grad_(), om.detach().requires_grad_()
+
+            def ref_fwd_bwd():
+                dcnv4_reference(v_ref, om_ref, 3, 1, 1, 1, G).backward(grad_out)
+
+            row["ref_fwdbwd_ms"] = bench_cpu(ref_fwd_bwd)
+            row["speedup_fwdbwd_vs_ref"] = row["ref_fwdbwd_ms"] / (row["fwd_ms"] + row["bwd_ms"])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return env, rows
+
+
+def fmt(v, spec=".4f"):
+    return "-" if v is None else format(v, spec)
+
+
+def table(device: str, rows: list[dict]) -> str:
+    lines = []
+    if device == "cuda":
+        lines.append(f"{'shape (N,H,W,C,G)':<22}{'dtype':<10}{'dir':<5}{'ms':>9}{'x floor':>9}{'anchor x':>10}"
+                     f"{'ref ms':>9}{'conv3x3':>9}{'dw3x3':>9}")
+        for r in rows:
+            shape = f"{r['N']},{r['H']},{r['W']},{r['C']},{r['G']}"
+            for d, ref_key in (("fwd", "ref_fwd_ms"), ("bwd", "ref_fwdbwd_ms")):
+                ms = r[f"{d}_ms"]
+                lines.append(f"{shape:<22}{r['dtype']:<10}{d:<5}{ms:>9.4f}{ms / r[f'floor_{d}_ms']:>9.2f}"
+                             f"{fmt(r.get(f'anchor_{d}_x_floor'), '.2f'):>10}{fmt(r.get(ref_key)):>9}"
+                             f"{fmt(r['conv3x3_fwd_ms'] if d == 'fwd' else None):>9}"
+                             f"{fmt(r['dwconv3x3_fwd_ms'] if d == 'fwd' else None):>9}")
+        lines.append("bwd: the backward op alone; its 'ref ms' column is the reference's forward+backward.")
+    else:
+        lines.append(f"{'shape (N,H,W,C,G)':<22}{'dtype':<10}{'fwd ms':>9}{'bwd ms':>9}{'ref fwd':>9}"
+                     f"{'ref f+b':>9}{'speedup':>9}")
+        for r in rows:
+            shape = f"{r['N']},{r['H']},{r['W']},{r['C']},{r['G']}"
+            lines.append(f"{shape:<22}{r['dtype']:<10}{r['fwd_ms']:>9.3f}{r['bwd_ms']:>9.3f}{r['ref_fwd_ms']:>9.3f}"
+                         f"{r['ref_fwdbwd_ms']:>9.3f}{r['speedup_fwdbwd_vs_ref']:>8.1f}x")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtypes", default=None,
+                        help="comma-separated dtypes (default: float32,float16,bfloat16 on cuda, float32 on cpu)")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes, no reference timings on the GPU")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--anchors", type=Path, default=HERE / "anchors_h100.json",
+                        help="best earlier implementations per shape, as multiples of the floor")
+    args = parser.parse_args(argv)
+    dtypes = (args.dtypes or ("float32,float16,bfloat16" if args.device == "cuda" else "float32")).split(",")
+    unknown = [d for d in dtypes if d not in DTYPES]
+    if unknown:
+        print(f"bench_op.py: unknown dtype(s) {unknown}; choose from {sorted(DTYPES)}", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_op.py: --device cuda needs a CUDA GPU, and none is visible", file=sys.stderr)
+        return 2
+    load_extension()
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("unet_dcnv4::dcnv4_forward", args.device.upper()):
+        print(f"bench_op.py: the extension has no {args.device} kernels (built without them)", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    if args.device == "cuda":
+        env, rows = run_cuda(dtypes, args.quick, load_anchors(args.anchors))
+    else:
+        env, rows = run_cpu(dtypes, args.quick)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    print(table(args.device, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""The DCNv4 CUDA kernels: a compile check that needs only nvcc, and correctness tests against the
+float64 reference that run where a GPU is present and skip elsewhere."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from unet_dcnv4.ops import dcnv4_reference, load_extension, output_size
+from unet_dcnv4.ops._build import CSRC, find_nvcc
+from unet_dcnv4.ops.reference import pair
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Compilation (no GPU needed)
+
+
+@pytest.mark.skipif(find_nvcc() is None, reason="nvcc not found")
+def test_cuda_kernels_compile_for_sm90(tmp_path):
+    """nvcc alone, no torch headers: a broken .cu fails here in seconds."""
+    cmd = [find_nvcc(), "-std=c++17", "-O3", "-arch=sm_90", "--use_fast_math", "--resource-usage", "-c",
+           str(CSRC / "cuda" / "dcnv4_cuda.cu"), "-I", str(CSRC), "-o", str(tmp_path / "dcnv4_cuda.o")]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = result.stdout + result.stderr
+    assert "forward_kernel" in report and "backward_kernel" in report, report
+    assert (tmp_path / "dcnv4_cuda.o").stat().st_size > 0
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(find_nvcc() is None or torch.version.cuda is None, reason="needs nvcc and a CUDA build of torch")
+def test_full_cuda_build_registers_cuda_kernels(tmp_path):
+    """The whole extension with its CUDA sources, in a fresh process (one TORCH_LIBRARY per process)."""
+    env = dict(os.environ, TORCH_CUDA_ARCH_LIST="9.0", UNET_DCNV4_BUILD_DIR=str(tmp_path))
+    code = ("import torch\n"
+            "from unet_dcnv4.ops._build import build\n"
+            "build(with_cuda=True)\n"
+            "print(torch._C._dispatch_has_kernel_for_dispatch_key('unet_dcnv4::dcnv4_forward', 'CUDA'),\n"
+            "      torch._C._dispatch_has_kernel_for_dispatch_key('unet_dcnv4::dcnv4_backward', 'CUDA'))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.split()[-2:] == ["True", "True"], result.stdout + result.stderr
+    assert list(tmp_path.glob("unet_dcnv4_cuda_*/*.so")), "no shared library in the build folder"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Correctness on the GPU
+
+
+@pytest.fixture(scope="module")
+def cuda_ops():
+    load_extension()
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("unet_dcnv4::dcnv4_forward", "CUDA"):
+        pytest.fail("the extension was built without its CUDA kernels on a machine with a GPU")
+    return torch.ops.unet_dcnv4
+
+
+# ||out - ref|| / ||ref|| allowed per dtype: fp32 arithmetic, then the rounding of the result.
+FWD_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+BWD_TOL = {torch.float64: 1e-11, torch.float32: 5e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
+
+
+def make_case(N, H, W, G, D, kernel_size=3, stride=1, padding=1, dilation=1, remove_center=False, offset_scale=1.0,
+              extra_channels=0, far=False, on_grid=True, seed=0):
+    """Random inputs (float64, CPU) and the op's keyword arguments.
+
+    With on_grid, offsets sit on a 1/1024 grid so that every sampling position is exact in float32 as
+    in float64: the floor of a position then agrees between kernel and reference, and the offset
+    gradient (which jumps where a position crosses an integer) is compared at the same side of every
+    jump. Finite differences (gradcheck) need the opposite: positions off the integers.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    k, s, p, d = (pair(kernel_size, "k"), pair(stride, "s"), pair(padding, "p"), pair(dilation, "d"))
+    Ho, Wo = output_size(H, W, k, s, p, d)
+    K = k[0] * k[1] - int(remove_center)
+    value = torch.randn(N, H, W, G * D, generator=gen, dtype=torch.float64)
+    om = torch.randn(N, Ho, Wo, 3 * G * K + extra_channels, generator=gen, dtype=torch.float64)
+    used = om[..., : 3 * G * K].reshape(N, Ho, Wo, G, 3 * K)
+    offsets = used[..., : 2 * K] * (2.0 if not far else 40.0) + (0.0 if not far else 60.0)
+    used[..., : 2 * K] = torch.round(offsets * 1024) / 1024 if on_grid else offsets
+    om[..., : 3 * G * K] = used.reshape(N, Ho, Wo, 3 * G * K)
+    kwargs = dict(kernel_size=list(k), stride=list(s), padding=list(p), dilation=list(d), groups=G,
+                  offset_scale=offset_scale, remove_center=remove_center)
+    return value, om, kwargs
+
+
+def call_args(kwargs):
+    return (kwargs["kernel_size"], kwargs["stride"], kwargs["padding"], kwargs["dilation"], kwargs["groups"],
+            float(kwargs["offset_scale"]), kwargs["remove_center"])
+
+
+def rel_err(got, ref):
+    got, ref = got.double().cpu(), ref.double().cpu()
+    return ((got - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def poison_allocator(like: torch.Tensor, copies: int = 2) -> None:
+    """Leave NaN-filled blocks of like's size as the only free memory of the caching allocator, so a
+    kernel that misses an element of its freshly allocated output leaves a NaN there."""
+    torch.cuda.empty_cache()
+    blocks = [torch.full_like(like, float("nan"), device="cuda") for _ in range(copies)]
+    del blocks
+
+
+CASES = {
+    "13x9": dict(N=2, H=13, W=9, G=2, D=16),
+    "7x7_D4": dict(N=2, H=7, W=7, G=4, D=4),
+    "1x1": dict(N=3, H=1, W=1, G=2, D=8),
+    "batch0": dict(N=0, H=5, W=6, G=2, D=8),
+    "k1_D24": dict(N=2, H=9, W=11, G=2, D=24, kernel_size=1, padding=0),
+    "k5_D32": dict(N=1, H=10, W=8, G=1, D=32, kernel_size=5, padding=2),
+    "k3x5": dict(N=1, H=9, W=12, G=2, D=16, kernel_size=(3, 5), padding=(1, 2)),
+    "stride2": dict(N=2, H=12, W=11, G=2, D=8, stride=2),
+    "dilation2": dict(N=1, H=11, W=10, G=2, D=16, dilation=2, padding=2),
+    "remove_center": dict(N=1, H=8, W=9, G=2, D=16, remove_center=True),
+    "scale_D1": dict(N=2, H=8, W=9, G=3, D=1, offset_scale=0.5),
+    "D64": dict(N=1, H=6, W=7, G=2, D=64),
+    "D36_scalar_half": dict(N=1, H=5, W=6, G=1, D=36),
+    "D264_many_chunks": dict(N=1, H=4, W=5, G=1, D=264),
+    "far_offsets": dict(N=2, H=7, W=7, G=2, D=16, far=True),
+    "padded_P": dict(N=2, H=6, W=5, G=2, D=16, extra_channels=5),
+    # Shapes where the official kernels straddle images (batch cut from 64, shape kept).
+    "14x14x256_G16": dict(N=6, H=14, W=14, G=16, D=16),
+    "7x7x512_G32": dict(N=6, H=7, W=7, G=32, D=16),
+}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
+@pytest.mark.parametrize("case", list(CASES), ids=str)
+def test_forward_matches_reference(cuda_ops, case, dtype):
+    value, om, kwargs = make_case(**CASES[case], seed=2 * list(CASES).index(case))
+    value, om = value.to(dtype), om.to(dtype)  # the reference sees the same rounded inputs
+    ref = dcnv4_reference(value.double(), om.double(), **kwargs)
+    value_c, om_c = value.cuda(), om.cuda()
+    poison_allocator(torch.empty(ref.shape, dtype=dtype))
+    out = cuda_ops.dcnv4_forward(value_c, om_c, *call_args(kwargs))
+    torch.cuda.synchronize()
+    assert out.dtype == dtype and out.shape == ref.shape and out.is_cuda
+    if out.numel() == 0:
+        return
+    assert torch.isfinite(out).all(), "unwritten (NaN) output elements"
+    assert rel_err(out, ref) < FWD_TOL[dtype]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
+@pytest.mark.parametrize("case", list(CASES), ids=str)
+def test_backward_matches_autograd_of_reference(cuda_ops, case, dtype):
+    value, om, kwargs = make_case(**CASES[case], seed=2 * list(CASES).index(case) + 1)
+    value, om = value.to(dtype), om.to(dtype)
+    value64, om64 = value.double().requires_grad_(), om.double().requires_grad_()
+    ref = dcnv4_reference(value64, om64, **kwargs)
+    grad_out = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(dtype)
+    grad_out_c, value_c, om_c = grad_out.cuda(), value.cuda(), om.cuda()
+    poison_allocator(om_c)
+    gv, gom = cuda_ops.dcnv4_backward(grad_out_c, value_c, om_c, *call_args(kwargs))
+    torch.cuda.synchronize()
+    assert gv.dtype == dtype and gv.shape == value.shape
+    assert gom.dtype == dtype and gom.shape == om.shape
+    if ref.numel() == 0:
+        assert gv.numel() == 0 and gom.numel() == 0
+        return
+    ref_gv, ref_gom = torch.autograd.grad(ref, (value64, om64), grad_out.double())
+    assert torch.isfinite(gom).all(), "unwritten (NaN) offset_mask gradient elements"
+    used = 3 * kwargs["groups"] * (kwargs["kernel_size"][0] * kwargs["kernel_size"][1] - int(kwargs["remove_center"]))
+    assert (gom[..., used:] == 0).all(), "padding channels of grad_offset_mask must be zero"
+    assert rel_err(gv, ref_gv) < BWD_TOL[dtype]
+    assert rel_err(gom, ref_gom) < BWD_TOL[dtype]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_misaligned_and_noncontiguous_inputs(cuda_ops, dtype):
+    """A storage offset of one element rules out 16-byte loads (scalar path); a permuted view is copied."""
+    value, om, kwargs = make_case(N=2, H=9, W=7, G=2, D=16, seed=3)
+    value, om = value.to(dtype), om.to(dtype)
+    ref = dcnv4_reference(value.double(), om.double(), **kwargs)
+    flat = torch.empty(value.numel() + 1, dtype=dtype, device="cuda")
+    flat[1:] = value.cuda().flatten()
+    shifted = flat[1:].view(value.shape)
+    assert shifted.data_ptr() % 16 != 0
+    out = cuda_ops.dcnv4_forward(shifted, om.cuda(), *call_args(kwargs))
+    assert rel_err(out, ref) < FWD_TOL[dtype]
+    permuted = value.cuda().permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    assert not permuted.is_contiguous()
+    out = cuda_ops.dcnv4_forward(permuted, om.cuda(), *call_args(kwargs))
+    assert rel_err(out, ref) < FWD_TOL[dtype]
+    grad_out = torch.randn(ref.shape, dtype=dtype, device="cuda")
+    gv_a, gom_a = cuda_ops.dcnv4_backward(grad_out, shifted, om.cuda(), *call_args(kwargs))
+    gv_b, gom_b = cuda_ops.dcnv4_backward(grad_out, value.cuda(), om.cuda(), *call_args(kwargs))
+    assert rel_err(gv_a, gv_b) < BWD_TOL[dtype] and rel_err(gom_a, gom_b) < BWD_TOL[dtype]
+
+
+@needs_gpu
+def test_float64_forward_and_gradcheck(cuda_ops):
+    value, om, kwargs = make_case(N=1, H=5, W=4, G=2, D=3, extra_channels=2, on_grid=False, seed=11)
+    value, om = value.cuda(), om.cuda()
+    out = cuda_ops.dcnv4_forward(value, om, *call_args(kwargs))
+    assert rel_err(out, dcnv4_reference(value, om, **kwargs)) < FWD_TOL[torch.float64]
+    value.requires_grad_()
+    om.requires_grad_()
+
+    def op(v, o):
+        return cuda_ops.dcnv4_forward(v, o, *call_args(kwargs))
+
+    assert torch.autograd.gradcheck(op, (value, om), eps=1e-6, atol=1e-6)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_opcheck_on_cuda(cuda_ops, dtype):
+    value, om, kwargs = make_case(N=2, H=6, W=5, G=2, D=8, extra_channels=3, seed=5)
+    value, om = value.to(dtype).cuda().requires_grad_(), om.to(dtype).cuda().requires_grad_()
+    args = (value, om, *call_args(kwargs))
+    torch.library.opcheck(cuda_ops.dcnv4_forward.default, args)
+    grad_out = torch.randn(value.shape[0], *om.shape[1:3], value.shape[3], dtype=dtype, device="cuda")
+    torch.library.opcheck(cuda_ops.dcnv4_backward.default, (grad_out, value.detach(), om.detach(),
+                                                            *call_args(kwargs)))
