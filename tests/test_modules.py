@@ -1,0 +1,145 @@
+"""Tests of the DCNv4 layers: against a float64 composition of their parts, initialisation, autocast,
+memory format, official parameter layout and configuration errors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unet_dcnv4.modules import DCNv4, DCNv4Conv2d
+from unet_dcnv4.ops import dcnv4_reference
+
+
+def _randomise(module: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> None:
+    """Random weights everywhere, offsets large enough to leave the grid and the image."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
+def _composition(m: DCNv4, x: torch.Tensor) -> torch.Tensor:
+    """The layer written out from its parts with the reference op; x is (N, H, W, C_in)."""
+    value = F.linear(x, m.value_proj.weight, m.value_proj.bias)
+    off_in = x
+    if m.dw_kernel_size is not None:
+        off_in = F.conv2d(x.permute(0, 3, 1, 2), m.offset_mask_dw.weight, m.offset_mask_dw.bias,
+                          padding=m.dw_kernel_size // 2, groups=m.in_channels).permute(0, 2, 3, 1)
+    (sh, sw), (ph, pw) = m.stride, m.padding
+    kh, kw = m.kernel_size
+    H, W = x.shape[1:3]
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    rows = [min(max(i * sh - ph + (kh - 1) // 2, 0), H - 1) for i in range(Ho)]
+    cols = [min(max(j * sw - pw + (kw - 1) // 2, 0), W - 1) for j in range(Wo)]
+    off_in = off_in[:, rows][:, :, cols]
+    om = F.linear(off_in, m.offset_mask.weight, m.offset_mask.bias)
+    out = dcnv4_reference(value, om, m.kernel_size, m.stride, m.padding, 1, m.group, m.offset_scale,
+                          m.remove_center)
+    return F.linear(out, m.output_proj.weight, m.output_proj.bias)
+
+
+@pytest.mark.parametrize("cin,cout,kwargs,hw", [
+    (16, 32, dict(), (6, 7)),                                    # widening, like ResnetBlock2D.conv1
+    (32, 4, dict(), (5, 5)),                                     # narrowing to latents, like conv_out
+    (4, 32, dict(dw_kernel_size=3), (5, 6)),                     # like conv_in, depthwise offset branch
+    (32, 32, dict(stride=2, group_channels=8), (7, 6)),          # like the downsample conv
+    (16, 16, dict(padding=0, remove_center=True, offset_scale=0.5), (6, 6)),
+])
+def test_dcnv4conv2d_matches_float64_composition(cin, cout, kwargs, hw):
+    torch.manual_seed(0)
+    m = DCNv4Conv2d(cin, cout, 3, **kwargs).double()
+    _randomise(m)
+    x = torch.randn(2, cin, *hw, dtype=torch.float64)
+    y = m(x)
+    expected = _composition(m, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    assert y.shape == expected.shape
+    torch.testing.assert_close(y, expected, rtol=1e-9, atol=1e-9)
+    conv = torch.nn.Conv2d(cin, cout, 3, stride=kwargs.get("stride", 1), padding=kwargs.get("padding", 1))
+    assert y.shape == conv(x.float()).shape
+
+
+def test_init_is_a_box_filter_between_the_projections():
+    torch.manual_seed(0)
+    m = DCNv4Conv2d(16, 32).double()
+    m.reset_parameters()  # mask bias 1/K in float64, not a rounded float32
+    x = torch.randn(2, 16, 6, 5, dtype=torch.float64)
+    value = F.linear(x.permute(0, 2, 3, 1), m.value_proj.weight).permute(0, 3, 1, 2)  # biases start at 0
+    box = F.conv2d(value, torch.full((32, 1, 3, 3), 1 / 9, dtype=torch.float64), padding=1, groups=32)
+    expected = F.linear(box.permute(0, 2, 3, 1), m.output_proj.weight).permute(0, 3, 1, 2)
+    torch.testing.assert_close(m(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_every_parameter_learns_from_the_first_step_unlike_the_official_init():
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 5, 5)
+    ours, official = DCNv4Conv2d(16, 16, dw_kernel_size=3), DCNv4Conv2d(16, 16, official_init=True)
+    ours(x).square().sum().backward()
+    for name, p in ours.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        # The depthwise conv feeds the zero-initialised offset/mask weights: it learns from step two.
+        assert (p.grad.abs().sum() > 0) == (not name.startswith("offset_mask_dw")), name
+    torch.optim.SGD(ours.parameters(), lr=0.1).step()
+    ours.zero_grad()
+    ours(x).square().sum().backward()
+    assert ours.offset_mask_dw.weight.grad.abs().sum() > 0
+    y = official(x)
+    assert torch.equal(y, torch.zeros_like(y))
+    (y + 1).square().sum().backward()
+    assert torch.equal(official.value_proj.weight.grad, torch.zeros_like(official.value_proj.weight))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("without_pointwise", [False, True])
+def test_autocast_hands_the_op_one_dtype(dtype, without_pointwise):
+    torch.manual_seed(0)
+    m = DCNv4(16, dw_kernel_size=3, without_pointwise=without_pointwise)
+    _randomise(m, scale=0.1)  # small offsets: half-precision rounding of a large offset moves the sample
+    x = torch.randn(2, 5, 6, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=dtype):
+        y = m(x)
+    assert y.dtype == (torch.float32 if without_pointwise else dtype)
+    y.float().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(y.float(), m(x), rtol=0.1, atol=0.1)
+
+
+def test_channels_last_input_gives_channels_last_output():
+    torch.manual_seed(0)
+    m = DCNv4Conv2d(16, 32)
+    x = torch.randn(2, 16, 6, 6)
+    y_cl = m(x.to(memory_format=torch.channels_last))
+    assert y_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y_cl, m(x))
+
+
+def test_parameter_names_and_shapes_follow_the_official_layer():
+    m = DCNv4(64, group_channels=16, dw_kernel_size=3)  # official DCNv4(64, group=4, dw_kernel_size=3)
+    shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    padded = math.ceil(4 * 9 * 3 / 8) * 8
+    assert shapes == {
+        "offset_mask_dw.weight": (64, 1, 3, 3), "offset_mask_dw.bias": (64,),
+        "offset_mask.weight": (padded, 64), "offset_mask.bias": (padded,),
+        "value_proj.weight": (64, 64), "value_proj.bias": (64,),
+        "output_proj.weight": (64, 64), "output_proj.bias": (64,),
+    }
+    assert padded == 112
+    assert DCNv4(64, groups=4).group == 4 and DCNv4(64).group == 4
+
+
+@pytest.mark.parametrize("build,match", [
+    (lambda: DCNv4(48, group_channels=32), r"divisible by group_channels \(32\).*allowed"),
+    (lambda: DCNv4(64, groups=3), r"divisible by groups \(3\)"),
+    (lambda: DCNv4(64, groups=2, group_channels=16), "disagree"),
+    (lambda: DCNv4(64, dw_kernel_size=4), "dw_kernel_size must be a positive odd int"),
+    (lambda: DCNv4Conv2d(20, 40, group_channels=16), r"channels \(20\) must be divisible by group_channels"),
+    (lambda: DCNv4(16, without_pointwise=True, out_channels=32), "without_pointwise needs"),
+])
+def test_bad_configuration_raises_value_error(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_wrong_input_shape_names_the_expected_shape():
+    with pytest.raises(ValueError, match=r"\(N, 16, H, W\)"):
+        DCNv4Conv2d(16, 16)(torch.randn(1, 8, 4, 4))

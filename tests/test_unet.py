@@ -1,0 +1,158 @@
+"""Tests of the DCNv4 U-Net and its conv baseline: shapes and gradients, which convs were swapped, exact
+save/load round trips, torch.compile, autocast, the size registry, the report and configuration errors."""
+
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers.models.resnet import ResnetBlock2D
+from torch import nn
+
+from unet_dcnv4.modules import DCNv4Conv2d
+from unet_dcnv4.unet import REPLACEABLE, UNET_SIZES, DCNv4UNet2DModel, build_unet, dcnv4_flops, main, model_report
+
+
+def _inputs(model, n=2, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, model.config.in_channels, size, size, generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    labels = torch.randint(0, model.config.num_class_embeds, (n,), generator=g) \
+        if model.config.num_class_embeds else None
+    return x, t, labels
+
+
+def _3x3_convs(module):
+    return {name for name, m in module.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)}
+
+
+@pytest.mark.parametrize("model_type", ["dcnv4", "conv"])
+def test_forward_backward_shapes_and_finite_gradients(model_type):
+    torch.manual_seed(0)
+    model = build_unet(model_type, "tiny", 8)
+    x, t, _ = _inputs(model)
+    y = model(x, t).sample
+    assert y.shape == x.shape
+    y.square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    if model_type == "dcnv4":
+        assert isinstance(model, DCNv4UNet2DModel)
+        assert model.down_blocks[0].resnets[0].conv1.value_proj.weight.grad.abs().sum() > 0
+    else:
+        assert type(model) is UNet2DModel
+
+
+def test_dcnv4_and_conv_models_share_the_configuration():
+    dcn, conv = build_unet("dcnv4", "tiny", 8, num_class_embeds=3), build_unet("conv", "tiny", 8, num_class_embeds=3)
+    shared = {k: v for k, v in conv.config.items() if not k.startswith("_")}
+    assert {k: dcn.config[k] for k in shared} == shared
+    assert conv.config.block_out_channels == UNET_SIZES["tiny"]["block_out_channels"]
+
+
+@pytest.mark.parametrize("replace", [("resnet",), REPLACEABLE, ("conv_in", "downsample")])
+def test_no_3x3_conv_remains_where_dcnv4_was_asked_for(replace):
+    conv_names = _3x3_convs(build_unet("conv", "tiny", 8))
+    model = build_unet("dcnv4", "tiny", 8, replace=list(replace), group_channels=8)
+    left = _3x3_convs(model)
+
+    def asked(name):
+        is_resnet = isinstance(model.get_submodule(name.rsplit(".", 1)[0]), ResnetBlock2D) if "." in name else False
+        return (("resnet" in replace and is_resnet) or ("conv_in" in replace and name == "conv_in")
+                or ("conv_out" in replace and name == "conv_out")
+                or ("downsample" in replace and ".downsamplers." in name)
+                or ("upsample" in replace and ".upsamplers." in name))
+
+    swapped = {n for n in conv_names if asked(n)}
+    assert swapped and not (left & swapped)
+    assert left == conv_names - swapped
+    assert all(isinstance(model.get_submodule(n), DCNv4Conv2d) for n in swapped)
+
+
+@pytest.mark.parametrize("num_class_embeds,options", [(None, {}), (5, dict(replace=list(REPLACEABLE),
+                                                                                 dw_kernel_size=3))])
+def test_save_pretrained_from_pretrained_is_bit_identical(tmp_path, num_class_embeds, options):
+    torch.manual_seed(0)
+    model = build_unet("dcnv4", "tiny", 8, num_class_embeds=num_class_embeds, group_channels=8, **options).eval()
+    with torch.no_grad():  # move the DCNv4 parameters off their initial values so a re-init would show
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    model.save_pretrained(tmp_path)
+    loaded = DCNv4UNet2DModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.group_channels == 8 and list(loaded.config.replace) == list(model.config.replace)
+    x, t, labels = _inputs(model)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, class_labels=labels).sample, loaded(x, t, class_labels=labels).sample)
+
+
+def test_pipeline_folder_with_the_dcnv4_unet_loads(tmp_path):
+    model = build_unet("dcnv4", "tiny", 8).eval()
+    DDPMPipeline(unet=model, scheduler=DDPMScheduler(num_train_timesteps=10)).save_pretrained(tmp_path)
+    pipe = DDPMPipeline.from_pretrained(tmp_path)
+    assert isinstance(pipe.unet, DCNv4UNet2DModel)
+    x, t, _ = _inputs(model)
+    with torch.no_grad():
+        assert torch.equal(model(x, t).sample, pipe.unet(x, t).sample)
+
+
+def test_torch_compile_matches_eager():
+    # One graph, no breaks, forward and backward through AOTAutograd and the op's fake kernel. The
+    # aot_eager backend skips inductor's C++ code generation, which takes minutes for a whole U-Net on
+    # two CPU cores; the graph it runs is the one inductor would compile.
+    torch.manual_seed(0)
+    model = build_unet("dcnv4", "tiny", 8)
+    x, t, _ = _inputs(model, n=1)
+    weight = model.down_blocks[0].resnets[0].conv1.offset_mask.weight
+    eager = model(x, t).sample
+    eager.square().mean().backward()
+    eager_grad, weight.grad = weight.grad.clone(), None
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x, t).sample
+    compiled.square().mean().backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(weight.grad, eager_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_forward_backward(dtype):
+    torch.manual_seed(0)
+    model = build_unet("dcnv4", "tiny", 8, num_class_embeds=3, replace=list(REPLACEABLE), group_channels=8)
+    x, t, labels = _inputs(model)
+    with torch.autocast("cpu", dtype=dtype):
+        y = model(x, t, class_labels=labels).sample
+    y.float().square().mean().backward()
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(y.float(), model(x, t, class_labels=labels).sample, rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: build_unet("transformer", "tiny", 8), r"model_type must be one of \['dcnv4', 'conv'\]"),
+    (lambda: build_unet("dcnv4", "huge", 8), r"size must be one of \['tiny'"),
+    (lambda: build_unet("dcnv4", "tiny", 8, kernel=5), r"unknown DCNv4 options \['kernel'\]; allowed"),
+    (lambda: build_unet("dcnv4", "tiny", 8, replace=["attention"]), r"unknown conv names \['attention'\]; allowed"),
+    (lambda: build_unet("dcnv4", "tiny", 8, replace="resnet"), "replace must be a list of conv names"),
+    (lambda: build_unet("dcnv4", "tiny", 8, group_channels=24), r"group_channels \(24\) must divide.*allowed"),
+    (lambda: model_report("dcnv4"), "size is required"),
+])
+def test_bad_configuration_raises_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_model_report_counts_parameters_and_the_dcnv4_op():
+    dcn, conv = model_report("dcnv4", "tiny", 8), model_report("conv", "tiny", 8)
+    assert dcn["parameters"] == sum(p.numel() for p in build_unet("dcnv4", "tiny", 8).parameters())
+    assert conv["dcnv4_gflops"] == 0 and conv["gflops"] > 0
+    assert 0 < dcn["dcnv4_gflops"] < dcn["gflops"]
+    # The conv baseline's GFLOPs are its matmuls: conv_in alone is 2 * 8*8 * 32 * 4*9 multiply-adds.
+    assert conv["gflops"] > 2 * 8 * 8 * 32 * 4 * 9 / 1e9
+    layer = DCNv4Conv2d(32, 32)
+    assert dcnv4_flops(layer, torch.empty(2, 8, 8, 32)) == 2 * 5 * 2 * 8 * 8 * 32 * 9
+
+
+def test_cli_report_and_user_errors(capsys):
+    assert main(["--size", "tiny", "--sample_size", "8", "--report"]) == 0
+    out = capsys.readouterr().out
+    assert "dcnv4" in out and "conv" in out and "GFLOPs" in out
+    assert main(["--size", "tiny", "--group_channels", "24"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: group_channels (24)") and err.count("\n") == 1

@@ -1,0 +1,249 @@
+"""DCNv4 layers: `DCNv4`, the paper's layer on channels-last input, and `DCNv4Conv2d`, a drop-in for a
+3x3 `nn.Conv2d` on NCHW tensors.
+
+Parameter names follow the official DCNv4 module (OpenGVLab/DCNv4, `DCNv4_op/DCNv4/modules/dcnv4.py`),
+so an official state dict loads with `load_state_dict` unchanged:
+
+    official                      here
+    value_proj   Linear(C, C)     value_proj   Linear(in_channels, C)
+    offset_mask_dw  Conv2d dw     offset_mask_dw  Conv2d(in_channels, in_channels, k_dw, groups=in_channels)
+    offset_mask  Linear(C, P)     offset_mask  Linear(in_channels, P),  P = ceil(3 * G * K / 8) * 8
+    output_proj  Linear(C, C)     output_proj  Linear(C, out_channels)
+
+With in_channels == out_channels == C (the default) the shapes are the official ones too. The official
+`center_feature_scale` option is not implemented.
+
+Initialisation. The official layer zeroes the offset/mask projection, so every mask is 0, the layer's
+output is 0 and the value path gets no gradient on the first steps: trained from scratch it starts dead
+and only comes alive once the masks have moved. Here the offsets still start at 0 (sampling on the
+regular grid) but the mask bias starts at 1/K with zero mask weights, so at initialisation each group
+computes the average of its K taps: the layer starts as a normalised box-filter convolution sandwiched
+between the two xavier-initialised projections, and every parameter gets a gradient from the first step
+(except the optional depthwise conv, which feeds the zero offset/mask weights and learns from the second).
+`official_init=True` restores the official initialisation (loading official weights overwrites either).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .ops import dcnv4
+from .ops.reference import output_size, pair
+
+__all__ = ["DCNv4", "DCNv4Conv2d", "resolve_groups"]
+
+
+def resolve_groups(channels: int, groups: int | None, group_channels: int | None) -> int:
+    """The number of groups G for `channels` given either `groups` or `group_channels` (16 if neither).
+
+    Raises ValueError when the channels do not split evenly or the two arguments disagree.
+    """
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise ValueError(f"channels must be a positive int, got {channels!r}")
+    if groups is None and group_channels is None:
+        group_channels = 16
+    if group_channels is not None:
+        if isinstance(group_channels, bool) or not isinstance(group_channels, int) or group_channels < 1:
+            raise ValueError(f"group_channels must be a positive int, got {group_channels!r}")
+        if channels % group_channels:
+            raise ValueError(f"channels ({channels}) must be divisible by group_channels ({group_channels}); "
+                             f"allowed group_channels for {channels} channels: "
+                             f"{[d for d in range(1, channels + 1) if channels % d == 0]}")
+        resolved = channels // group_channels
+        if groups is not None and groups != resolved:
+            raise ValueError(f"groups ({groups}) and group_channels ({group_channels}) disagree: "
+                             f"groups * group_channels must equal channels ({channels})")
+        return resolved
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if channels % groups:
+        raise ValueError(f"channels ({channels}) must be divisible by groups ({groups})")
+    return groups
+
+
+class DCNv4(nn.Module):
+    """Deformable convolution v4 on channels-last input: value projection, offset/mask projection (an
+    optional depthwise conv, then a Linear), the `dcnv4` sampling op and an output projection.
+
+    Args:
+        channels: C, the width at which the op samples (groups * group_channels).
+        kernel_size, stride, padding, dilation: int or (h, w) pair, as for a convolution.
+        groups: G, the number of offset groups; give this or `group_channels` (default 16 channels a group).
+        group_channels: channels per group, C / G.
+        offset_scale: scales the kernel tap positions plus learned offsets.
+        remove_center: drop the centre tap (K = k_h * k_w - 1).
+        dw_kernel_size: kernel of the depthwise conv before the offset/mask Linear; None for no conv.
+        output_bias: whether `output_proj` has a bias.
+        without_pointwise: no value/output projection (needs in_channels == out_channels == channels).
+        in_channels: input width (default C); `value_proj` and `offset_mask` read this many channels.
+        out_channels: output width (default C); `output_proj` writes this many channels.
+        official_init: use the official initialisation (all masks zero) instead of the box-filter start.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size=3,
+        stride=1,
+        padding=1,
+        dilation=1,
+        groups: int | None = None,
+        group_channels: int | None = None,
+        offset_scale: float = 1.0,
+        remove_center: bool = False,
+        dw_kernel_size: int | None = None,
+        output_bias: bool = True,
+        without_pointwise: bool = False,
+        in_channels: int | None = None,
+        out_channels: int | None = None,
+        official_init: bool = False,
+    ):
+        super().__init__()
+        self.channels = channels
+        self.group = resolve_groups(channels, groups, group_channels)
+        self.group_channels = channels // self.group
+        self.in_channels = channels if in_channels is None else in_channels
+        self.out_channels = channels if out_channels is None else out_channels
+        for name, v in (("in_channels", self.in_channels), ("out_channels", self.out_channels)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.kernel_size = pair(kernel_size, "kernel_size")
+        self.stride = pair(stride, "stride")
+        self.padding = pair(padding, "padding")
+        self.dilation = pair(dilation, "dilation")
+        if not isinstance(remove_center, bool):
+            raise TypeError(f"remove_center must be a bool, got {remove_center!r}")
+        if remove_center and self.kernel_size[0] * self.kernel_size[1] == 1:
+            raise ValueError("remove_center needs a kernel with more than one tap, got kernel_size (1, 1)")
+        self.offset_scale = float(offset_scale)
+        self.remove_center = remove_center
+        self.K = self.kernel_size[0] * self.kernel_size[1] - int(remove_center)
+        self.without_pointwise = without_pointwise
+        self.dw_kernel_size = dw_kernel_size
+
+        if without_pointwise and (self.in_channels != channels or self.out_channels != channels):
+            raise ValueError(f"without_pointwise needs in_channels == out_channels == channels ({channels}), "
+                             f"got in_channels={self.in_channels}, out_channels={self.out_channels}")
+        if dw_kernel_size is not None:
+            if isinstance(dw_kernel_size, bool) or not isinstance(dw_kernel_size, int) or dw_kernel_size < 1 \
+                    or dw_kernel_size % 2 == 0:
+                raise ValueError(f"dw_kernel_size must be a positive odd int or None, got {dw_kernel_size!r}")
+            self.offset_mask_dw = nn.Conv2d(self.in_channels, self.in_channels, dw_kernel_size, 1,
+                                            (dw_kernel_size - 1) // 2, groups=self.in_channels)
+        # Padded to a multiple of 8 like the official layer (aligned rows for the kernels; extra ignored).
+        self.offset_mask = nn.Linear(self.in_channels, int(math.ceil(self.group * self.K * 3 / 8) * 8))
+        if not without_pointwise:
+            self.value_proj = nn.Linear(self.in_channels, channels)
+            self.output_proj = nn.Linear(channels, self.out_channels, bias=output_bias)
+        self.reset_parameters(official_init)
+
+    def reset_parameters(self, official_init: bool = False) -> None:
+        """Zero offsets; masks 1/K (a box filter) or, with `official_init`, 0; xavier projections."""
+        nn.init.zeros_(self.offset_mask.weight)
+        nn.init.zeros_(self.offset_mask.bias)
+        if not official_init:
+            G, K = self.group, self.K
+            with torch.no_grad():
+                mask_bias = self.offset_mask.bias[: 3 * G * K].view(G, 3 * K)[:, 2 * K:]  # (G, K)
+                mask_bias.fill_(1.0 / K)
+        if not self.without_pointwise:
+            nn.init.xavier_uniform_(self.value_proj.weight)
+            nn.init.zeros_(self.value_proj.bias)
+            nn.init.xavier_uniform_(self.output_proj.weight)
+            if self.output_proj.bias is not None:
+                nn.init.zeros_(self.output_proj.bias)
+
+    def _offset_input(self, x: torch.Tensor, H_out: int, W_out: int) -> torch.Tensor:
+        """The offset branch's input at output resolution: (N, H, W, C_in) -> (N, H_out, W_out, C_in)."""
+        if self.dw_kernel_size is not None:
+            # channels_last NCHW view: the depthwise conv reads and writes NHWC memory without copies.
+            x = self.offset_mask_dw(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        H, W = x.shape[1:3]
+        if (H_out, W_out) == (H, W):
+            return x
+        # Strided/unpadded layers: each output reads the input pixel at the centre of its sampling window.
+        (sh, sw), (ph, pw), (dh, dw), (kh, kw) = self.stride, self.padding, self.dilation, self.kernel_size
+        rows = (torch.arange(H_out, device=x.device) * sh - ph + dh * (kh - 1) // 2).clamp(0, H - 1)
+        cols = (torch.arange(W_out, device=x.device) * sw - pw + dw * (kw - 1) // 2).clamp(0, W - 1)
+        return x.index_select(1, rows).index_select(2, cols)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, in_channels) -> (N, H_out, W_out, out_channels), H_out as for a convolution."""
+        if x.dim() != 4 or x.shape[-1] != self.in_channels:
+            raise ValueError(f"x must have shape (N, H, W, {self.in_channels}), got {tuple(x.shape)}")
+        N, H, W, _ = x.shape
+        H_out, W_out = output_size(H, W, self.kernel_size, self.stride, self.padding, self.dilation)
+        value = x if self.without_pointwise else self.value_proj(x)  # (N, H, W, C)
+        offset_mask = self.offset_mask(self._offset_input(x, H_out, W_out))  # (N, H_out, W_out, P)
+        # Under autocast the Linears may run in fp16/bf16 while value (without_pointwise) stays fp32:
+        # the op takes one dtype, that of value.
+        offset_mask = offset_mask.to(value.dtype)
+        out = dcnv4(value, offset_mask, self.kernel_size, self.stride, self.padding, self.dilation,
+                    self.group, self.offset_scale, self.remove_center)  # (N, H_out, W_out, C)
+        return out if self.without_pointwise else self.output_proj(out)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}->{self.channels}->{self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, groups={self.group}, "
+                f"offset_scale={self.offset_scale}, remove_center={self.remove_center}")
+
+
+class DCNv4Conv2d(DCNv4):
+    """A drop-in for `nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)` on NCHW tensors.
+
+    Like a convolution, whose cost scales with its output channels, the op samples at width
+    C = out_channels and `value_proj` (in_channels -> C) doubles as the channel-changing projection
+    where a conv widens or narrows (a U-Net's `ResnetBlock2D.conv1`): no extra layer. When out_channels
+    does not split into groups of `group_channels` (a U-Net's `conv_out` to 4 latent channels) the op
+    samples at C = in_channels instead and `output_proj` (C -> out_channels) narrows. The state dict is
+    that of `DCNv4` (official names). Input in `torch.channels_last` memory format is read as NHWC
+    without a copy and the output comes back channels_last.
+
+    Args:
+        in_channels, out_channels: as for `nn.Conv2d`.
+        kernel_size, stride, padding, dilation: as for `nn.Conv2d` (keyword-only after kernel_size).
+        group_channels: channels per DCNv4 group at width C (C must be divisible by it).
+        channels: the width C at which the op samples, overriding the choice above.
+        offset_scale, dw_kernel_size, remove_center, official_init: see `DCNv4`.
+        bias: whether the output projection has a bias.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size=3,
+        *,
+        stride=1,
+        padding=1,
+        dilation=1,
+        group_channels: int = 16,
+        offset_scale: float = 1.0,
+        dw_kernel_size: int | None = None,
+        remove_center: bool = False,
+        bias: bool = True,
+        official_init: bool = False,
+        channels: int | None = None,
+    ):
+        for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if channels is None:
+            fits = isinstance(group_channels, int) and group_channels > 0 and out_channels % group_channels == 0
+            channels = out_channels if fits else in_channels
+        super().__init__(
+            channels, kernel_size, stride, padding, dilation,
+            group_channels=group_channels, offset_scale=offset_scale, remove_center=remove_center,
+            dw_kernel_size=dw_kernel_size, output_bias=bias, in_channels=in_channels,
+            out_channels=out_channels, official_init=official_init,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, in_channels, H, W) -> (N, out_channels, H_out, W_out), channels_last memory format."""
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must have shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+

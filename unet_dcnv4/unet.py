@@ -1,0 +1,339 @@
+"""The DCNv4 U-Net (a diffusers `UNet2DModel` whose 3x3 convs are DCNv4), its conv baseline, the named
+model sizes they share, and a parameter/GFLOPs report (`python -m unet_dcnv4.unet --size tiny --report`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+from diffusers import UNet2DModel
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.downsampling import Downsample2D
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.upsampling import Upsample2D
+
+# diffusers resolves a custom pipeline component's base classes by name in the module that defines it:
+# without ModelMixin in this namespace, a pipeline folder holding a DCNv4UNet2DModel would not load.
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .modules import DCNv4, DCNv4Conv2d
+
+__all__ = ["DCNv4UNet2DModel", "UNET_SIZES", "REPLACEABLE", "DCNV4_OPTIONS", "MODEL_TYPES", "build_unet",
+           "model_report", "dcnv4_flops"]
+
+REPLACEABLE = ("resnet", "conv_in", "conv_out", "downsample", "upsample")
+MODEL_TYPES = ("dcnv4", "conv")
+DCNV4_OPTIONS = ("replace", "group_channels", "offset_scale", "dw_kernel_size", "remove_center")
+
+# UNet2DModel keyword arguments shared by the DCNv4 model and its conv baseline. `tiny` is for CPU
+# tests and the quickstart (8x8 or 16x16 latents); S, M, B are for GPU runs on 32x32x4 latents.
+UNET_SIZES: dict[str, dict] = {
+    "tiny": dict(
+        block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=32, norm_num_groups=8,
+    ),
+    "S": dict(
+        block_out_channels=(64, 128, 256), layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=32, norm_num_groups=32,
+    ),
+    "M": dict(
+        block_out_channels=(96, 192, 384), layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=32, norm_num_groups=32,
+    ),
+    "B": dict(
+        block_out_channels=(128, 256, 512), layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=64, norm_num_groups=32,
+    ),
+}
+
+
+def _check_replace(replace) -> tuple[str, ...]:
+    if isinstance(replace, str) or not isinstance(replace, (list, tuple)):
+        raise ValueError(f"replace must be a list of conv names from {list(REPLACEABLE)}, got {replace!r}")
+    unknown = [r for r in replace if r not in REPLACEABLE]
+    if unknown:
+        raise ValueError(f"replace got unknown conv names {unknown}; allowed: {list(REPLACEABLE)}")
+    return tuple(replace)
+
+
+def _check_group_channels(group_channels, block_out_channels) -> None:
+    if isinstance(group_channels, bool) or not isinstance(group_channels, int) or group_channels < 1:
+        raise ValueError(f"group_channels must be a positive int, got {group_channels!r}")
+    widths = tuple(block_out_channels)
+    if any(w % group_channels for w in widths):
+        common = [d for d in range(1, min(widths) + 1) if all(w % d == 0 for w in widths)]
+        raise ValueError(f"group_channels ({group_channels}) must divide every entry of block_out_channels "
+                         f"{widths}; allowed: {common}")
+
+
+class DCNv4UNet2DModel(UNet2DModel):
+    """`UNet2DModel` with its 3x3 convs replaced by `DCNv4Conv2d`.
+
+    The constructor writes out the parent's whole signature so that diffusers' config records every
+    argument and `from_pretrained` rebuilds the DCNv4 layers before loading their weights (a `**kwargs`
+    pass-through does not reload, and swapping convs on a plain `UNet2DModel` reloads with random DCNv4
+    weights). The parent's arguments are documented by `UNet2DModel`; the DCNv4 ones are:
+
+    Args:
+        replace: which 3x3 convs become DCNv4, from "resnet" (both convs of every ResnetBlock2D),
+            "conv_in", "conv_out", "downsample", "upsample" (the resampling convs).
+        group_channels: channels per DCNv4 group; must divide every entry of block_out_channels.
+        offset_scale: DCNv4's offset scale.
+        dw_kernel_size: depthwise conv kernel in the offset/mask branch, None for none.
+        remove_center: drop the centre tap of each DCNv4.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int | tuple[int, int] | None = None,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        center_input_sample: bool = False,
+        time_embedding_type: str = "positional",
+        time_embedding_dim: int | None = None,
+        freq_shift: int = 0,
+        flip_sin_to_cos: bool = True,
+        down_block_types: tuple[str, ...] = ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        mid_block_type: str | None = "UNetMidBlock2D",
+        up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        block_out_channels: tuple[int, ...] = (224, 448, 672, 896),
+        layers_per_block: int = 2,
+        mid_block_scale_factor: float = 1,
+        downsample_padding: int = 1,
+        downsample_type: str = "conv",
+        upsample_type: str = "conv",
+        dropout: float = 0.0,
+        act_fn: str = "silu",
+        attention_head_dim: int | None = 8,
+        norm_num_groups: int = 32,
+        attn_norm_num_groups: int | None = None,
+        norm_eps: float = 1e-5,
+        resnet_time_scale_shift: str = "default",
+        add_attention: bool = True,
+        class_embed_type: str | None = None,
+        num_class_embeds: int | None = None,
+        num_train_timesteps: int | None = None,
+        replace: tuple[str, ...] = ("resnet",),
+        group_channels: int = 16,
+        offset_scale: float = 1.0,
+        dw_kernel_size: int | None = None,
+        remove_center: bool = False,
+    ):
+        replace = _check_replace(replace)
+        _check_group_channels(group_channels, block_out_channels)
+        super().__init__(
+            sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
+            center_input_sample=center_input_sample, time_embedding_type=time_embedding_type,
+            time_embedding_dim=time_embedding_dim, freq_shift=freq_shift, flip_sin_to_cos=flip_sin_to_cos,
+            down_block_types=down_block_types, mid_block_type=mid_block_type, up_block_types=up_block_types,
+            block_out_channels=block_out_channels, layers_per_block=layers_per_block,
+            mid_block_scale_factor=mid_block_scale_factor, downsample_padding=downsample_padding,
+            downsample_type=downsample_type, upsample_type=upsample_type, dropout=dropout, act_fn=act_fn,
+            attention_head_dim=attention_head_dim, norm_num_groups=norm_num_groups,
+            attn_norm_num_groups=attn_norm_num_groups, norm_eps=norm_eps,
+            resnet_time_scale_shift=resnet_time_scale_shift, add_attention=add_attention,
+            class_embed_type=class_embed_type, num_class_embeds=num_class_embeds,
+            num_train_timesteps=num_train_timesteps,
+        )
+        options = dict(group_channels=group_channels, offset_scale=offset_scale, dw_kernel_size=dw_kernel_size,
+                       remove_center=remove_center)
+
+        def swap(conv: nn.Module) -> nn.Module:
+            if not isinstance(conv, nn.Conv2d) or conv.kernel_size == (1, 1):
+                return conv
+            return DCNv4Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                               padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
+                               **options)
+
+        if "conv_in" in replace:
+            self.conv_in = swap(self.conv_in)
+        if "conv_out" in replace:
+            self.conv_out = swap(self.conv_out)
+        for module in list(self.modules()):
+            if isinstance(module, ResnetBlock2D) and "resnet" in replace:
+                module.conv1 = swap(module.conv1)
+                module.conv2 = swap(module.conv2)
+            elif (isinstance(module, Downsample2D) and "downsample" in replace) or \
+                    (isinstance(module, Upsample2D) and "upsample" in replace):
+                # Downsample2D registers one conv under two names (conv and Conv2d_0); keep them one module.
+                for attr in ("conv", "Conv2d_0"):
+                    if isinstance(getattr(module, attr, None), nn.Conv2d):
+                        new = swap(getattr(module, attr))
+                        for alias in ("conv", "Conv2d_0"):
+                            if getattr(module, alias, None) is getattr(module, attr):
+                                setattr(module, alias, new)
+
+
+def build_unet(
+    model_type: str,
+    size: str,
+    sample_size: int,
+    in_channels: int = 4,
+    out_channels: int | None = None,
+    num_class_embeds: int | None = None,
+    **dcnv4_options,
+) -> UNet2DModel:
+    """A U-Net of a named size: the DCNv4 model or its conv baseline with the identical configuration.
+
+    Args:
+        model_type: "dcnv4" (`DCNv4UNet2DModel`) or "conv" (plain `UNet2DModel`).
+        size: a key of `UNET_SIZES`.
+        sample_size: the latent height/width.
+        in_channels: latent channels in; out_channels defaults to it.
+        num_class_embeds: number of classes for a class-conditional model, None for unconditional.
+        **dcnv4_options: DCNv4 fields (`DCNV4_OPTIONS`: replace, group_channels, offset_scale,
+            dw_kernel_size, remove_center). Accepted and ignored for "conv", so that one call site
+            builds both models of a comparison.
+    """
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type must be one of {list(MODEL_TYPES)}, got {model_type!r}")
+    if size not in UNET_SIZES:
+        raise ValueError(f"size must be one of {list(UNET_SIZES)}, got {size!r}")
+    unknown = sorted(set(dcnv4_options) - set(DCNV4_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown DCNv4 options {unknown}; allowed: {list(DCNV4_OPTIONS)}")
+    kwargs = dict(UNET_SIZES[size], sample_size=sample_size, in_channels=in_channels,
+                  out_channels=in_channels if out_channels is None else out_channels,
+                  num_class_embeds=num_class_embeds)
+    if model_type == "conv":
+        return UNet2DModel(**kwargs)
+    return DCNv4UNet2DModel(**kwargs, **dcnv4_options)
+
+
+def dcnv4_flops(module: DCNv4, output: torch.Tensor) -> int:
+    """FLOPs of one DCNv4 op call (projections excluded) given the layer and its (N, H_out, W_out, C) op output.
+
+    Each output element sums K taps; a tap costs 4 multiply-adds of bilinear interpolation and one of
+    mask weighting, 2 FLOPs per multiply-add (the convention of torch.utils.flop_counter). The per-tap
+    coordinate arithmetic (shared by a group's channels) is not counted.
+    """
+    N, H_out, W_out = output.shape[:3]
+    return 2 * 5 * N * H_out * W_out * module.channels * module.K
+
+
+@torch.no_grad()
+def model_report(
+    model_type_or_model: str | UNet2DModel,
+    size: str | None = None,
+    sample_size: int = 32,
+    in_channels: int = 4,
+    num_class_embeds: int | None = None,
+    **dcnv4_options,
+) -> dict:
+    """Parameters and GFLOPs of one forward pass on one sample.
+
+    GFLOPs count the matrix products (convs, linears, attention; 2 FLOPs per multiply-add) through
+    `torch.utils.flop_counter.FlopCounterMode`, plus each DCNv4 op counted analytically (`dcnv4_flops`).
+    Normalisations, activations and other elementwise work are not counted, for either model.
+
+    Args:
+        model_type_or_model: "dcnv4" or "conv" (then `size` is required), or a built model.
+        size: a key of `UNET_SIZES`, when building.
+        sample_size: latent height/width when building (a given model uses its config's sample_size).
+        in_channels: latent channels when building.
+        num_class_embeds: classes of a class-conditional model when building.
+        **dcnv4_options: passed to `build_unet`.
+
+    Returns:
+        dict with model_type, size, sample_size, parameters, gflops and dcnv4_gflops (the op's share).
+    """
+    if isinstance(model_type_or_model, str):
+        if size is None:
+            raise ValueError("size is required when model_report is given a model type, got None")
+        model = build_unet(model_type_or_model, size, sample_size, in_channels,
+                           num_class_embeds=num_class_embeds, **dcnv4_options)
+        model_type = model_type_or_model
+    elif isinstance(model_type_or_model, UNet2DModel):
+        model = model_type_or_model
+        model_type = "dcnv4" if isinstance(model, DCNv4UNet2DModel) else "conv"
+        sample_size = model.config.sample_size or sample_size
+    else:
+        raise TypeError(f"model_type_or_model must be a str or a UNet2DModel, got {type(model_type_or_model).__name__}")
+    cfg = model.config
+    hw = tuple(sample_size) if isinstance(sample_size, (list, tuple)) else (sample_size, sample_size)
+    device = next(model.parameters()).device
+    x = torch.zeros(1, cfg.in_channels, *hw, device=device)
+    labels = torch.zeros(1, dtype=torch.long, device=device) if model.class_embedding is not None else None
+
+    op_flops = []
+    hooks = [m.register_forward_hook(lambda m, args, out: op_flops.append(
+        dcnv4_flops(m, out.permute(0, 2, 3, 1) if isinstance(m, DCNv4Conv2d) else out)))
+        for m in model.modules() if isinstance(m, DCNv4)]
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(x, torch.tensor([1], device=device), class_labels=labels)
+    finally:
+        for h in hooks:
+            h.remove()
+    dcnv4_total = sum(op_flops)
+    return {
+        "model_type": model_type,
+        "size": size,
+        "sample_size": list(hw),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "gflops": (counter.get_total_flops() + dcnv4_total) / 1e9,
+        "dcnv4_gflops": dcnv4_total / 1e9,
+    }
+
+
+def _format_report(reports: list[dict]) -> str:
+    rows = [("", *[r["model_type"] for r in reports]),
+            ("parameters (M)", *[f"{r['parameters'] / 1e6:.3f}" for r in reports]),
+            ("GFLOPs / sample", *[f"{r['gflops']:.3f}" for r in reports]),
+            ("  of which DCNv4 op", *[f"{r['dcnv4_gflops']:.3f}" for r in reports])]
+    width = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, width)))
+                     for row in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Describe a DCNv4 U-Net and its conv baseline.")
+    parser.add_argument("--size", choices=list(UNET_SIZES), default="tiny")
+    parser.add_argument("--sample_size", type=int, default=32, help="latent height/width")
+    parser.add_argument("--in_channels", type=int, default=4)
+    parser.add_argument("--num_class_embeds", type=int, default=None)
+    parser.add_argument("--replace", nargs="+", default=["resnet"], help=f"from {list(REPLACEABLE)}")
+    parser.add_argument("--group_channels", type=int, default=16)
+    parser.add_argument("--offset_scale", type=float, default=1.0)
+    parser.add_argument("--dw_kernel_size", type=int, default=None)
+    parser.add_argument("--remove_center", action="store_true")
+    parser.add_argument("--report", action="store_true",
+                        help="print parameters and GFLOPs of the DCNv4 model and the conv baseline side by side")
+    parser.add_argument("--json", action="store_true", help="print the report (or the config) as JSON")
+    args = parser.parse_args(argv)
+    options = dict(replace=args.replace, group_channels=args.group_channels, offset_scale=args.offset_scale,
+                   dw_kernel_size=args.dw_kernel_size, remove_center=args.remove_center)
+    try:
+        if args.sample_size < 1:
+            raise ValueError(f"--sample_size must be positive, got {args.sample_size}")
+        if args.report:
+            reports = [model_report(t, args.size, args.sample_size, args.in_channels, args.num_class_embeds,
+                                    **options) for t in MODEL_TYPES]
+            print(json.dumps(reports, indent=2) if args.json else
+                  f"size {args.size}, {args.in_channels}x{args.sample_size}x{args.sample_size} latents\n"
+                  + _format_report(reports))
+        else:
+            model = build_unet("dcnv4", args.size, args.sample_size, args.in_channels,
+                               num_class_embeds=args.num_class_embeds, **options)
+            print(json.dumps({k: v for k, v in model.config.items() if not k.startswith("_")}, indent=2))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
