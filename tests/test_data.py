@@ -1,0 +1,187 @@
+"""Image dataset sources: folders (classes, corrupt files), the built-in photographs, Hugging Face datasets."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unet_dcnv4 import data
+from unet_dcnv4.data import CorruptImageError, build_image_dataset
+
+
+def _write(path, size=(12, 10), color=(200, 30, 60), mode="RGB"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    array = np.zeros((size[1], size[0], len(mode)), dtype=np.uint8)
+    array[...] = color if len(color) == len(mode) else color[: len(mode)]
+    array[: size[1] // 2, : size[0] // 2] = 255  # a corner that differs, so flips and crops are visible
+    Image.fromarray(array.squeeze(-1) if mode == "L" else array, mode=mode).save(path)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "images"
+    _write(str(root / "a.png"))
+    _write(str(root / "sub" / "b.jpg"), size=(9, 14))
+    _write(str(root / "sub" / "deeper" / "c.png"), color=(10, 20, 30, 0), mode="RGBA")
+    _write(str(root / "d.png"), color=(90,), mode="L")
+    (root / "notes.txt").write_text("not an image")
+    return str(root)
+
+
+def test_folder_items_fingerprint(folder):
+    ds = build_image_dataset(folder, resolution=8)
+    assert len(ds) == 4 and ds.num_classes == 0
+    for i in range(len(ds)):
+        image, label = ds[i]
+        assert image.shape == (3, 8, 8) and image.dtype == torch.float32 and label == 0
+        assert image.min() >= -1 and image.max() <= 1
+    # A fully transparent image is composited on white.
+    c = ds.files.index(os.path.join("sub", "deeper", "c.png"))
+    assert torch.allclose(ds[c][0], torch.ones(3, 8, 8))
+    assert ds.fingerprint() == build_image_dataset(folder, resolution=8).fingerprint()
+    assert ds.fingerprint() != build_image_dataset(folder, resolution=16).fingerprint()
+    _write(os.path.join(folder, "e.png"))
+    assert build_image_dataset(folder, resolution=8).fingerprint() != ds.fingerprint()
+
+
+def test_folder_crops(folder):
+    wide = os.path.join(folder, "a.png")  # 12 x 10
+    for options in ({"center_crop": True}, {"random_crop": True}, {"center_crop": False}):
+        ds = data.ImageFolderDataset(folder, resolution=6, **options)
+        assert ds[ds.files.index(os.path.basename(wide))][0].shape == (3, 6, 6)
+    assert data.ImageFolderDataset(folder, 6).deterministic
+    assert not data.ImageFolderDataset(folder, 6, hflip=True).deterministic
+    # Centre crop vs squashing the whole image give different pixels.
+    a = data.ImageFolderDataset(folder, 6, center_crop=True)[0][0]
+    b = data.ImageFolderDataset(folder, 6, center_crop=False)[0][0]
+    assert not torch.allclose(a, b)
+
+
+def test_folder_class_labels(tmp_path):
+    root = tmp_path / "classes"
+    for name, count in (("cat", 2), ("dog", 3)):
+        for i in range(count):
+            _write(str(root / name / f"{i}.png"))
+    _write(str(root / "dog" / "nested" / "x.png"))
+    ds = build_image_dataset(str(root), resolution=4, class_labels=True)
+    assert ds.classes == ["cat", "dog"] and ds.num_classes == 2
+    assert sorted(ds[i][1] for i in range(len(ds))) == [0, 0, 1, 1, 1, 1]
+    _write(str(root / "loose.png"))
+    with pytest.raises(ValueError, match="loose.png"):
+        build_image_dataset(str(root), resolution=4, class_labels=True)
+
+
+def test_corrupt_file_named_or_skipped(folder):
+    bad = os.path.join(folder, "sub", "broken.png")
+    with open(bad, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n not really a png")
+    ds = build_image_dataset(folder, resolution=8)
+    with pytest.raises(CorruptImageError, match="broken.png"):
+        ds[ds.files.index(os.path.join("sub", "broken.png"))]
+    with pytest.warns(UserWarning, match="skipped 1"):
+        ds = build_image_dataset(folder, resolution=8, skip_corrupt=True)
+    assert len(ds) == 4 and ds.skipped == [bad]
+    assert all(ds[i][0].shape == (3, 8, 8) for i in range(len(ds)))
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(ValueError, match="no images"):
+        build_image_dataset(str(tmp_path), resolution=8)
+    (tmp_path / "file.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="file.png"):
+        build_image_dataset(str(tmp_path / "file.png"))
+    with pytest.raises(ValueError, match="resolution"):
+        build_image_dataset("builtin", resolution=0)
+
+
+def test_builtin_without_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the built-in dataset tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    data._builtin_photos.cache_clear()
+    ds = build_image_dataset("builtin", resolution=16, builtin_size=20)
+    assert len(ds) == 20 and ds.num_classes == 0
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    assert images.shape == (20, 3, 16, 16) and images.min() >= -1 and images.max() <= 1
+    assert images.std(dim=(1, 2, 3)).min() > 0.01  # crops of photographs, not blank
+    again = build_image_dataset("builtin", resolution=16, builtin_size=20)
+    assert torch.equal(again[7][0], ds[7][0]) and again.fingerprint() == ds.fingerprint()
+    reseeded = build_image_dataset("builtin", resolution=16, builtin_size=20, builtin_seed=1)
+    assert reseeded.fingerprint() != ds.fingerprint()
+
+
+class _FakeImage:
+    pass
+
+
+class _FakeClassLabel:
+    def __init__(self, names):
+        self.names = names
+
+
+class _FakeDataset:
+    def __init__(self, rows, features):
+        self.rows, self.features = rows, features
+        self.column_names = list(rows[0])
+        self._fingerprint = "fake-v1"
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def _fake_datasets_module(rows, features, calls):
+    module = types.ModuleType("datasets")
+    module.Image, module.ClassLabel, module.DatasetDict = _FakeImage, _FakeClassLabel, dict
+
+    def load_dataset(name, split):
+        calls.append(("hub", name, split))
+        return _FakeDataset(rows, features)
+
+    def load_from_disk(path):
+        calls.append(("disk", path))
+        return {"train": _FakeDataset(rows, features)}
+
+    module.load_dataset, module.load_from_disk = load_dataset, load_from_disk
+    return module
+
+
+def test_hf_dataset_source(tmp_path, monkeypatch):
+    rows = [{"img": Image.new("RGB", (10, 7), (i * 40, 0, 0)), "label": i % 2} for i in range(5)]
+    calls = []
+    module = _fake_datasets_module(rows, {"img": _FakeImage(), "label": _FakeClassLabel(["a", "b"])}, calls)
+    monkeypatch.setitem(sys.modules, "datasets", module)
+    ds = build_image_dataset("someone/tiny-images", resolution=4, class_labels=True)
+    assert calls == [("hub", "someone/tiny-images", "train")]
+    assert len(ds) == 5 and ds.classes == ["a", "b"] and ds.num_classes == 2
+    image, label = ds[3]
+    assert image.shape == (3, 4, 4) and label == 1
+    assert torch.allclose(image[0], torch.full((4, 4), 120 / 127.5 - 1), atol=1e-6)
+
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "dataset_dict.json").write_text("{}")
+    ds = build_image_dataset(str(saved), resolution=4)
+    assert calls[-1] == ("disk", str(saved)) and ds[0][1] == 0 and ds.num_classes == 0
+
+    rows[2]["img"] = "not an image"
+    with pytest.raises(CorruptImageError, match=r"tiny-images\[2\]"):
+        build_image_dataset("someone/tiny-images", resolution=4)[2]
+    with pytest.warns(UserWarning):
+        assert len(build_image_dataset("someone/tiny-images", resolution=4, skip_corrupt=True)) == 4
+
+
+def test_hf_without_datasets_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match="pip install datasets"):
+        build_image_dataset("someone/tiny-images")

@@ -1,0 +1,135 @@
+"""VAE building, loading (local and offline hub), train_vae.py end to end with resume, the built-in VAE."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unet_dcnv4 import vae as vae_module
+from unet_dcnv4.vae import VAETrainConfig, build_small_vae, builtin_vae, load_vae, small_vae_config
+
+_SCRIPT = os.path.join(os.path.dirname(__file__), "..", "train_vae.py")
+_spec = importlib.util.spec_from_file_location("train_vae", _SCRIPT)
+train_vae = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_vae)
+
+TINY = "--resolution 16 --base_channels 8 --batch_size 4 --num_holdout 4 --lr_warmup_steps 0".split()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        base = rng.integers(0, 256, (1, 1, 3))
+        image = np.clip(base + rng.integers(-20, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(root / f"{i:02d}.png")
+    return str(root)
+
+
+@pytest.mark.parametrize("factor", [1, 4, 8])
+def test_small_vae_shapes(factor):
+    vae = build_small_vae(resolution=16, downsample_factor=factor, base_channels=8, latent_channels=3)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean
+        assert z.shape == (2, 3, 16 // factor, 16 // factor)
+        assert vae.decode(z).sample.shape == (2, 3, 16, 16)
+
+
+def test_small_vae_config_errors():
+    with pytest.raises(ValueError, match="downsample_factor"):
+        small_vae_config(downsample_factor=3)
+    with pytest.raises(ValueError, match="base_channels"):
+        small_vae_config(base_channels=12)
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    vae = build_small_vae(resolution=16, base_channels=8)
+    vae.save_pretrained(tmp_path / "vae")
+    for path in (str(tmp_path / "vae"), str(tmp_path)):  # the folder itself, or one with vae/ inside
+        loaded = load_vae(path)
+        assert loaded.config.block_out_channels == vae.config.block_out_channels
+        for (name, a), (_, b) in zip(vae.state_dict().items(), loaded.state_dict().items()):
+            assert torch.equal(a, b), name
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(vae(x).sample, loaded(x).sample)
+    assert load_vae(str(tmp_path), torch_dtype=torch.float16).dtype == torch.float16
+
+
+def test_load_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(OSError, match="HF_HUB_OFFLINE.*local folder"):
+        load_vae("stabilityai/sd-vae-ft-mse")
+    with pytest.raises(ValueError, match="not a folder holding a VAE"):
+        load_vae("./no-such-folder")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="without config.json"):
+        load_vae(str(tmp_path / "empty"))
+
+
+def _weights(path):
+    return load_vae(path).state_dict()
+
+
+def test_train_vae_script_and_resume(folder, tmp_path):
+    straight = str(tmp_path / "straight")
+    metrics = train_vae.main(TINY + ["--data", folder, "--output_dir", straight, "--max_train_steps", "4"])
+    for name in ("vae/config.json", "vae/diffusion_pytorch_model.safetensors", "reconstructions.png", "metrics.json"):
+        assert os.path.isfile(os.path.join(straight, name)), name
+    with open(os.path.join(straight, "metrics.json")) as f:
+        saved = json.load(f)
+    assert saved["psnr_db"] == metrics["psnr_db"] and np.isfinite(saved["psnr_db"]) and saved["steps"] == 4
+    assert saved["num_holdout"] == 2  # a tenth of 24 images
+    vae = load_vae(straight)
+    assert vae.config.scaling_factor == pytest.approx(saved["scaling_factor"])
+    assert vae.config.latent_channels == 4 and vae.config.block_out_channels == [8, 16, 32]
+    assert Image.open(os.path.join(straight, "reconstructions.png")).size[0] > 16
+
+    resumed = str(tmp_path / "resumed")
+    first_half = ["--max_train_steps", "2", "--checkpointing_steps", "2"]
+    train_vae.main(TINY + ["--data", folder, "--output_dir", resumed] + first_half)
+    assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["checkpoint-2"]
+    second_half = ["--max_train_steps", "4", "--resume_from_checkpoint", "latest"]
+    train_vae.main(TINY + ["--data", folder, "--output_dir", resumed] + second_half)
+    a, b = _weights(straight), _weights(resumed)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_train_vae_cli_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_vae.main(["--data", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code != 0 and "--data must be 'builtin' or a folder" in capsys.readouterr().err
+    (tmp_path / "few").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "few" / "one.png")
+    with pytest.raises(SystemExit) as exit_info:
+        train_vae.main(["--data", str(tmp_path / "few"), "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "at least 10 images" in capsys.readouterr().err
+
+
+def test_builtin_vae_trains_once(tmp_path, monkeypatch):
+    config = VAETrainConfig(resolution=16, builtin_size=40, base_channels=8, batch_size=4, max_train_steps=2,
+                            num_holdout=4, lr_warmup_steps=0)
+    path = builtin_vae(cache_dir=str(tmp_path), config=config)
+    assert os.path.isfile(os.path.join(path, "config.json")) and path.startswith(str(tmp_path))
+    assert load_vae(path).config.latent_channels == 4
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached built-in VAE was trained again")
+
+    monkeypatch.setattr(vae_module.subprocess, "run", no_training)
+    assert builtin_vae(cache_dir=str(tmp_path), config=config) == path
+    other = VAETrainConfig(**{**config.__dict__, "seed": 1})
+    with pytest.raises(AssertionError, match="trained again"):
+        builtin_vae(cache_dir=str(tmp_path), config=other)  # a new config is a new cache entry

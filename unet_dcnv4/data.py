@@ -1,0 +1,719 @@
+"""Image datasets (built-in photographs, image folders, Hugging Face `datasets`) and the latent cache.
+
+The cache encodes a dataset once with a VAE, stores the posterior mean and std in safetensors shards,
+and `LatentDataset` serves them so that training draws a fresh latent from them every step.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+import math
+import os
+import shutil
+import warnings
+from functools import lru_cache
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import transforms
+from tqdm.auto import tqdm
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "BuiltinImageDataset",
+    "CorruptImageError",
+    "HFImageDataset",
+    "ImageFolderDataset",
+    "LatentDataset",
+    "build_image_dataset",
+    "build_latent_cache",
+    "sample_latents",
+    "vae_fingerprint",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+# Photographs that scikit-image ships inside its wheel (no fetch needed); grey ones are stacked to RGB.
+_BUILTIN_PHOTOS = (
+    "astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+    "camera", "coins", "moon", "brick", "grass", "gravel",
+)
+_CACHE_FORMAT = 1
+_CACHE_INDEX = "cache.json"
+
+
+class CorruptImageError(OSError):
+    """An image file that cannot be decoded; the message names the file."""
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    # Transparent pixels carry arbitrary colours; composite on white so they do not leak into training.
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def _open_image(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return _to_rgb(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise CorruptImageError(
+            f"cannot read image {path}: {err}; pass skip_corrupt=True to skip unreadable files"
+        ) from err
+
+
+class _ImageDataset(Dataset, abc.ABC):
+    """Shared transform, fingerprint and item layout of the image datasets."""
+
+    kind = "base"
+
+    def __init__(self, resolution: int, center_crop: bool, random_crop: bool, hflip: bool):
+        if not isinstance(resolution, int) or resolution <= 0:
+            raise ValueError(f"resolution must be a positive int, got {resolution!r}")
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_crop = random_crop
+        self.hflip = hflip
+        self.num_classes = 0
+        self.classes: list[str] = []
+        self.transform = transforms.Compose(self._transforms())
+
+    def _transforms(self) -> list:
+        r = self.resolution
+        steps = [transforms.Resize(r, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True)]
+        if self.random_crop:
+            steps.append(transforms.RandomCrop(r))
+        elif self.center_crop:
+            steps.append(transforms.CenterCrop(r))
+        else:
+            # Neither crop: squash the whole image to a square rather than lose its borders.
+            steps = [transforms.Resize((r, r), interpolation=transforms.InterpolationMode.BICUBIC, antialias=True)]
+        if self.hflip:
+            steps.append(transforms.RandomHorizontalFlip())
+        steps += [transforms.ToTensor(), transforms.Normalize([0.5], [0.5])]
+        return steps
+
+    @abc.abstractmethod
+    def _load(self, index: int) -> tuple[Image.Image, int]:
+        """The untransformed RGB image and label of item `index`."""
+
+    @abc.abstractmethod
+    def _source_fingerprint(self) -> dict:
+        """What identifies the source's items (files, photos, dataset version)."""
+
+    @property
+    def deterministic(self) -> bool:
+        """True when an index always yields the same pixels (no random crop or flip)."""
+        return not (self.random_crop or self.hflip)
+
+    def fingerprint(self) -> str:
+        """A stable hex string naming the items and their transform: equal strings, equal pixels."""
+        key = {
+            "kind": self.kind,
+            "source": self._source_fingerprint(),
+            "resolution": self.resolution,
+            "center_crop": self.center_crop,
+            "random_crop": self.random_crop,
+            "hflip": self.hflip,
+            "num_classes": self.num_classes,
+        }
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self._load(index)
+        return self.transform(image), label  # (3, R, R) in [-1, 1]
+
+
+class ImageFolderDataset(_ImageDataset):
+    """Every image under `root`, found recursively; labels from the first sub-folder when asked."""
+
+    kind = "folder"
+
+    def __init__(
+        self,
+        root: str,
+        resolution: int = 64,
+        class_labels: bool = False,
+        center_crop: bool = True,
+        random_crop: bool = False,
+        hflip: bool = False,
+        skip_corrupt: bool = False,
+    ):
+        super().__init__(resolution, center_crop, random_crop, hflip)
+        if not os.path.isdir(root):
+            raise ValueError(f"root must be a folder of images, got {root!r}")
+        self.root = root
+        files = []
+        for folder, dirs, names in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in names:
+                if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                    files.append(os.path.relpath(os.path.join(folder, name), root))
+        files.sort()
+        if not files:
+            raise ValueError(f"root {root!r} holds no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
+
+        self.skipped: list[str] = []
+        if skip_corrupt:
+            readable = []
+            for rel in files:
+                try:
+                    _open_image(os.path.join(root, rel))
+                    readable.append(rel)
+                except CorruptImageError:
+                    self.skipped.append(os.path.join(root, rel))
+            if self.skipped:
+                warnings.warn(f"skipped {len(self.skipped)} unreadable image(s) under {root}, first {self.skipped[0]}")
+            if not readable:
+                raise ValueError(f"root {root!r} holds no readable images ({len(self.skipped)} unreadable)")
+            files = readable
+        self.files = files
+
+        if class_labels:
+            at_root = [f for f in files if os.sep not in f]
+            if at_root:
+                raise ValueError(
+                    f"class_labels=True needs every image inside a class sub-folder of {root!r}, "
+                    f"but {at_root[0]!r} sits at its top level"
+                )
+            self.classes = sorted({f.split(os.sep, 1)[0] for f in files})
+            index = {c: i for i, c in enumerate(self.classes)}
+            self.labels = [index[f.split(os.sep, 1)[0]] for f in files]
+            self.num_classes = len(self.classes)
+        else:
+            self.labels = [0] * len(files)
+
+        # Size and modification time catch edited files without reading every byte (as make and rsync do).
+        listing = []
+        for rel in files:
+            st = os.stat(os.path.join(root, rel))
+            listing.append([rel.replace(os.sep, "/"), st.st_size, st.st_mtime_ns])
+        self._listing_hash = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _load(self, index: int) -> tuple[Image.Image, int]:
+        return _open_image(os.path.join(self.root, self.files[index])), self.labels[index]
+
+    def _source_fingerprint(self) -> dict:
+        return {"files": self._listing_hash, "classes": self.classes}
+
+
+@lru_cache(maxsize=1)
+def _builtin_photos() -> tuple[Image.Image, ...]:
+    import skimage
+    import skimage.data
+
+    photos = []
+    for name in _BUILTIN_PHOTOS:
+        array = getattr(skimage.data, name)()
+        if array.ndim == 2:
+            array = np.stack([array] * 3, axis=-1)
+        photos.append(Image.fromarray(array[..., :3].astype(np.uint8)))
+    return tuple(photos)
+
+
+class BuiltinImageDataset(_ImageDataset):
+    """Seeded random square crops of the photographs shipped with scikit-image; needs no network.
+
+    Each item is a crop of side between a quarter of the photo's shorter side (at least `resolution`)
+    and the whole shorter side, resized to `resolution`. The crop boxes depend only on `seed` and
+    `size`, so an index always names the same crop; `hflip` still flips at random.
+    """
+
+    kind = "builtin"
+
+    def __init__(self, resolution: int = 64, size: int = 1024, seed: int = 0, hflip: bool = False):
+        super().__init__(resolution, center_crop=True, random_crop=False, hflip=hflip)
+        if not isinstance(size, int) or size <= 0:
+            raise ValueError(f"builtin_size must be a positive int, got {size!r}")
+        self.size = size
+        self.seed = seed
+        rng = np.random.default_rng(seed)
+        shapes = [(p.height, p.width) for p in _builtin_photos()]
+        self.boxes = []
+        for _ in range(size):
+            photo = int(rng.integers(len(shapes)))
+            h, w = shapes[photo]
+            short = min(h, w)
+            side = int(rng.integers(min(short, max(resolution, short // 4)), short + 1))
+            top = int(rng.integers(0, h - side + 1))
+            left = int(rng.integers(0, w - side + 1))
+            self.boxes.append((photo, left, top, side))
+
+    def _transforms(self) -> list:
+        steps = [transforms.RandomHorizontalFlip()] if self.hflip else []
+        return steps + [transforms.ToTensor(), transforms.Normalize([0.5], [0.5])]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _load(self, index: int) -> tuple[Image.Image, int]:
+        photo, left, top, side = self.boxes[index]
+        crop = _builtin_photos()[photo].crop((left, top, left + side, top + side))
+        return crop.resize((self.resolution, self.resolution), Image.Resampling.BICUBIC, reducing_gap=3.0), 0
+
+    def _source_fingerprint(self) -> dict:
+        import skimage
+
+        return {"photos": list(_BUILTIN_PHOTOS), "skimage": skimage.__version__, "size": self.size, "seed": self.seed}
+
+
+class HFImageDataset(_ImageDataset):
+    """A Hugging Face `datasets` split (hub name or `save_to_disk` folder) with an image column."""
+
+    kind = "hf"
+
+    def __init__(
+        self,
+        name_or_path: str,
+        resolution: int = 64,
+        class_labels: bool = False,
+        center_crop: bool = True,
+        random_crop: bool = False,
+        hflip: bool = False,
+        skip_corrupt: bool = False,
+        split: str = "train",
+        image_column: str | None = None,
+        label_column: str | None = None,
+    ):
+        super().__init__(resolution, center_crop, random_crop, hflip)
+        try:
+            import datasets
+        except ImportError as err:
+            raise ImportError(
+                f"source {name_or_path!r} is not 'builtin' nor an image folder, so it is read as a Hugging Face "
+                "dataset, which needs the optional package `datasets` (pip install datasets or "
+                "pip install unet_dcnv4[hf])"
+            ) from err
+        if os.path.isdir(name_or_path):
+            loaded = datasets.load_from_disk(name_or_path)
+        else:
+            loaded = datasets.load_dataset(name_or_path, split=split)
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"split must be one of {sorted(loaded)} for {name_or_path!r}, got {split!r}")
+            loaded = loaded[split]
+        self.name = name_or_path
+        self.split = split
+        self.data = loaded
+
+        columns = list(loaded.column_names)
+        if image_column is None:
+            found = [c for c, f in loaded.features.items() if isinstance(f, datasets.Image)]
+            found += [c for c in ("image", "img") if c in columns and c not in found]
+            if not found:
+                raise ValueError(f"image_column must be given: no image column among {columns} of {name_or_path!r}")
+            image_column = found[0]
+        elif image_column not in columns:
+            raise ValueError(f"image_column must be one of {columns}, got {image_column!r}")
+        self.image_column = image_column
+
+        self.label_column = None
+        self._label_map: dict[str, int] | None = None
+        if class_labels:
+            if label_column is None:
+                found = [c for c in ("label", "labels", "class", "fine_label") if c in columns]
+                if not found:
+                    raise ValueError(f"label_column must be given: no label column among {columns}")
+                label_column = found[0]
+            elif label_column not in columns:
+                raise ValueError(f"label_column must be one of {columns}, got {label_column!r}")
+            self.label_column = label_column
+            feature = loaded.features[label_column]
+            if isinstance(feature, datasets.ClassLabel):
+                self.classes = list(feature.names)
+            else:
+                self.classes = [str(v) for v in sorted(set(loaded[label_column]))]
+                self._label_map = {c: i for i, c in enumerate(self.classes)}
+            self.num_classes = len(self.classes)
+
+        self.indices = list(range(len(loaded)))
+        self.skipped: list[str] = []
+        if skip_corrupt:
+            readable = []
+            for i in self.indices:
+                try:
+                    self._image(i)
+                    readable.append(i)
+                except CorruptImageError:
+                    self.skipped.append(f"{name_or_path}[{i}]")
+            if self.skipped:
+                warnings.warn(f"skipped {len(self.skipped)} unreadable image(s) in {name_or_path}")
+            self.indices = readable
+
+    def _image(self, i: int) -> Image.Image:
+        try:
+            value = self.data[i][self.image_column]
+            if isinstance(value, dict) and value.get("path") and value.get("bytes") is None:
+                return _open_image(value["path"])
+            if not isinstance(value, Image.Image):
+                raise TypeError(f"column {self.image_column!r} holds {type(value).__name__}, not an image")
+            value.load()
+            return _to_rgb(value)
+        except (OSError, SyntaxError, ValueError, TypeError) as err:
+            if isinstance(err, CorruptImageError):
+                raise
+            raise CorruptImageError(f"cannot read image {self.name}[{i}]: {err}") from err
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _load(self, index: int) -> tuple[Image.Image, int]:
+        i = self.indices[index]
+        label = 0
+        if self.label_column is not None:
+            value = self.data[i][self.label_column]
+            label = int(value) if self._label_map is None else self._label_map[str(value)]
+        return self._image(i), label
+
+    def _source_fingerprint(self) -> dict:
+        return {
+            "name": self.name,
+            "split": self.split,
+            "data": getattr(self.data, "_fingerprint", None) or len(self.data),
+            "image_column": self.image_column,
+            "label_column": self.label_column,
+            "skipped": self.skipped,
+        }
+
+
+def build_image_dataset(
+    source: str = "builtin",
+    resolution: int = 64,
+    class_labels: bool = False,
+    center_crop: bool = True,
+    random_crop: bool = False,
+    hflip: bool = False,
+    skip_corrupt: bool = False,
+    builtin_size: int = 1024,
+    builtin_seed: int = 0,
+    hf_split: str = "train",
+) -> Dataset:
+    """Build an image dataset whose items are `(image, label)`.
+
+    Args:
+        source: "builtin" (seeded crops of scikit-image's photographs, no network), a folder searched
+            recursively for images, or a Hugging Face `datasets` hub name or `save_to_disk` folder
+            (a folder holding `dataset_info.json`, `state.json` or `dataset_dict.json`).
+        resolution: side R of the square images.
+        class_labels: labels from the first sub-folder (folders) or the label column (datasets);
+            otherwise every label is 0 and `num_classes` is 0.
+        center_crop: resize the shorter side to R, then crop the centre; with neither crop the whole
+            image is resized to R x R.
+        random_crop: crop at a random place instead (overrides center_crop).
+        hflip: flip horizontally at random.
+        skip_corrupt: skip unreadable images (listed in `dataset.skipped`) instead of raising
+            `CorruptImageError`, which names the file.
+        builtin_size: number of crops of the built-in source.
+        builtin_seed: seed of the built-in crop boxes.
+        hf_split: split of a Hugging Face dataset.
+
+    Returns:
+        A dataset of `(image (3, R, R) float in [-1, 1], label int)` with `fingerprint()`,
+        `num_classes` and `classes`.
+    """
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"source must be 'builtin', a folder or a datasets name, got {source!r}")
+    if source == "builtin":
+        return BuiltinImageDataset(resolution, size=builtin_size, seed=builtin_seed, hflip=hflip)
+    options = dict(
+        resolution=resolution, class_labels=class_labels, center_crop=center_crop,
+        random_crop=random_crop, hflip=hflip, skip_corrupt=skip_corrupt,
+    )
+    saved_markers = ("dataset_info.json", "state.json", "dataset_dict.json")
+    if os.path.isdir(source) and not any(os.path.exists(os.path.join(source, m)) for m in saved_markers):
+        return ImageFolderDataset(source, **options)
+    if os.path.isfile(source):
+        raise ValueError(f"source must be a folder, 'builtin' or a datasets name, got the file {source!r}")
+    return HFImageDataset(source, split=hf_split, **options)
+
+
+def vae_fingerprint(vae) -> str:
+    """Hash of a VAE's config (public keys) and weights: equal hashes encode alike."""
+    h = hashlib.sha256()
+    config = {k: v for k, v in dict(getattr(vae, "config", {}) or {}).items() if not k.startswith("_")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _config_scale(vae) -> tuple[float, float] | None:
+    """(scaling_factor, shift_factor) from the VAE config, or None when it states none of its own."""
+    config = dict(getattr(vae, "config", {}) or {})
+    factor = config.get("scaling_factor")
+    # diffusers lists keys missing from a loaded config.json in `_use_default_values`: such a factor is
+    # the class default, not one measured for these weights.
+    if factor is None or "scaling_factor" in (config.get("_use_default_values") or []):
+        return None
+    if not isinstance(factor, (int, float)) or not factor > 0:
+        return None
+    shift = config.get("shift_factor")
+    return float(factor), float(shift) if isinstance(shift, (int, float)) else 0.0
+
+
+def _read_index(cache_dir: str) -> dict | None:
+    path = os.path.join(cache_dir, _CACHE_INDEX)
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except (OSError, ValueError):
+        return None
+    for shard in index.get("shards", []):
+        file = os.path.join(cache_dir, shard["file"])
+        if not os.path.isfile(file) or os.path.getsize(file) != shard["bytes"]:
+            return None
+    return index
+
+
+def _encode_share(dataset, vae, indices, flips, batch_size, num_workers, shard_size, out_dir, rank, show):
+    device = next(vae.parameters()).device
+    dtype = next(vae.parameters()).dtype
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    stats = torch.zeros(3, dtype=torch.float64)  # sum of m, sum of m^2 + s^2, count
+    buffers: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], "mean_flip": [], "std_flip": [], "labels": []}
+    shards, start = [], indices[0] if len(indices) else 0
+
+    def flush():
+        nonlocal start
+        if not buffers["labels"]:
+            return
+        tensors = {k: torch.cat(v).contiguous() for k, v in buffers.items() if v}
+        count = len(tensors["labels"])
+        name = f"shard-r{rank:03d}-{len(shards):05d}.safetensors"
+        save_file(tensors, os.path.join(out_dir, name), metadata={"start": str(start), "count": str(count)})
+        shards.append({"file": name, "start": start, "count": count})
+        start += count
+        for v in buffers.values():
+            v.clear()
+
+    with torch.no_grad():
+        for images, labels in tqdm(loader, desc=f"encoding latents (rank {rank})", disable=not show):
+            if images.ndim != 4 or images.shape[1] != 3:
+                raise ValueError(f"dataset images must be (3, H, W), got a batch of shape {tuple(images.shape)}")
+            x = images.to(device=device, dtype=dtype)
+            if flips:
+                x = torch.cat([x, x.flip(-1)])
+            posterior = vae.encode(x).latent_dist
+            mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()  # (B or 2B, c, h, w)
+            stats += torch.stack([mean.double().sum(), (mean.double() ** 2 + std.double() ** 2).sum(),
+                                  torch.tensor(float(mean.numel()), dtype=torch.float64)])
+            n = images.shape[0]
+            buffers["mean"].append(mean[:n])
+            buffers["std"].append(std[:n])
+            if flips:
+                buffers["mean_flip"].append(mean[n:])
+                buffers["std_flip"].append(std[n:])
+            buffers["labels"].append(torch.as_tensor(labels, dtype=torch.int64).reshape(-1))
+            if sum(len(t) for t in buffers["labels"]) >= shard_size:
+                flush()
+        flush()
+    return shards, stats.tolist()
+
+
+def build_latent_cache(
+    dataset,
+    vae,
+    cache_dir: str,
+    resolution: int,
+    vae_id: str,
+    batch_size: int = 32,
+    accelerator=None,
+    flips: bool = True,
+    scaling_factor: float | str | None = "config",
+    num_workers: int = 0,
+    shard_size: int = 8192,
+) -> str:
+    """Encode `dataset` once with `vae` into safetensors shards under `cache_dir`, unless it already holds them.
+
+    The cache is reused only when its index records the same dataset fingerprint, resolution, VAE
+    hash (config and weights), flips and scaling option; otherwise it is rebuilt in a side folder
+    and swapped in, so an interrupted build never looks complete.
+
+    Args:
+        dataset: items `(image (3, R, R) in [-1, 1], label)`, deterministic (no random crop or flip),
+            with `fingerprint()` and `num_classes` (see `build_image_dataset`).
+        vae: an `AutoencoderKL` or anything with `encode(x).latent_dist.mean/.std`, `config`,
+            `parameters()` and `state_dict()`; encoding runs on its device and dtype.
+        cache_dir: folder of this cache; it must be absent, empty or an earlier cache (never another folder).
+        resolution: R, checked against the dataset's images.
+        vae_id: name of the VAE (hub id or path), recorded for people reading the index.
+        batch_size: images per encoder call (twice as many with flips).
+        accelerator: an `accelerate.Accelerator`; each process encodes its share, the main one writes the index.
+        flips: also cache the horizontally flipped images (items N..2N-1 of `LatentDataset`).
+        scaling_factor: "config" takes the VAE config's `scaling_factor` (and `shift_factor`) when the
+            config states one, else measures; None measures 1/std of the latents over the data; a
+            float is used as given. A config "states none" when it lacks the key or diffusers lists
+            it in `_use_default_values` (an `AutoencoderKL` built without one, or loaded from a
+            config.json without one). The index records the factor and where it came from.
+        num_workers: DataLoader workers for reading images.
+        shard_size: images per shard file.
+
+    Returns:
+        `cache_dir`.
+    """
+    if getattr(dataset, "resolution", resolution) != resolution:
+        raise ValueError(f"resolution must match the dataset's ({dataset.resolution}), got {resolution}")
+    if not getattr(dataset, "deterministic", True):
+        raise ValueError(
+            "dataset must be deterministic to be cached (random_crop=False, hflip=False); "
+            "flips=True caches the mirrored images instead"
+        )
+    if not (scaling_factor in ("config", None) or (isinstance(scaling_factor, (int, float)) and scaling_factor > 0)):
+        raise ValueError(f"scaling_factor must be 'config', None or a positive float, got {scaling_factor!r}")
+    if len(dataset) == 0:
+        raise ValueError("dataset must hold at least one image, got an empty dataset")
+    rank = accelerator.process_index if accelerator is not None else 0
+    world = accelerator.num_processes if accelerator is not None else 1
+    is_main = rank == 0
+
+    expected = {
+        "format": _CACHE_FORMAT,
+        "dataset_fingerprint": dataset.fingerprint(),
+        "resolution": resolution,
+        "vae_hash": vae_fingerprint(vae),
+        "flips": bool(flips),
+        "scaling_factor_option": scaling_factor,
+        "num_images": len(dataset),
+    }
+    cache_dir = os.path.abspath(cache_dir)
+    index = _read_index(cache_dir)
+    if index is not None and all(index.get(k) == v for k, v in expected.items()):
+        return cache_dir
+    if os.path.isdir(cache_dir) and os.listdir(cache_dir) and not os.path.exists(os.path.join(cache_dir, _CACHE_INDEX)):
+        raise ValueError(f"cache_dir {cache_dir!r} is a non-empty folder that holds no latent cache; pick another")
+
+    build_dir = cache_dir + ".partial"
+    if accelerator is not None:
+        accelerator.wait_for_everyone()  # everyone has read the old index before the main process touches it
+    if is_main:
+        shutil.rmtree(build_dir, ignore_errors=True)
+        os.makedirs(build_dir)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+
+    n = len(dataset)
+    share = list(range(rank * n // world, (rank + 1) * n // world))
+    was_training = getattr(vae, "training", False)
+    vae.eval()
+    try:
+        shards, stats = _encode_share(dataset, vae, share, flips, batch_size, num_workers, shard_size,
+                                      build_dir, rank, show=is_main)
+    finally:
+        vae.train(was_training)
+    with open(os.path.join(build_dir, f"part-r{rank:03d}.json"), "w") as f:
+        json.dump({"shards": shards, "stats": stats}, f)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+
+    if is_main:
+        shards, total = [], np.zeros(3)
+        for r in range(world):
+            part_path = os.path.join(build_dir, f"part-r{r:03d}.json")
+            with open(part_path) as f:
+                part = json.load(f)
+            os.remove(part_path)
+            shards += part["shards"]
+            total += np.asarray(part["stats"])
+        shards.sort(key=lambda s: s["start"])
+        assert [s["start"] for s in shards] == list(np.cumsum([0] + [s["count"] for s in shards[:-1]]))
+        for s in shards:
+            s["bytes"] = os.path.getsize(os.path.join(build_dir, s["file"]))
+        with safe_open(os.path.join(build_dir, shards[0]["file"]), framework="pt") as f:
+            latent_shape = list(f.get_slice("mean").get_shape()[1:])  # (c, h, w)
+
+        if scaling_factor == "config" and _config_scale(vae) is not None:
+            factor, shift = _config_scale(vae)
+            source = "config"
+        elif scaling_factor is None or scaling_factor == "config":
+            mean = total[0] / total[2]
+            var = total[1] / total[2] - mean**2
+            factor, shift, source = 1.0 / math.sqrt(max(var, 1e-12)), 0.0, "measured"
+        else:
+            factor, shift, source = float(scaling_factor), 0.0, "given"
+
+        index = dict(
+            expected,
+            vae_id=vae_id,
+            scaling_factor=factor,
+            shift_factor=shift,
+            scaling_factor_source=source,
+            latent_channels=latent_shape[0],
+            latent_shape=latent_shape,
+            num_classes=int(getattr(dataset, "num_classes", 0)),
+            classes=list(getattr(dataset, "classes", [])),
+            length=n * (2 if flips else 1),
+            shards=shards,
+        )
+        with open(os.path.join(build_dir, _CACHE_INDEX), "w") as f:
+            json.dump(index, f, indent=1)
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        os.replace(build_dir, cache_dir)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return cache_dir
+
+
+class LatentDataset(Dataset):
+    """The latents of a cache built by `build_latent_cache`, scaled for the diffusion model.
+
+    Items are `{"mean": (c, h, w), "std": (c, h, w), "class_labels": int}` with
+    `mean = (posterior_mean - shift_factor) * scaling_factor` and `std = posterior_std * scaling_factor`;
+    with flips cached, items N..2N-1 are the mirrored images. Draw the latent with `sample_latents`.
+    """
+
+    def __init__(self, cache_dir: str):
+        index = _read_index(cache_dir)
+        if index is None:
+            raise ValueError(f"cache_dir {cache_dir!r} holds no complete latent cache; run build_latent_cache first")
+        if index.get("format") != _CACHE_FORMAT:
+            found = index.get("format")
+            raise ValueError(f"cache_dir {cache_dir!r} has cache format {found}, expected {_CACHE_FORMAT}")
+        self.index = index
+        self.scaling_factor = float(index["scaling_factor"])
+        self.shift_factor = float(index["shift_factor"])
+        self.latent_shape = tuple(index["latent_shape"])
+        self.num_classes = int(index["num_classes"])
+        self.classes = list(index["classes"])
+        self.flips = bool(index["flips"])
+        parts = [load_file(os.path.join(cache_dir, s["file"])) for s in index["shards"]]
+        keys = ("mean", "std", "mean_flip", "std_flip") if self.flips else ("mean", "std")
+        tensors = {k: torch.cat([p[k] for p in parts]) for k in keys}
+        labels = torch.cat([p["labels"] for p in parts])
+        mean, std = tensors["mean"], tensors["std"]
+        if self.flips:
+            mean = torch.cat([mean, tensors["mean_flip"]])
+            std = torch.cat([std, tensors["std_flip"]])
+            labels = torch.cat([labels, labels])
+        self.mean = (mean - self.shift_factor) * self.scaling_factor  # (L, c, h, w)
+        self.std = std * self.scaling_factor  # (L, c, h, w)
+        self.labels = labels  # (L,)
+        if len(self.mean) != index["length"]:
+            found = len(self.mean)
+            raise ValueError(f"cache_dir {cache_dir!r} holds {found} latents, its index says {index['length']}")
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"mean": self.mean[i], "std": self.std[i], "class_labels": int(self.labels[i])}
+
+
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw `mean + std * eps`, eps ~ N(0, I) from `generator` (same device as `mean`), shapes (..., c, h, w)."""
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + std * eps
