@@ -1,0 +1,146 @@
+"""FID/KID with real Inception weights on a few dozen small images, the weight mapping, resizing and caching."""
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unet_dcnv4 import metrics
+
+NUM_IMAGES = 24
+
+
+def _write_images(folder, images):
+    os.makedirs(folder, exist_ok=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(os.path.join(folder, f"{i:06d}.png"))
+
+
+def _smooth_images(n, size=32, seed=0):
+    """Soft two-colour gradients: one family of natural-ish images."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 1, size)[None, :, None]
+    out = []
+    for _ in range(n):
+        a, b = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        image = a * (1 - ramp) + b * ramp + np.zeros((size, 1, 1))
+        out.append(image.clip(0, 255).astype(np.uint8))
+    return out
+
+
+def _noise_images(n, size=32, seed=1):
+    """Per-pixel noise: visibly nothing like the gradients."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("fidelity_cache"))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    _write_images(root / "smooth", _smooth_images(NUM_IMAGES))
+    _write_images(root / "noise", _noise_images(NUM_IMAGES))
+    return str(root / "smooth"), str(root / "noise")
+
+
+def test_fid_helper_weights_map_onto_torch_fidelity(cache_dir):
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    scripted_path = metrics.fid_helper_torchscript_path()
+    converted = os.path.join(cache_dir, "mapped.pth")
+    metrics.convert_fid_helper_weights(scripted_path, converted)
+    metrics._register_fid_helper_extractor()
+    cls = FEATURE_EXTRACTORS_REGISTRY[metrics.FID_HELPER_EXTRACTOR]
+    extractor = cls(metrics.FID_HELPER_EXTRACTOR, ["2048"], feature_extractor_weights_path=converted)
+    images = torch.from_numpy(np.stack(_smooth_images(1) + _noise_images(1))).permute(0, 3, 1, 2).contiguous()
+    (features,) = extractor(images)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.load(scripted_path, map_location="cpu").eval()
+    # torch-fidelity's own preprocessing, then the TorchScript network as shipped.
+    x = interpolate_bilinear_2d_like_tensorflow1x(images.float(), size=(299, 299), align_corners=False)
+    with torch.no_grad():
+        expected = scripted((x - 128) / 128)
+    assert features.shape == (2, 2048)
+    torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)
+    assert (features[0] - features[1]).abs().max() > 0.1
+
+
+def test_fid_of_a_folder_against_itself_is_zero_and_against_noise_is_large(folders, cache_dir, capsys):
+    smooth, noise = folders
+    same = metrics.compute_fid_kid(smooth, smooth, cache_dir=cache_dir, device="cpu", batch_size=NUM_IMAGES)
+    assert "Inception weights" in capsys.readouterr().out or "inception-2015-12-05" in same["inception_weights"]
+    assert abs(same["fid"]) < 1e-2
+    assert abs(same["kid_mean"]) < 1e-2
+    assert same["num_samples"] == same["num_reference"] == NUM_IMAGES and same["resolution"] == 32
+    name = same["reference_cache_name"]
+    assert name.startswith("ref-smooth-") and name.endswith(f"-32px-{NUM_IMAGES}")
+    assert any(f.startswith(name) for f in os.listdir(cache_dir)), "reference statistics were not cached"
+
+    different = metrics.compute_fid_kid(noise, smooth, cache_dir=cache_dir, device="cpu", batch_size=NUM_IMAGES)
+    assert different["reference_cache_name"] == name
+    assert different["fid"] > 100
+    assert different["kid_mean"] > 0.1
+
+
+def test_samples_are_resized_to_the_reference_resolution_the_same_way(tmp_path):
+    big = [np.repeat(np.repeat(image, 2, axis=0), 2, axis=1) for image in _smooth_images(2)]
+    _write_images(tmp_path / "big", big)
+    _write_images(tmp_path / "small", _smooth_images(2))
+    resized = metrics.ImageFolderForMetrics(str(tmp_path / "big"), 32)[0]
+    assert resized.shape == (3, 32, 32) and resized.dtype == torch.uint8
+    expected = Image.open(tmp_path / "big" / "000000.png").resize((32, 32), Image.Resampling.BICUBIC)
+    np.testing.assert_array_equal(resized.permute(1, 2, 0).numpy(), np.asarray(expected))
+    unchanged = metrics.ImageFolderForMetrics(str(tmp_path / "small"), 32)[0]
+    np.testing.assert_array_equal(unchanged.permute(1, 2, 0).numpy(), _smooth_images(2)[0])
+
+
+class _TensorDataset(torch.utils.data.Dataset):
+    def __init__(self, images, tag):
+        self.images, self.tag = images, tag
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.images[i]).permute(2, 0, 1).float() / 127.5 - 1, 0
+
+    def fingerprint(self):
+        return self.tag
+
+
+def test_dataset_reference_matches_the_same_images_in_a_folder(folders):
+    smooth, _ = folders
+    dataset = _TensorDataset(_smooth_images(NUM_IMAGES), "smooth-v1")
+    from_dataset = metrics.DatasetForMetrics(dataset, 32, limit=5)
+    from_folder = metrics.ImageFolderForMetrics(smooth, 32, limit=5)
+    assert len(from_dataset) == len(from_folder) == 5
+    for i in range(5):
+        torch.testing.assert_close(from_dataset[i], from_folder[i], atol=0, rtol=0)
+    name = metrics.reference_cache_name(dataset, 32, 5)
+    assert name.endswith("-32px-5") and name != metrics.reference_cache_name(_TensorDataset([], "other"), 32, 5)
+    assert metrics.reference_cache_name(dataset, 64, 5) != name
+    with pytest.raises(TypeError, match="fingerprint"):
+        metrics.reference_cache_name(list(dataset.images), 32, 5)
+
+
+def test_missing_weights_give_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(metrics, "torch_fidelity_weights_path", lambda: str(tmp_path / "absent.pth"))
+    monkeypatch.setattr(metrics, "fid_helper_torchscript_path", lambda: "")
+    with pytest.raises(FileNotFoundError, match="no Inception weights"):
+        metrics.resolve_inception_weights(str(tmp_path))
+
+
+def test_cli_reports_user_mistakes_in_one_line(tmp_path, capsys):
+    assert metrics.main([str(tmp_path / "missing"), str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1

@@ -1,0 +1,172 @@
+"""The latent diffusion pipeline with tiny random components: shapes, determinism, samplers, dtypes, save/load."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DModel
+
+from pipelines import SAMPLERS, LatentDiffusionPipeline, make_scheduler
+
+
+def tiny_pipeline(num_class_embeds=None, sampler="ddim", seed=0) -> LatentDiffusionPipeline:
+    """A pipeline small enough for CPU tests: 8x8x4 latents decoded to 16x16 RGB."""
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        num_class_embeds=num_class_embeds,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+        scaling_factor=0.5,
+    )
+    scheduler = make_scheduler(sampler, DDPMScheduler(num_train_timesteps=100))
+    pipe = LatentDiffusionPipeline(unet.eval(), vae.eval(), scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _run(pipe, **kwargs):
+    kwargs.setdefault("generator", torch.Generator().manual_seed(0))
+    kwargs.setdefault("num_inference_steps", 3)
+    kwargs.setdefault("batch_size", 2)
+    return pipe(**kwargs).images
+
+
+def test_output_types_and_shapes():
+    pipe = tiny_pipeline()
+    images = _run(pipe, output_type="np")
+    assert images.shape == (2, 16, 16, 3) and images.dtype == np.float32
+    assert images.min() >= 0 and images.max() <= 1
+    latents = _run(pipe, output_type="latent")
+    assert latents.shape == (2, 4, 8, 8)
+    pil = _run(pipe, output_type="pil")
+    assert len(pil) == 2 and pil[0].size == (16, 16)
+    as_tuple = pipe(batch_size=2, num_inference_steps=3, output_type="np", return_dict=False)
+    assert isinstance(as_tuple, tuple) and as_tuple[0].shape == (2, 16, 16, 3)
+    with pytest.raises(ValueError, match="output_type"):
+        _run(pipe, output_type="tensor")
+
+
+def test_latents_are_unscaled_before_decoding():
+    pipe = tiny_pipeline()
+    latents = _run(pipe, output_type="latent")
+    with torch.no_grad():
+        expected = pipe.vae.decode(latents / 0.5).sample
+    expected = (expected / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(_run(pipe, output_type="np"), expected, atol=1e-6)
+
+
+def test_fixed_generator_is_deterministic_and_seed_matters():
+    pipe = tiny_pipeline()
+    a = _run(pipe, output_type="np")
+    b = _run(pipe, output_type="np")
+    c = _run(pipe, output_type="np", generator=torch.Generator().manual_seed(1))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
+
+
+def test_per_image_generators_make_images_independent_of_the_batch():
+    pipe = tiny_pipeline()
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    together = _run(pipe, batch_size=3, generator=gens([5, 6, 7]), output_type="np")
+    alone = _run(pipe, batch_size=1, generator=gens([6]), output_type="np")
+    np.testing.assert_allclose(together[1:2], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_each_sampler_runs_and_keeps_the_training_schedule(sampler):
+    train = DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    scheduler = make_scheduler(sampler, train.config)
+    assert scheduler.config.num_train_timesteps == 100
+    assert scheduler.config.prediction_type == "v_prediction"
+    assert scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    pipe = tiny_pipeline(sampler=sampler)
+    images = _run(pipe, output_type="np", num_inference_steps=4)
+    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+    np.testing.assert_array_equal(images, _run(pipe, output_type="np", num_inference_steps=4))
+
+
+def test_make_scheduler_rejects_unknown_names():
+    with pytest.raises(ValueError, match="sampler name"):
+        make_scheduler("heun", DDPMScheduler().config)
+    with pytest.raises(TypeError, match="train_scheduler_config"):
+        make_scheduler("ddim", 3)
+
+
+def test_class_labels():
+    pipe = tiny_pipeline(num_class_embeds=3)
+    a = _run(pipe, output_type="np", class_labels=[0, 2])
+    b = _run(pipe, output_type="np", class_labels=[1, 1])
+    same = _run(pipe, output_type="np", class_labels=1)
+    assert np.abs(a - b).max() > 1e-4
+    np.testing.assert_array_equal(b, same)
+    with pytest.raises(ValueError, match="class_labels are required"):
+        _run(pipe, output_type="np")
+    with pytest.raises(ValueError, match=r"lie in \[0, 3\)"):
+        _run(pipe, output_type="np", class_labels=[0, 3])
+    with pytest.raises(ValueError, match="unconditional"):
+        _run(tiny_pipeline(), output_type="np", class_labels=[0, 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    pipe = tiny_pipeline()
+    reference = _run(pipe, output_type="np")
+    pipe.to(dtype)
+    assert pipe.unet.dtype == dtype and pipe.vae.dtype == dtype
+    images = _run(pipe, output_type="np")
+    assert images.dtype == np.float32 and np.isfinite(images).all()
+    assert np.abs(images - reference).max() < 0.1
+
+
+def test_save_and_load_with_diffusion_pipeline(tmp_path):
+    pipe = tiny_pipeline(num_class_embeds=3, sampler="dpmsolver++")
+    expected = _run(pipe, output_type="np", class_labels=[0, 2])
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_latent_diffusion", "LatentDiffusionPipeline"]
+    assert os.path.isfile(tmp_path / "pipeline_latent_diffusion.py")
+
+    loaded = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(loaded).__name__ == "LatentDiffusionPipeline"
+    assert type(loaded.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(_run(loaded, output_type="np", class_labels=[0, 2]), expected)
+
+    direct = LatentDiffusionPipeline.from_pretrained(tmp_path)
+    assert type(direct) is LatentDiffusionPipeline
+    direct.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(_run(direct, output_type="np", class_labels=[0, 2]), expected)
+
+
+def test_dcnv4_unet_round_trips_through_the_pipeline_folder(tmp_path):
+    from unet_dcnv4.unet import DCNv4UNet2DModel, build_unet
+
+    pipe = tiny_pipeline()
+    torch.manual_seed(0)
+    pipe.register_modules(unet=build_unet("dcnv4", "tiny", sample_size=8).eval())
+    expected = _run(pipe, output_type="np", num_inference_steps=2)
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["unet"] == ["unet_dcnv4.unet", "DCNv4UNet2DModel"]
+    loaded = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)
+    assert isinstance(loaded.unet, DCNv4UNet2DModel)
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(_run(loaded, output_type="np", num_inference_steps=2), expected)

@@ -1,0 +1,128 @@
+"""sample.py end to end on a tiny saved pipeline: file count, resume, the grid/npz, and a two-process split."""
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_pipeline import tiny_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "sample.py"
+
+
+def _load_sample_module():
+    spec = importlib.util.spec_from_file_location("sample_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sample = _load_sample_module()
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pipeline")
+    tiny_pipeline(num_class_embeds=3).save_pretrained(path)
+    return str(path)
+
+
+def _args(pipeline_dir, out, n, *extra):
+    return [pipeline_dir, "--output_dir", str(out), "--num_images", str(n), "--num_inference_steps", "2",
+            "--batch_size", "3", "--seed", "7", *extra]
+
+
+def _pixels(out, i):
+    return np.asarray(Image.open(Path(out) / "images" / f"{i:06d}.png"), dtype=np.int16)
+
+
+def test_writes_n_files_grid_npz_and_resumes(pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert sample.main(_args(pipeline_dir, out, 5, "--npz")) == 0
+    files = sorted(os.listdir(out / "images"))
+    assert files == [f"{i:06d}.png" for i in range(5)]
+    assert Image.open(out / "images" / files[0]).size == (16, 16)
+    assert Image.open(out / "grid.png").size == (3 * 16, 2 * 16)
+    npz = np.load(out / "samples.npz")["arr_0"]
+    assert npz.shape == (5, 16, 16, 3) and npz.dtype == np.uint8
+    np.testing.assert_array_equal(npz[3], _pixels(out, 3))
+    stats = json.loads((out / "sample_stats.json").read_text())
+    assert stats["num_images"] == 5 and stats["sampler"] == "ddim" and stats["images_per_s"] > 0
+
+    # Resume: delete two images, ask for seven; only the missing and the new ones are produced.
+    before = {i: (out / "images" / f"{i:06d}.png").stat().st_mtime_ns for i in (0, 2, 4)}
+    kept = _pixels(out, 0)
+    os.remove(out / "images" / "000001.png")
+    os.remove(out / "images" / "000003.png")
+    capsys.readouterr()
+    assert sample.main(_args(pipeline_dir, out, 7)) == 0
+    assert "wrote 4 images, skipped 3" in capsys.readouterr().out
+    assert len(os.listdir(out / "images")) == 7
+    assert {i: (out / "images" / f"{i:06d}.png").stat().st_mtime_ns for i in (0, 2, 4)} == before
+    np.testing.assert_array_equal(_pixels(out, 0), kept)
+    np.testing.assert_array_equal(_pixels(out, 3), npz[3])
+
+
+def test_image_depends_on_index_and_seed_not_on_batching(pipeline_dir, tmp_path):
+    assert sample.main(_args(pipeline_dir, tmp_path / "a", 4)) == 0
+    assert sample.main(_args(pipeline_dir, tmp_path / "b", 4, "--batch_size", "1")) == 0
+    assert sample.main(_args(pipeline_dir, tmp_path / "c", 1, "--seed", "8")) == 0
+    for i in range(4):
+        # Batched and single-image runs may differ in the last float bit, so allow one grey level.
+        assert np.abs(_pixels(tmp_path / "a", i) - _pixels(tmp_path / "b", i)).max() <= 1
+    assert np.abs(_pixels(tmp_path / "a", 0) - _pixels(tmp_path / "a", 1)).max() > 8
+    assert np.abs(_pixels(tmp_path / "a", 0) - _pixels(tmp_path / "c", 0)).max() > 8
+
+
+def test_class_labels_and_samplers(pipeline_dir, tmp_path):
+    assert sample.main(_args(pipeline_dir, tmp_path / "one", 2, "--class_labels", "2", "--sampler", "euler")) == 0
+    assert sample.main(_args(pipeline_dir, tmp_path / "all", 2, "--sampler", "euler")) == 0
+    # Index 0 is class 0 by default and class 2 when asked; index 1 uses the same noise with classes 1 and 2.
+    assert np.abs(_pixels(tmp_path / "one", 0) - _pixels(tmp_path / "all", 0)).max() > 0
+    assert sample.index_seed(7, 1) != sample.index_seed(7, 2) != sample.index_seed(8, 1)
+    assert sample.class_label_for(5, None, 3) == 2 and sample.class_label_for(5, [4, 1], 6) == 1
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--class_labels", "x"], "--class_labels"),
+        (["--class_labels", "3"], r"lie in \[0, 3\)"),
+        (["--num_inference_steps", "0"], "num_inference_steps"),
+    ],
+)
+def test_user_mistakes_exit_with_one_line(pipeline_dir, tmp_path, capsys, extra, message):
+    assert sample.main(_args(pipeline_dir, tmp_path / "x", 2, *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert re.search(message, err)
+
+
+def test_missing_source_is_a_one_line_error(tmp_path, capsys):
+    assert sample.main([str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "o")]) == 2
+    assert "neither a pipeline folder nor a training checkpoint" in capsys.readouterr().err
+
+
+def test_two_processes_split_the_indices_without_overlap(pipeline_dir, tmp_path):
+    out = tmp_path / "split"
+    # accelerate runs several CPU processes through its multi-GPU launcher (torchrun) when told to use the CPU.
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(SCRIPT), *_args(pipeline_dir, out, 5)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "process 0: wrote 3 images" in result.stdout and "process 1: wrote 2 images" in result.stdout
+    assert sorted(os.listdir(out / "images")) == [f"{i:06d}.png" for i in range(5)]
+    assert sample.main(_args(pipeline_dir, tmp_path / "single", 5)) == 0
+    for i in range(5):
+        assert np.abs(_pixels(out, i) - _pixels(tmp_path / "single", i)).max() <= 1

