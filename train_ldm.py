@@ -1,0 +1,397 @@
+#!/usr/bin/env python
+"""Train a DCNv4 U-Net or its conv baseline on cached VAE latents with accelerate, resumably.
+
+Run with no arguments to train the embedded CPU example; `accelerate launch train_ldm.py --config ...` for real runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from unet_dcnv4.training import (
+    ARCHITECTURE_KEYS, NoiseGenerator, TrainConfig, config_to_dict, config_to_yaml, load_config, parse_overrides,
+    read_checkpoint_state, resolve_resume_checkpoint, save_checkpoint, unet_options,
+)
+
+# The flags with the names the diffusers training scripts use; any other key goes through --set key=value.
+NAMED_FLAGS = ("output_dir", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit",
+               "resume_from_checkpoint", "seed", "mixed_precision", "gradient_accumulation_steps")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite and the config does not allow skipping such steps."""
+
+
+def parse_args(argv: list[str] | None) -> tuple[TrainConfig, bool]:
+    """Resolves the config from the command line; returns (config, dry_run). Raises ValueError on bad keys/values."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="YAML file of config keys over the defaults (configs/*.yaml)")
+    parser.add_argument("--output_dir", default=None)
+    parser.add_argument("--max_train_steps", type=int, default=None)
+    parser.add_argument("--checkpointing_steps", type=int, default=None)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
+    parser.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--mixed_precision", default=None, help="no, fp16 or bf16")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=None)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key (value read as YAML); repeatable")
+    parser.add_argument("--dry_run", action="store_true", help="print the resolved config and stop")
+    args = parser.parse_args(argv)
+    overrides = parse_overrides(args.overrides)
+    overrides.update({k: getattr(args, k) for k in NAMED_FLAGS if getattr(args, k) is not None})
+    return load_config(args.config, overrides), args.dry_run
+
+
+def build_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir,
+                                            logging_dir=os.path.join(cfg.output_dir, "logs")),
+        # A seeded sampler whose epoch we set: the data order is a function of (seed, epoch) alone.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+    )
+
+
+def prepare_latents(cfg: TrainConfig, accelerator):
+    """Encodes the dataset once (cached, keyed by data, resolution and VAE); returns (LatentDataset, vae, vae_id)."""
+    from unet_dcnv4.data import LatentDataset, build_image_dataset, build_latent_cache
+    from unet_dcnv4.vae import builtin_vae, load_vae
+
+    if cfg.vae is None:
+        # Trains and caches the small VAE on first use: once, on the main process.
+        with accelerator.main_process_first():
+            vae_id = builtin_vae()
+    else:
+        # A local folder is recorded absolute, so that a checkpoint finds it from any working directory.
+        vae_id = os.path.abspath(cfg.vae) if os.path.isdir(cfg.vae) else cfg.vae
+    vae = load_vae(vae_id, subfolder=cfg.vae_subfolder).to(accelerator.device)
+    vae.requires_grad_(False)
+    dataset = build_image_dataset(cfg.data_source, resolution=cfg.resolution, class_labels=cfg.class_conditional)
+    cache_dir = cfg.latent_cache_dir or os.path.join(cfg.output_dir, "latent_cache")
+    cache_dir = build_latent_cache(dataset, vae, cache_dir, cfg.resolution, vae_id, batch_size=cfg.encode_batch_size,
+                                   accelerator=accelerator, flips=cfg.flips)
+    latents = LatentDataset(cache_dir)
+    if cfg.class_conditional and latents.num_classes < 1:
+        raise ValueError(f"class_conditional is true, but data_source {cfg.data_source!r} has no class labels "
+                         "(a folder needs one sub-folder per class)")
+    return latents, vae, vae_id
+
+
+def build_model(cfg: TrainConfig, latent_shape: tuple[int, int, int], num_classes: int):
+    """The U-Net for latents of shape (c, h, w): `cfg.model_type` picks DCNv4 or conv, all else identical."""
+    from unet_dcnv4.unet import build_unet
+
+    c, h, w = latent_shape
+    if h != w:
+        raise ValueError(f"latents must be square, got latent_shape {latent_shape}")
+    return build_unet(cfg.model_type, cfg.model_size, sample_size=h, in_channels=c,
+                      num_class_embeds=num_classes if cfg.class_conditional else None, **unet_options(cfg))
+
+
+def compute_loss(model, noise_scheduler, batch: dict, generator: torch.Generator, prediction_type: str,
+                 class_conditional: bool) -> torch.Tensor:
+    """The denoising loss of one micro-batch.
+
+    Args:
+        model: the (wrapped) U-Net.
+        noise_scheduler: the training `DDPMScheduler`.
+        batch: {"mean": (B, c, h, w), "std": (B, c, h, w), "class_labels": (B,)} on the model's device.
+        generator: draws the latent sample, the timesteps and the diffusion noise (its state is checkpointed).
+        prediction_type: "epsilon" or "v_prediction".
+        class_conditional: pass the class labels to the model.
+
+    Returns:
+        The scalar fp32 MSE between the model output and its target.
+    """
+    from unet_dcnv4.data import sample_latents
+
+    latents = sample_latents(batch["mean"], batch["std"], generator=generator)  # (B, c, h, w)
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                              generator=generator, device=latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)  # (B, c, h, w)
+    target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+    labels = batch["class_labels"] if class_conditional else None
+    pred = model(noisy, timesteps, class_labels=labels).sample  # (B, c, h, w)
+    return F.mse_loss(pred.float(), target.float())
+
+
+def save_sample_grid(pipe, cfg: TrainConfig, num_classes: int, path: Path) -> np.ndarray:
+    """Samples `cfg.num_samples` images with fixed seeds, saves them as one PNG grid; returns the grid (H, W, 3) uint8."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    generator = torch.Generator("cpu").manual_seed(cfg.seed)
+    labels = [i % num_classes for i in range(cfg.num_samples)] if cfg.class_conditional else None
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=cfg.num_samples, generator=generator, num_inference_steps=cfg.sample_inference_steps,
+                  class_labels=labels, output_type="np").images  # (B, H, W, 3) in [0, 1]
+    nrow = max(1, int(math.sqrt(cfg.num_samples)))
+    grid = make_grid(torch.from_numpy(images).permute(0, 3, 1, 2), nrow=nrow, padding=2)  # (3, H', W')
+    grid = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+    return grid
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated CUDA memory, or the peak resident set size of this process on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _hparams(cfg: TrainConfig) -> dict:
+    """The config in the scalar types TensorBoard's hparams accept."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config_to_dict(cfg).items()}
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Runs (or resumes) the training described by `cfg`; returns the statistics written to train_stats.json."""
+    from accelerate.utils import set_seed
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    from pipelines import LatentDiffusionPipeline, make_scheduler
+
+    wall_start = time.perf_counter()
+    output_dir = Path(cfg.output_dir)
+    checkpoints_dir = output_dir / "checkpoints"
+    accelerator = build_accelerator(cfg)
+    device = accelerator.device
+    is_main = accelerator.is_main_process
+
+    resume_dir = resolve_resume_checkpoint(cfg.resume_from_checkpoint, checkpoints_dir)
+    if resume_dir is not None:
+        old_cfg, _ = read_checkpoint_state(resume_dir)
+        changed = [k for k in ARCHITECTURE_KEYS if getattr(old_cfg, k) != getattr(cfg, k)]
+        if changed:
+            raise ValueError(f"resume_from_checkpoint {str(resume_dir)!r} was trained with different "
+                             + ", ".join(f"{k} ({getattr(old_cfg, k)!r}, now {getattr(cfg, k)!r})" for k in changed))
+    if is_main:
+        print(config_to_yaml(cfg), end="")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    if device.type == "cuda" and cfg.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # 1. Data: latents cached once, a fresh latent drawn from the posterior every step.
+    latents, vae, vae_id = prepare_latents(cfg, accelerator)
+    dataloader = torch.utils.data.DataLoader(latents, batch_size=cfg.train_batch_size, shuffle=True, drop_last=True,
+                                             num_workers=cfg.dataloader_num_workers)
+    global_batch = cfg.train_batch_size * accelerator.num_processes
+    if len(latents) < global_batch:
+        raise ValueError(f"train_batch_size {cfg.train_batch_size} x {accelerator.num_processes} processes needs at "
+                         f"least {global_batch} latents, the dataset has {len(latents)}")
+
+    # 2. Model, noise schedule, optimiser, EMA. Seeded here: building the latent cache (or finding it built)
+    # must not change the initial weights.
+    set_seed(cfg.seed)
+    model = build_model(cfg, latents.latent_shape, latents.num_classes)
+    num_parameters = sum(p.numel() for p in model.parameters())
+    if device.type == "cuda" and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                                    beta_start=cfg.beta_start, beta_end=cfg.beta_end,
+                                    prediction_type=cfg.prediction_type)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    # Stepped once per optimizer step on every process (not prepared, so it never scales with the process count).
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=cfg.max_train_steps)
+    if cfg.torch_compile:
+        model = torch.compile(model)
+    model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    custom_objects = []
+    if cfg.use_ema:
+        ema = EMAModel(unwrapped.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True,
+                       inv_gamma=cfg.ema_inv_gamma, power=cfg.ema_power)
+        ema.to(device)
+        accelerator.register_for_checkpointing(ema)
+        custom_objects.append("ema")
+    rng = NoiseGenerator(cfg.seed, device, accelerator.process_index, accelerator.num_processes)
+    accelerator.register_for_checkpointing(lr_scheduler, rng)
+    custom_objects += ["lr_scheduler", "rng"]
+
+    global_step = 0
+    if resume_dir is not None:
+        accelerator.print(f"Resuming from {resume_dir}")
+        accelerator.load_state(str(resume_dir))
+        global_step = read_checkpoint_state(resume_dir)[1]["step"]
+    elif cfg.resume_from_checkpoint == "latest":
+        accelerator.print(f"No complete checkpoint in {checkpoints_dir}; starting a new run")
+
+    scaling_factor, shift_factor = latents.scaling_factor, latents.shift_factor
+    # The saved VAE must undo the scaling the latents were trained with (the pipeline divides by it).
+    vae.register_to_config(scaling_factor=scaling_factor, shift_factor=shift_factor)
+    run_state = {"vae": vae_id, "vae_subfolder": cfg.vae_subfolder, "scaling_factor": scaling_factor,
+                 "shift_factor": shift_factor, "latent_shape": list(latents.latent_shape),
+                 "num_classes": latents.num_classes, "custom_objects": custom_objects,
+                 "train_scheduler_config": dict(noise_scheduler.config), "num_processes": accelerator.num_processes}
+
+    def checkpoint(step: int) -> Path:
+        return save_checkpoint(accelerator, checkpoints_dir, step, cfg, dict(run_state, step=step),
+                               total_limit=cfg.checkpoints_total_limit)
+
+    def sampling_pipeline():
+        return LatentDiffusionPipeline(unet=unwrapped, vae=vae,
+                                       scheduler=make_scheduler(cfg.sample_scheduler, noise_scheduler.config))
+
+    def sample(step: int) -> None:
+        if is_main:
+            if cfg.use_ema:
+                ema.store(unwrapped.parameters())
+                ema.copy_to(unwrapped.parameters())
+            unwrapped.eval()
+            grid = save_sample_grid(sampling_pipeline(), cfg, latents.num_classes,
+                                    output_dir / "samples" / f"step-{step:07d}.png")
+            unwrapped.train()
+            if cfg.use_ema:
+                ema.restore(unwrapped.parameters())
+            accelerator.get_tracker("tensorboard").log_images({"samples": grid[None]}, step=step,
+                                                               dataformats="NHWC")
+        accelerator.wait_for_everyone()
+
+    # 3. Data order: batch b of the run is batch (b mod len) of epoch (b div len); resume skips what was consumed.
+    def batches(start: int):
+        epoch, skip = divmod(start, len(dataloader))
+        while True:
+            dataloader.set_epoch(epoch)
+            loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+            yield from loader
+            epoch, skip = epoch + 1, 0
+
+    accelerator.init_trackers("train_ldm", config=_hparams(cfg))
+    progress = tqdm(total=cfg.max_train_steps, initial=global_step, desc="train", disable=not is_main)
+    data = batches(global_step * cfg.gradient_accumulation_steps)
+    images_per_step = global_batch * cfg.gradient_accumulation_steps
+    steps_this_run, timed_steps, timed_seconds, skipped_steps = 0, 0, 0.0, 0
+    last_loss = float("nan")
+    last_checkpoint = resume_dir
+    model.train()
+
+    # 4. The loop: one iteration is one optimizer step over gradient_accumulation_steps micro-batches.
+    while global_step < cfg.max_train_steps:
+        step_start = time.perf_counter()
+        micro_losses = []
+        for micro in range(cfg.gradient_accumulation_steps):
+            batch = next(data)
+            last_micro = micro == cfg.gradient_accumulation_steps - 1
+            # Gradients are all-reduced only on the last micro-batch of the step.
+            with nullcontext() if last_micro else accelerator.no_sync(model):
+                loss = compute_loss(model, noise_scheduler, batch, rng.generator, cfg.prediction_type,
+                                    cfg.class_conditional)
+                accelerator.backward(loss / cfg.gradient_accumulation_steps)
+            micro_losses.append(loss.detach())
+        step_loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        finite = math.isfinite(step_loss)
+        if not finite and not cfg.skip_nonfinite_steps:
+            where = f"resume from {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+            progress.close()
+            accelerator.end_training()
+            raise NonFiniteLossError(f"loss is {step_loss} at step {global_step + 1}; stopping ({where}; "
+                                     "set skip_nonfinite_steps: true to skip such steps)")
+        # fp16's grad scaler skips steps with non-finite gradients itself and must see them to lower its scale.
+        if finite or cfg.mixed_precision == "fp16":
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr_scheduler.step()
+        if finite:
+            if cfg.use_ema:
+                ema.step(unwrapped.parameters())
+            last_loss = step_loss
+        else:
+            skipped_steps += 1
+            accelerator.print(f"skipping step {global_step + 1}: loss is {step_loss} ({skipped_steps} skipped)")
+        global_step += 1
+        steps_this_run += 1
+        step_seconds = time.perf_counter() - step_start
+        if steps_this_run > 1:
+            # The first step of a process pays for warm-up (allocations, compilation): not timed.
+            timed_steps, timed_seconds = timed_steps + 1, timed_seconds + step_seconds
+        images_per_s = images_per_step * timed_steps / timed_seconds if timed_seconds else float("nan")
+        progress.update(1)
+        progress.set_postfix(loss=f"{step_loss:.4f}", img_s=f"{images_per_s:.1f}")
+
+        if global_step % cfg.log_every_steps == 0 or global_step == cfg.max_train_steps or not finite:
+            accelerator.log({"train/loss": step_loss, "train/lr": lr_scheduler.get_last_lr()[0],
+                             "train/images_per_s": images_per_s, "train/grad_norm": float(grad_norm),
+                             "train/skipped_steps": skipped_steps}, step=global_step)
+        if global_step % cfg.checkpointing_steps == 0 or global_step == cfg.max_train_steps:
+            last_checkpoint = checkpoint(global_step)
+        if cfg.sample_every_steps and global_step % cfg.sample_every_steps == 0:
+            sample(global_step)
+    progress.close()
+
+    # 5. The pipeline folder (EMA weights) and the run's statistics.
+    stats = {
+        "steps": global_step,
+        "images_per_s": images_per_step * timed_steps / timed_seconds if timed_seconds else None,
+        "final_loss": last_loss,
+        "parameters": num_parameters,
+        "wall_time_s": time.perf_counter() - wall_start,
+        "peak_memory_mb": peak_memory_mb(device),
+        "peak_memory_kind": "cuda_allocated" if device.type == "cuda" else "cpu_max_rss",
+        "skipped_steps": skipped_steps,
+        "model_type": cfg.model_type,
+        "model_size": cfg.model_size,
+        "mixed_precision": cfg.mixed_precision,
+        "num_processes": accelerator.num_processes,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
+    accelerator.wait_for_everyone()
+    if is_main:
+        if cfg.use_ema:
+            ema.copy_to(unwrapped.parameters())
+        sampling_pipeline().save_pretrained(output_dir / "pipeline")
+        (output_dir / "train_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        print(f"Outputs in {output_dir.resolve()}: pipeline/ (EMA U-Net + VAE + scheduler), checkpoints/, "
+              f"samples/, logs/ (TensorBoard), train_stats.json, config.yaml")
+    accelerator.end_training()
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, dry_run = parse_args(argv)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"train_ldm.py: error: {err}", file=sys.stderr)
+        return 2
+    if dry_run:
+        print(config_to_yaml(cfg), end="")
+        return 0
+    try:
+        train(cfg)
+    except NonFiniteLossError as err:
+        print(f"train_ldm.py: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as err:
+        print(f"train_ldm.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,445 @@
+"""Training configuration and the reusable parts of `train_ldm.py`: the config dataclass and its YAML/CLI
+loading, atomic checkpoints, seeded noise generators that resume exactly, and a pipeline from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+__all__ = [
+    "TrainConfig", "load_config", "validate_config", "config_to_dict", "config_to_yaml", "parse_overrides",
+    "list_checkpoints", "latest_checkpoint", "resolve_resume_checkpoint", "prune_checkpoints", "save_checkpoint",
+    "read_checkpoint_state", "NoiseGenerator", "pipeline_from_checkpoint", "unet_options", "CHECKPOINT_PREFIX",
+    "ARCHITECTURE_KEYS",
+]
+
+CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_STATE_FILE = "training_state.json"
+CHECKPOINT_CONFIG_FILE = "config.yaml"
+
+MODEL_TYPES = ("dcnv4", "conv")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+SAMPLE_SCHEDULERS = ("ddim", "dpmsolver++", "euler")
+# Fields that change the model or its checkpointed state: a resumed run must keep them.
+ARCHITECTURE_KEYS = ("model_type", "model_size", "dcnv4_options", "class_conditional",
+                     "use_ema", "data_source", "resolution", "vae", "vae_subfolder")
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a latent-diffusion training run. The defaults train the embedded CPU example."""
+
+    # Output and run control.
+    output_dir: str = "outputs/ldm_default"
+    seed: int = 0
+    max_train_steps: int = 300
+    checkpointing_steps: int = 100
+    checkpoints_total_limit: int | None = 3
+    resume_from_checkpoint: str | None = None
+    log_every_steps: int = 10
+
+    # Data: images -> VAE -> cached latents (mean and std of the posterior, flips included).
+    data_source: str = "builtin"
+    resolution: int = 32
+    class_conditional: bool = False
+    flips: bool = True
+    vae: str | None = None  # path or hub id of an AutoencoderKL; None uses the built-in small VAE
+    vae_subfolder: str | None = None
+    latent_cache_dir: str | None = None  # None: <output_dir>/latent_cache
+    encode_batch_size: int = 32
+    dataloader_num_workers: int = 0
+
+    # Model: the one switch between the DCNv4 U-Net and the conv baseline.
+    model_type: str = "dcnv4"
+    model_size: str = "tiny"  # a key of unet_dcnv4.unet.UNET_SIZES
+    dcnv4_options: dict = field(default_factory=dict)  # DCNv4 fields (group_channels, ...), ignored for conv
+
+    # Diffusion.
+    prediction_type: str = "epsilon"
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+
+    # Optimisation.
+    train_batch_size: int = 32  # per process
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "constant_with_warmup"
+    lr_warmup_steps: int = 20
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.0
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    skip_nonfinite_steps: bool = False
+
+    # EMA of the weights (diffusers EMAModel with warmup: decay = 1 - (1 + step / inv_gamma) ** -power).
+    use_ema: bool = True
+    ema_max_decay: float = 0.9999
+    ema_inv_gamma: float = 1.0
+    ema_power: float = 0.75
+
+    # Hardware.
+    mixed_precision: str = "no"
+    allow_tf32: bool = True
+    channels_last: bool = True
+    torch_compile: bool = False
+
+    # Sample grids from the EMA weights during training.
+    sample_every_steps: int = 100  # 0 disables
+    num_samples: int = 16
+    sample_inference_steps: int = 25
+    sample_scheduler: str = "ddim"
+
+
+def _field_types() -> dict[str, tuple[type, ...]]:
+    """The accepted Python types of every field, from the dataclass annotations."""
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        hint = hints[f.name]
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+            out[f.name] = tuple(typing.get_args(hint))
+        else:
+            out[f.name] = (typing.get_origin(hint) or hint,)
+    return out
+
+
+def _coerce(key: str, value, accepted: tuple[type, ...]):
+    """Returns value as one of the accepted types or raises a ValueError naming the key."""
+    if value is None and type(None) in accepted:
+        return None
+    if isinstance(value, bool):
+        if bool in accepted:
+            return value
+    elif float in accepted and isinstance(value, (int, float)):
+        return float(value)
+    elif isinstance(value, accepted):
+        return value
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in accepted)
+    raise ValueError(f"config key '{key}' must be {names}, got {value!r}")
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Checks the types and ranges of every field; raises ValueError naming the key, the value and what was expected."""
+
+    def choice(key, options):
+        value = getattr(cfg, key)
+        if value not in options:
+            raise ValueError(f"config key '{key}' must be one of {', '.join(options)}, got {value!r}")
+
+    def at_least(key, low):
+        value = getattr(cfg, key)
+        if value is not None and value < low:
+            raise ValueError(f"config key '{key}' must be >= {low}, got {value!r}")
+
+    for key, accepted in _field_types().items():
+        setattr(cfg, key, _coerce(key, getattr(cfg, key), accepted))
+    choice("model_type", MODEL_TYPES)
+    from .unet import DCNV4_OPTIONS, UNET_SIZES
+
+    choice("model_size", tuple(UNET_SIZES))
+    unknown = sorted(set(cfg.dcnv4_options) - set(DCNV4_OPTIONS))
+    if unknown:
+        raise ValueError(f"config key 'dcnv4_options' has unknown keys {unknown}; valid: {', '.join(DCNV4_OPTIONS)}")
+    choice("mixed_precision", MIXED_PRECISIONS)
+    choice("prediction_type", PREDICTION_TYPES)
+    choice("beta_schedule", BETA_SCHEDULES)
+    choice("lr_scheduler", LR_SCHEDULERS)
+    choice("sample_scheduler", SAMPLE_SCHEDULERS)
+    for key in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "log_every_steps", "resolution",
+                "num_train_timesteps", "train_batch_size", "gradient_accumulation_steps", "num_samples",
+                "sample_inference_steps", "encode_batch_size"):
+        at_least(key, 1)
+    for key in ("seed", "lr_warmup_steps", "sample_every_steps", "dataloader_num_workers", "adam_weight_decay"):
+        at_least(key, 0)
+    for key in ("learning_rate", "max_grad_norm", "adam_epsilon", "ema_inv_gamma", "ema_power"):
+        if getattr(cfg, key) <= 0:
+            raise ValueError(f"config key '{key}' must be > 0, got {getattr(cfg, key)!r}")
+    for key in ("adam_beta1", "adam_beta2", "ema_max_decay"):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise ValueError(f"config key '{key}' must be in [0, 1), got {getattr(cfg, key)!r}")
+    if not 0 < cfg.beta_start < cfg.beta_end < 1:
+        raise ValueError(f"config keys 'beta_start' and 'beta_end' must satisfy 0 < beta_start < beta_end < 1, "
+                         f"got {cfg.beta_start!r} and {cfg.beta_end!r}")
+    if not cfg.output_dir:
+        raise ValueError("config key 'output_dir' must be a non-empty path, got ''")
+
+
+def _apply(cfg: TrainConfig, values: dict, origin: str) -> None:
+    valid = [f.name for f in dataclasses.fields(TrainConfig)]
+    for key, value in values.items():
+        if key not in valid:
+            raise ValueError(f"unknown config key '{key}' in {origin}; valid keys: {', '.join(valid)}")
+        setattr(cfg, key, value)
+
+
+def parse_overrides(items: typing.Iterable[str]) -> dict:
+    """Parses ["key=value", ...] into a dict; each value is read as YAML (numbers, booleans, null, lists, dicts).
+
+    Args:
+        items: strings of the form "key=value".
+    """
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override must look like key=value, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {item!r} has a value that is not valid YAML: {err.problem}") from err
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict | typing.Iterable[str] = ()) -> TrainConfig:
+    """Resolves a TrainConfig: dataclass defaults, then the YAML file, then the overrides.
+
+    Args:
+        path: a YAML file holding a mapping of config keys (a small diff over the defaults), or None.
+        overrides: a dict of keys to values, or "key=value" strings (values read as YAML).
+
+    Returns:
+        The validated TrainConfig. Raises ValueError for unknown keys or invalid values, FileNotFoundError for a
+        missing file.
+    """
+    cfg = TrainConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {str(path)!r} must hold a mapping of keys, got {type(values).__name__}")
+        _apply(cfg, values, str(path))
+    if not isinstance(overrides, dict):
+        overrides = parse_overrides(overrides)
+    _apply(cfg, overrides, "the overrides")
+    validate_config(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    """The config as a plain dict (YAML/JSON-serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_to_yaml(cfg: TrainConfig) -> str:
+    """The config as YAML text, keys in declaration order."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def list_checkpoints(checkpoints_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints in a folder as (step, path), oldest first; unfinished `.tmp` folders are skipped."""
+    root = Path(checkpoints_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        match = re.fullmatch(re.escape(CHECKPOINT_PREFIX) + r"(\d+)", entry.name)
+        if match and entry.is_dir() and (entry / CHECKPOINT_STATE_FILE).is_file():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def latest_checkpoint(checkpoints_dir: str | os.PathLike) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    found = list_checkpoints(checkpoints_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_resume_checkpoint(value: str | None, checkpoints_dir: str | os.PathLike) -> Path | None:
+    """Maps `resume_from_checkpoint` to a checkpoint folder.
+
+    Args:
+        value: None (start fresh), "latest" (the newest complete checkpoint, None when there is none) or a path.
+        checkpoints_dir: the run's checkpoints folder, searched for "latest".
+    """
+    if value is None:
+        return None
+    if value == "latest":
+        return latest_checkpoint(checkpoints_dir)
+    path = Path(value)
+    if not (path / CHECKPOINT_STATE_FILE).is_file():
+        raise ValueError(f"resume_from_checkpoint {value!r} is not a complete checkpoint folder "
+                         f"(expected 'latest' or a folder holding {CHECKPOINT_STATE_FILE})")
+    return path
+
+
+def prune_checkpoints(checkpoints_dir: str | os.PathLike, total_limit: int | None) -> list[Path]:
+    """Deletes the oldest complete checkpoints so that at most `total_limit` remain; returns the deleted ones."""
+    if total_limit is None:
+        return []
+    found = list_checkpoints(checkpoints_dir)
+    doomed = [path for _, path in found[:max(0, len(found) - total_limit)]]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+def save_checkpoint(accelerator, checkpoints_dir: str | os.PathLike, step: int, cfg: TrainConfig, state: dict,
+                    total_limit: int | None = None) -> Path:
+    """Saves the accelerator state atomically to `<checkpoints_dir>/checkpoint-<step>`; call on every process.
+
+    Everything is written to `checkpoint-<step>.tmp` first and renamed once complete, so an interrupted save
+    never leaves a folder that `latest_checkpoint` would pick. After a successful save the oldest complete
+    checkpoints beyond `total_limit` are deleted.
+
+    Args:
+        accelerator: the run's `accelerate.Accelerator` (models, optimizer and custom objects registered).
+        checkpoints_dir: the run's checkpoints folder.
+        step: the optimizer step the state belongs to.
+        cfg: the resolved config, stored as config.yaml in the checkpoint.
+        state: JSON-serialisable facts the run needs to resume or rebuild its pipeline (step, VAE, latents).
+        total_limit: how many complete checkpoints to keep, None for all.
+
+    Returns:
+        The final checkpoint folder.
+    """
+    root = Path(checkpoints_dir)
+    final = root / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = root / f"{CHECKPOINT_PREFIX}{step}.tmp"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        # Left over from a save that was interrupted; its content is unusable.
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / CHECKPOINT_CONFIG_FILE).write_text(config_to_yaml(cfg))
+        # Written last: list_checkpoints only counts folders that hold it.
+        (tmp / CHECKPOINT_STATE_FILE).write_text(json.dumps(state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        prune_checkpoints(root, total_limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_checkpoint_state(checkpoint_dir: str | os.PathLike) -> tuple[TrainConfig, dict]:
+    """The resolved config and the training state stored in a checkpoint folder."""
+    checkpoint_dir = Path(checkpoint_dir)
+    state_file = checkpoint_dir / CHECKPOINT_STATE_FILE
+    if not state_file.is_file():
+        raise ValueError(f"checkpoint_dir {str(checkpoint_dir)!r} is not a complete checkpoint "
+                         f"(no {CHECKPOINT_STATE_FILE})")
+    values = yaml.safe_load((checkpoint_dir / CHECKPOINT_CONFIG_FILE).read_text()) or {}
+    cfg = TrainConfig()
+    _apply(cfg, values, str(checkpoint_dir / CHECKPOINT_CONFIG_FILE))
+    validate_config(cfg)
+    return cfg, json.loads(state_file.read_text())
+
+
+class NoiseGenerator:
+    """A torch.Generator per process whose state travels with `accelerator.save_state`.
+
+    Accelerate saves registered objects from the main process only, so `state_dict` gathers the state of
+    every process and `load_state_dict` hands each process its own back: a resumed multi-process run draws
+    the same latent and diffusion noise as an uninterrupted one.
+
+    Args:
+        seed: the run's seed; process `rank` seeds its generator with a value derived from (seed, rank).
+        device: where the generator draws (the accelerator's device).
+        rank: this process's index; world_size: the number of processes.
+    """
+
+    def __init__(self, seed: int, device: torch.device, rank: int = 0, world_size: int = 1):
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator(device=device)
+        # Distinct streams per process and apart from the global RNG (which accelerate's set_seed fixes).
+        self.generator.manual_seed(seed * 1_000_003 + 7919 * (rank + 1))
+
+    def state_dict(self) -> dict:
+        state = self.generator.get_state()
+        if self.world_size > 1:
+            states = [None] * self.world_size
+            torch.distributed.all_gather_object(states, state)
+        else:
+            states = [state]
+        return {"world_size": self.world_size, "states": states}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["world_size"] != self.world_size:
+            raise ValueError(f"checkpoint was written by {state['world_size']} processes, this run has "
+                             f"{self.world_size}: exact resume needs the same number of processes")
+        self.generator.set_state(state["states"][self.rank])
+
+
+def _strip_wrapper_prefixes(state_dict: dict) -> dict:
+    """Removes the key prefixes that DDP ("module.") and torch.compile ("_orig_mod.") add."""
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def pipeline_from_checkpoint(checkpoint_dir: str | os.PathLike, use_ema: bool = True):
+    """Rebuilds the latent diffusion pipeline from a checkpoint folder alone (its config and training state).
+
+    Args:
+        checkpoint_dir: a `checkpoint-<step>` folder written by train_ldm.py.
+        use_ema: take the EMA weights (the default, what samples and metrics use) instead of the raw ones.
+
+    Returns:
+        A `pipelines.LatentDiffusionPipeline` on the CPU, in eval mode, with the sampling scheduler of the config.
+    """
+    from safetensors.torch import load_file
+
+    from pipelines import LatentDiffusionPipeline, make_scheduler
+
+    from .unet import build_unet
+    from .vae import load_vae
+
+    checkpoint_dir = Path(checkpoint_dir)
+    cfg, state = read_checkpoint_state(checkpoint_dir)
+    unet = build_unet(cfg.model_type, cfg.model_size, sample_size=state["latent_shape"][1],
+                      in_channels=state["latent_shape"][0],
+                      num_class_embeds=state["num_classes"] if cfg.class_conditional else None,
+                      **unet_options(cfg))
+    unet.load_state_dict(_strip_wrapper_prefixes(load_file(checkpoint_dir / "model.safetensors")))
+    if use_ema:
+        if "ema" not in state["custom_objects"]:
+            raise ValueError(f"checkpoint_dir {str(checkpoint_dir)!r} holds no EMA weights (use_ema was false)")
+        from diffusers.training_utils import EMAModel
+
+        index = state["custom_objects"].index("ema")
+        ema_state = torch.load(checkpoint_dir / f"custom_checkpoint_{index}.pkl", map_location="cpu",
+                               weights_only=False)
+        ema = EMAModel(unet.parameters())
+        ema.load_state_dict(ema_state)
+        ema.copy_to(unet.parameters())
+    vae = load_vae(state["vae"], subfolder=state.get("vae_subfolder"))
+    vae.register_to_config(scaling_factor=state["scaling_factor"])
+    scheduler = make_scheduler(cfg.sample_scheduler, state["train_scheduler_config"])
+    pipe = LatentDiffusionPipeline(unet=unet.eval(), vae=vae.eval(), scheduler=scheduler)
+    return pipe
+
+
+def unet_options(cfg: TrainConfig) -> dict:
+    """Keyword arguments for `build_unet` beyond the shape: the DCNv4 options (the conv baseline takes none)."""
+    return dict(cfg.dcnv4_options) if cfg.model_type == "dcnv4" else {}
