@@ -211,9 +211,11 @@ def train(cfg: TrainConfig) -> dict:
     num_parameters = sum(p.numel() for p in model.parameters())
     if device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    # Latents are not bounded to [-1, 1]: clipping the predicted x0 there (diffusers' pixel-space default)
+    # would collapse the samples' variance.
     noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
                                     beta_start=cfg.beta_start, beta_end=cfg.beta_end,
-                                    prediction_type=cfg.prediction_type)
+                                    prediction_type=cfg.prediction_type, clip_sample=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     # Stepped once per optimizer step on every process (not prepared, so it never scales with the process count).

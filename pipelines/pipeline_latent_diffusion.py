@@ -44,7 +44,8 @@ def make_scheduler(name, train_scheduler_config):
             f"got {type(train_scheduler_config).__name__}"
         )
     if name == "ddim":
-        return DDIMScheduler.from_config(config)
+        # Latents are not bounded to [-1, 1]; clipping x0 there would shrink every sample towards grey.
+        return DDIMScheduler.from_config(config, clip_sample=False)
     if name == "dpmsolver++":
         return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
     if name == "euler":

@@ -103,6 +103,19 @@ def test_each_sampler_runs_and_keeps_the_training_schedule(sampler):
     np.testing.assert_array_equal(images, _run(pipe, output_type="np", num_inference_steps=4))
 
 
+def test_samplers_never_clip_latents():
+    """Latents have std ~1: clipping x0 to [-1, 1] at each step (DDPM/DDIM's pixel default) collapses samples."""
+    train = DDPMScheduler(num_train_timesteps=50)  # clip_sample=True by default
+    ddim = make_scheduler("ddim", train.config)
+    ddim.set_timesteps(5)
+    x0 = torch.full((1, 4, 2, 2), 3.0)
+    t = ddim.timesteps[0]
+    alpha = train.alphas_cumprod[t]
+    sample = alpha.sqrt() * x0  # a noise-free latent at step t, the model predicting zero noise
+    prev = ddim.step(torch.zeros_like(sample), t, sample).pred_original_sample
+    torch.testing.assert_close(prev, x0)
+
+
 def test_make_scheduler_rejects_unknown_names():
     with pytest.raises(ValueError, match="sampler name"):
         make_scheduler("heun", DDPMScheduler().config)
