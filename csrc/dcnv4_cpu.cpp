@@ -150,11 +150,7 @@ std::tuple<at::Tensor, at::Tensor> dcnv4_backward_cpu(const at::Tensor& grad_out
   const at::Tensor grad_output = grad_output_in.contiguous();
   const Params p =
       make_params(value, offset_mask, kernel_size, stride, padding, dilation, groups, offset_scale, remove_center);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({p.N, p.Ho, p.Wo, p.G * p.D}),
-              "grad_output must have the output's shape (", p.N, ", ", p.Ho, ", ", p.Wo, ", ", p.G * p.D, "), got ",
-              grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == value.scalar_type(), "grad_output must have value's dtype ",
-              value.scalar_type(), ", got ", grad_output.scalar_type());
+  check_grad_output(grad_output, value, p);
   at::Tensor grad_offset_mask = at::zeros_like(offset_mask);
   const auto acc_type = at::toOpMathType(value.scalar_type());
   at::Tensor grad_value_acc = at::zeros(value.sizes(), value.options().dtype(acc_type));

@@ -65,4 +65,15 @@ inline Params make_params(const at::Tensor& value, const at::Tensor& offset_mask
   return p;
 }
 
+// Checks the backward's incoming gradient against the forward's output shape and value's dtype/device.
+inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& value, const Params& p) {
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({p.N, p.Ho, p.Wo, p.G * p.D}),
+              "grad_output must have the output's shape (", p.N, ", ", p.Ho, ", ", p.Wo, ", ", p.G * p.D, "), got ",
+              grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == value.scalar_type(), "grad_output must have value's dtype ",
+              value.scalar_type(), ", got ", grad_output.scalar_type());
+  TORCH_CHECK(grad_output.device() == value.device(), "grad_output must be on value's device ", value.device(),
+              ", got ", grad_output.device());
+}
+
 }  // namespace dcnv4

@@ -64,13 +64,7 @@ std::tuple<at::Tensor, at::Tensor> dcnv4_backward_cuda(const at::Tensor& grad_ou
   const at::Tensor grad_output = grad_output_in.contiguous();
   const Params p =
       make_params(value, offset_mask, kernel_size, stride, padding, dilation, groups, offset_scale, remove_center);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({p.N, p.Ho, p.Wo, p.G * p.D}),
-              "grad_output must have the output's shape (", p.N, ", ", p.Ho, ", ", p.Wo, ", ", p.G * p.D, "), got ",
-              grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == value.scalar_type(), "grad_output must have value's dtype ",
-              value.scalar_type(), ", got ", grad_output.scalar_type());
-  TORCH_CHECK(grad_output.device() == value.device(), "grad_output must be on value's device ", value.device(),
-              ", got ", grad_output.device());
+  check_grad_output(grad_output, value, p);
   const DType dtype = dtype_of(value);
   const c10::cuda::CUDAGuard guard(value.device());
   const auto acc_type = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
