@@ -18,7 +18,10 @@ import torch
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CPU_SOURCES = ("ops.cpp", "dcnv4_cpu.cpp")
 CUDA_SOURCES = ("cuda/dcnv4_cuda.cpp", "cuda/dcnv4_cuda.cu")
-CXX_FLAGS = ["-O3", "-fopenmp-simd"]  # the C++ standard is the one torch asks for
+# The C++ standard is the one torch asks for. -fopenmp: at::parallel_for is a header template whose
+# OpenMP pragma only takes effect when the extension itself is compiled with OpenMP.
+CXX_FLAGS = ["-O3", "-fopenmp"]
+LD_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
 
 _loaded_path: str | None = None
@@ -103,7 +106,7 @@ def build(with_cuda: bool | None = None, verbose: bool = False) -> str:
     includes = [str(CSRC)] + (_cuda_env() if with_cuda else [])
     sources = _sources(with_cuda)
     flags = CXX_FLAGS + (["-DDCNV4_WITH_CUDA"] if with_cuda else [])
-    tag = _digest(sources, flags + (NVCC_FLAGS if with_cuda else []))
+    tag = _digest(sources, flags + LD_FLAGS + (NVCC_FLAGS if with_cuda else []))
     name = f"unet_dcnv4_{'cuda' if with_cuda else 'cpu'}_{tag}"
     folder = cache_root() / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -117,7 +120,8 @@ def build(with_cuda: bool | None = None, verbose: bool = False) -> str:
             sources=[str(s) for s in sources],
             extra_include_paths=includes,
             extra_cflags=flags,
-            extra_cuda_cflags=NVCC_FLAGS if with_cuda else None,
+            extra_ldflags=list(LD_FLAGS),  # copies: cpp_extension appends to the lists it is given
+            extra_cuda_cflags=list(NVCC_FLAGS) if with_cuda else None,
             build_directory=str(folder),
             with_cuda=with_cuda,
             is_python_module=False,
