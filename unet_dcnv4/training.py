@@ -330,9 +330,14 @@ def save_checkpoint(accelerator, checkpoints_dir: str | os.PathLike, step: int, 
         (tmp / CHECKPOINT_CONFIG_FILE).write_text(config_to_yaml(cfg))
         # Written last: list_checkpoints only counts folders that hold it.
         (tmp / CHECKPOINT_STATE_FILE).write_text(json.dumps(state, indent=2))
+        # A checkpoint of the same step (saved again after a resume) is moved aside, not deleted, until the
+        # new one is in place: a kill between the two renames loses nothing.
+        old = root / f"{CHECKPOINT_PREFIX}{step}.old"
         if final.exists():
-            shutil.rmtree(final)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
         prune_checkpoints(root, total_limit)
     accelerator.wait_for_everyone()
     return final
