@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from .reference import dcnv4_reference, output_size, pair, sampling_points
+from .reference import dcnv4_reference, output_size, pair
 
 __all__ = ["dcnv4", "dcnv4_reference", "output_size", "use_reference", "load_extension"]
 
