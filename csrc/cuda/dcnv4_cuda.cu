@@ -13,6 +13,11 @@
 
 #include "dcnv4_cuda.h"
 
+// Kernel launches go through this macro so that tests/emulator can run the kernels on a CPU.
+#ifndef DCNV4_LAUNCH
+#define DCNV4_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<(grid), (block), 0, (stream)>>>
+#endif
+
 namespace dcnv4 {
 namespace {
 
@@ -363,7 +368,7 @@ template <typename scalar_t, int V>
 cudaError_t launch_forward(const Params& p, const void* value, const void* offset_mask, void* output,
                            cudaStream_t stream) {
   const Launch l = plan(p, V);
-  forward_kernel<scalar_t, V><<<l.blocks, kThreads, 0, stream>>>(
+  DCNV4_LAUNCH(l.blocks, kThreads, stream, forward_kernel<scalar_t, V>)(
       p, static_cast<const scalar_t*>(value), static_cast<const scalar_t*>(offset_mask),
       static_cast<scalar_t*>(output), l.log2_lanes, l.chunks, l.tasks);
   return cudaGetLastError();
@@ -374,7 +379,7 @@ cudaError_t launch_backward(const Params& p, const void* grad_output, const void
                             void* grad_value_acc, void* grad_offset_mask, cudaStream_t stream) {
   using acc_t = typename Acc<scalar_t>::type;
   const Launch l = plan(p, V);
-  backward_kernel<scalar_t, V><<<l.blocks, kThreads, 0, stream>>>(
+  DCNV4_LAUNCH(l.blocks, kThreads, stream, backward_kernel<scalar_t, V>)(
       p, static_cast<const scalar_t*>(grad_output), static_cast<const scalar_t*>(value),
       static_cast<const scalar_t*>(offset_mask), static_cast<acc_t*>(grad_value_acc),
       static_cast<scalar_t*>(grad_offset_mask), l.log2_lanes, l.chunks, l.tasks);

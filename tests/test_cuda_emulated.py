@@ -1,0 +1,200 @@
+"""The CUDA kernels of csrc/cuda/dcnv4_cuda.cu run on the CPU under tests/emulator, against the float64
+reference: every thread of every block executes the kernel source as written, with real warp shuffles
+and atomics, bounds-checked loads and guard zones around the outputs. This checks indexing, the launch
+rule, the lane reductions and the vector and scalar paths on machines without a GPU; it says nothing
+about speed, and the memory model of a real GPU is not emulated (tests/test_cuda.py covers the GPU)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_cuda import BWD_TOL, CASES, FWD_TOL, call_args, make_case, rel_err
+from unet_dcnv4.ops import dcnv4_reference
+from unet_dcnv4.ops._build import CSRC, find_nvcc
+
+HERE = Path(__file__).resolve().parent / "emulator"
+GUARD = 64  # elements of sentinel before and after every output
+SENTINEL = 12345.0
+
+# The emulated shapes: those of the GPU tests, the two largest cut to a batch of 2 (the emulator runs
+# every thread of the grid on two cores).
+EMULATED = {name: dict(case, N=min(case["N"], 2)) for name, case in CASES.items()}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FLOAT64_CASES = ["7x7_D4", "1x1", "k1_D24", "stride2", "scale_D1", "far_offsets", "padded_P"]
+
+
+def cuda_include_dir() -> Path | None:
+    """The CUDA toolkit's include folder (the emulator compiles the kernels against its headers)."""
+    candidates = []
+    if find_nvcc():
+        candidates.append(Path(find_nvcc()).resolve().parents[1] / "include")
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append(Path(os.environ[var]) / "include")
+    candidates.append(Path("/usr/local/cuda/include"))
+    return next((c for c in candidates if (c / "cuda_runtime.h").exists()), None)
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    include = cuda_include_dir()
+    if include is None:
+        pytest.skip("the CUDA headers (cuda_runtime.h) are not installed")
+    from torch.utils.cpp_extension import load
+
+    build_dir = tmp_path_factory.mktemp("emulator_build")
+    return load("dcnv4_emulator", [str(HERE / "kernels.cpp")], build_directory=str(build_dir),
+                extra_include_paths=[str(CSRC), str(HERE), str(include)],
+                extra_cflags=["-O1", "-std=c++20", "-Wno-attributes"], verbose=False)
+
+
+def guarded(shape, dtype, fill, offset=0):
+    """A contiguous tensor of `shape` inside a buffer whose GUARD elements on each side hold SENTINEL;
+    `offset` extra elements in front shift its address off 16 bytes."""
+    n = int(torch.Size(shape).numel())
+    buf = torch.full((n + 2 * GUARD + offset,), SENTINEL, dtype=dtype)
+    view = buf[GUARD + offset: GUARD + offset + n].view(shape)
+    view.fill_(fill)
+    return buf, view
+
+
+def assert_guards_intact(buf, view):
+    start = view.storage_offset()
+    before, after = buf[:start], buf[start + view.numel():]
+    assert (before == SENTINEL).all() and (after == SENTINEL).all(), "a kernel wrote outside its output"
+
+
+def placed(t, offset=0):
+    """A copy of t at `offset` elements past a 16-byte boundary."""
+    buf = torch.empty(t.numel() + offset, dtype=t.dtype)
+    view = buf[offset:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def emulated_forward(emu, value, om, kwargs):
+    Ho, Wo = om.shape[1:3]
+    buf, out = guarded((value.shape[0], Ho, Wo, value.shape[3]), value.dtype, float("nan"))
+    err = emu.forward(value, om, out, *call_args(kwargs))
+    assert err == "", err
+    assert_guards_intact(buf, out)
+    return out
+
+
+def emulated_backward(emu, grad_out, value, om, kwargs):
+    """As the CUDA binding does it: atomics into a zeroed float32 (float64) buffer, converted after."""
+    acc_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
+    acc_buf, acc = guarded(value.shape, acc_dtype, 0.0)
+    gom_buf, gom = guarded(om.shape, om.dtype, float("nan"))
+    err = emu.backward(grad_out, value, om, acc, gom, *call_args(kwargs))
+    assert err == "", err
+    assert_guards_intact(acc_buf, acc)
+    assert_guards_intact(gom_buf, gom)
+    return acc.to(value.dtype), gom
+
+
+def used_channels(kwargs):
+    return 3 * kwargs["groups"] * (kwargs["kernel_size"][0] * kwargs["kernel_size"][1] - int(kwargs["remove_center"]))
+
+
+def check_forward(emu, case, dtype, seed):
+    value, om, kwargs = make_case(**case, seed=seed)
+    value, om = value.to(dtype), om.to(dtype)
+    ref = dcnv4_reference(value.double(), om.double(), **kwargs)
+    out = emulated_forward(emu, value, om, kwargs)
+    if ref.numel():
+        assert torch.isfinite(out).all(), "unwritten (NaN) output elements"
+        assert rel_err(out, ref) < FWD_TOL[dtype]
+
+
+def check_backward(emu, case, dtype, seed):
+    value, om, kwargs = make_case(**case, seed=seed)
+    value, om = value.to(dtype), om.to(dtype)
+    value64, om64 = value.double().requires_grad_(), om.double().requires_grad_()
+    ref = dcnv4_reference(value64, om64, **kwargs)
+    grad_out = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(dtype)
+    gv, gom = emulated_backward(emu, grad_out, value, om, kwargs)
+    used = used_channels(kwargs)
+    assert torch.isfinite(gom[..., :used]).all(), "unwritten (NaN) offset_mask gradient elements"
+    assert torch.isnan(gom[..., used:]).all(), "the kernel must leave the padding channels to the binding"
+    if ref.numel() == 0:
+        return
+    ref_gv, ref_gom = torch.autograd.grad(ref, (value64, om64), grad_out.double())
+    assert rel_err(gv, ref_gv) < BWD_TOL[dtype]
+    assert rel_err(gom[..., :used], ref_gom[..., :used]) < BWD_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
+@pytest.mark.parametrize("case", list(EMULATED), ids=str)
+def test_emulated_forward_matches_reference(emu, case, dtype):
+    check_forward(emu, EMULATED[case], dtype, seed=2 * list(EMULATED).index(case))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
+@pytest.mark.parametrize("case", list(EMULATED), ids=str)
+def test_emulated_backward_matches_reference(emu, case, dtype):
+    check_backward(emu, EMULATED[case], dtype, seed=2 * list(EMULATED).index(case) + 1)
+
+
+@pytest.mark.parametrize("case", FLOAT64_CASES, ids=str)
+def test_emulated_float64(emu, case):
+    check_forward(emu, EMULATED[case], torch.float64, seed=40 + FLOAT64_CASES.index(case))
+    check_backward(emu, EMULATED[case], torch.float64, seed=50 + FLOAT64_CASES.index(case))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_emulated_vector_and_scalar_paths(emu, dtype):
+    """Aligned inputs with whole 16-byte chunks take the vector path (16-byte loads, and float4 atomics
+    for the float32 buffer); a value one element off 16 bytes takes the scalar path, same results."""
+    value, om, kwargs = make_case(N=2, H=6, W=5, G=2, D=16, seed=9)
+    value, om = value.to(dtype), om.to(dtype)
+    grad_out = torch.randn(2, 6, 5, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
+    ref = dcnv4_reference(value.double(), om.double(), **kwargs)
+
+    out = emulated_forward(emu, value, om, kwargs)
+    c = emu.counters()
+    assert c["loads16"] > 0
+    gv, gom = emulated_backward(emu, grad_out, value, om, kwargs)
+    c = emu.counters()
+    assert c["loads16"] > 0 and c["atomics16"] > 0 and c["atomics_scalar"] == 0, c
+
+    shifted = placed(value, offset=1)
+    assert shifted.data_ptr() % 16 != 0
+    out_s = emulated_forward(emu, shifted, om, kwargs)
+    assert emu.counters()["loads16"] == 0
+    gv_s, gom_s = emulated_backward(emu, placed(grad_out), shifted, om, kwargs)
+    c = emu.counters()
+    assert c["loads16"] == 0 and c["atomics16"] == 0 and c["atomics_scalar"] > 0, c
+
+    assert rel_err(out_s, ref) < FWD_TOL[dtype] and rel_err(out, ref) < FWD_TOL[dtype]
+    assert rel_err(gv_s, gv) < BWD_TOL[dtype] and rel_err(gom_s, gom) < BWD_TOL[dtype]
+
+
+def test_emulated_offset_mask_gradient_is_deterministic(emu):
+    """grad_offset_mask is written without atomics: two runs agree bit for bit."""
+    value, om, kwargs = make_case(N=2, H=7, W=6, G=2, D=16, seed=4)
+    value, om = value.float(), om.float()
+    grad_out = torch.randn(2, 7, 6, 32, generator=torch.Generator().manual_seed(2))
+    _, gom_a = emulated_backward(emu, grad_out, value, om, kwargs)
+    _, gom_b = emulated_backward(emu, grad_out, value, om, kwargs)
+    assert torch.equal(gom_a, gom_b)
+
+
+def test_emulator_runs_warp_shuffles(emu):
+    err, out = emu.selftest("shuffle_sum", 20000)
+    assert err == ""
+    assert out == [float(sum(range(32)) + 32 * 32 * (t // 32 % 2)) for t in range(128)]
+
+
+@pytest.mark.parametrize("which, message", [("divergent_shuffle", "deadlock"),
+                                            ("out_of_bounds", "outside every registered buffer"),
+                                            ("misaligned_vector", "not 16-byte aligned")])
+def test_emulator_reports_broken_kernels(emu, which, message):
+    """The checks the kernel tests rely on do fire: a lane that skips a shuffle, a read past a buffer
+    and a misaligned 16-byte load are each reported."""
+    err, _ = emu.selftest(which, 500)
+    assert message in err
