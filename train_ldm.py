@@ -208,6 +208,8 @@ def train(cfg: TrainConfig) -> dict:
     # must not change the initial weights.
     set_seed(cfg.seed)
     model = build_model(cfg, latents.latent_shape, latents.num_classes)
+    if cfg.recompute_value and cfg.model_type == "dcnv4":
+        model.enable_value_recompute()
     num_parameters = sum(p.numel() for p in model.parameters())
     if device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

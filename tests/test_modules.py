@@ -104,6 +104,75 @@ def test_autocast_hands_the_op_one_dtype(dtype, without_pointwise):
     torch.testing.assert_close(y.float(), m(x), rtol=0.1, atol=0.1)
 
 
+def _saved_storages(fn, exclude) -> dict[int, tuple]:
+    """Distinct storages autograd keeps for the backward while fn() runs: data_ptr -> (shape, dtype)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            seen[t.untyped_storage().data_ptr()] = (tuple(t.shape), t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return seen
+
+
+def test_autocast_keeps_one_half_precision_copy_of_the_input():
+    """Both projections read one cast of a float32 input, so the backward keeps one copy, not two."""
+    m = DCNv4(16, in_channels=24)
+    x = torch.randn(2, 5, 6, 24, requires_grad=True)
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m(x)
+
+    saved = _saved_storages(forward, exclude=[x, *m.parameters()])
+    input_copies = [v for v in saved.values() if v[0][-1] == 24 and v[1] == torch.bfloat16 and len(v[0]) > 1
+                    and math.prod(v[0]) == x.numel()]
+    assert len(input_copies) == 1, saved
+
+
+# The checkpoint warns that saved-tensor hooks may see the tensors it keeps in future releases: those
+# are the op's outputs, which output_proj keeps (and the hook sees) as well.
+@pytest.mark.filterwarnings("ignore:A saved_tensors_hooks context:FutureWarning")
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_recompute_value_is_exact_and_keeps_less(autocast):
+    """recompute_value gives bit-identical outputs and gradients and keeps no copy of value."""
+    torch.manual_seed(0)
+    plain = DCNv4Conv2d(16, 32)
+    _randomise(plain, scale=0.3)
+    recomputing = DCNv4Conv2d(16, 32, recompute_value=True)
+    recomputing.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 16, 7, 5, requires_grad=True)
+    results, saved = [], []
+    for m in (plain, recomputing):
+        x.grad = None
+
+        def forward():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                return m(x)
+
+        y = forward()
+        y.float().square().sum().backward()
+        results.append([y.detach(), x.grad.clone()] + [p.grad.clone() for p in m.parameters()])
+        saved.append(_saved_storages(forward, exclude=[x, *m.parameters()]))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    value_shape = (2, 7, 5, 32)  # (N, H, W, C) out of value_proj
+    assert value_shape in [v[0] for v in saved[0].values()]
+    assert value_shape not in [v[0] for v in saved[1].values()]
+    nbytes = [sum(math.prod(shape) * dtype.itemsize for shape, dtype in s.values()) for s in saved]
+    value_bytes = math.prod(value_shape) * (2 if autocast else 4)
+    assert nbytes[0] - nbytes[1] >= value_bytes, saved
+
+
+def test_recompute_value_must_be_a_bool():
+    with pytest.raises(TypeError, match="recompute_value must be a bool"):
+        DCNv4(16, recompute_value="yes")
+
+
 def test_channels_last_input_gives_channels_last_output():
     torch.manual_seed(0)
     m = DCNv4Conv2d(16, 32)

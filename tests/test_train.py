@@ -131,6 +131,24 @@ def test_resume_is_exact(assets, straight_run, tmp_path):
     assert_same(weights(straight_run / "checkpoints" / "checkpoint-6"), weights(tmp_path / "checkpoints" / "checkpoint-6"))
 
 
+@pytest.mark.filterwarnings("ignore:A saved_tensors_hooks context:FutureWarning")
+def test_recompute_value_trains_the_same_weights(assets, straight_run, tmp_path, monkeypatch):
+    """recompute_value trades memory for a matrix multiply; the weights it trains are the same bits."""
+    import unet_dcnv4.modules
+
+    checkpointed = []
+
+    def counting_checkpoint(*a, **kw):
+        checkpointed.append(1)
+        return torch.utils.checkpoint.checkpoint(*a, **kw)
+
+    monkeypatch.setattr(unet_dcnv4.modules, "checkpoint", counting_checkpoint)
+    common = dict(gradient_accumulation_steps=2, sample_every_steps=6, num_samples=4, sample_inference_steps=2)
+    assert train_ldm.main(args(assets, tmp_path, 6, recompute_value=True, **common)) == 0
+    assert checkpointed, "the DCNv4 layers did not recompute"
+    assert_same(weights(straight_run / "checkpoints" / "checkpoint-6"), weights(tmp_path / "checkpoints" / "checkpoint-6"))
+
+
 def test_resume_refuses_a_different_model(assets, straight_run, capsys):
     before = (straight_run / "config.yaml").read_text()
     assert train_ldm.main(args(assets, straight_run, 8, model_type="conv") + ["--resume_from_checkpoint", "latest"]) == 2

@@ -25,10 +25,12 @@ between the two xavier-initialised projections, and every parameter gets a gradi
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .ops import dcnv4
 from .ops.reference import output_size, pair
@@ -81,6 +83,9 @@ class DCNv4(nn.Module):
         in_channels: input width (default C); `value_proj` and `offset_mask` read this many channels.
         out_channels: output width (default C); `output_proj` writes this many channels.
         official_init: use the official initialisation (all masks zero) instead of the box-filter start.
+        recompute_value: keep no copy of `value_proj`'s output for the backward; recompute it there (one
+            more matrix multiply per backward, C values less per pixel of activation memory). Also settable
+            later through the `recompute_value` attribute.
     """
 
     def __init__(
@@ -100,6 +105,7 @@ class DCNv4(nn.Module):
         in_channels: int | None = None,
         out_channels: int | None = None,
         official_init: bool = False,
+        recompute_value: bool = False,
     ):
         super().__init__()
         self.channels = channels
@@ -123,6 +129,9 @@ class DCNv4(nn.Module):
         self.K = self.kernel_size[0] * self.kernel_size[1] - int(remove_center)
         self.without_pointwise = without_pointwise
         self.dw_kernel_size = dw_kernel_size
+        if not isinstance(recompute_value, bool):
+            raise TypeError(f"recompute_value must be a bool, got {recompute_value!r}")
+        self.recompute_value = recompute_value
 
         if without_pointwise and (self.in_channels != channels or self.out_channels != channels):
             raise ValueError(f"without_pointwise needs in_channels == out_channels == channels ({channels}), "
@@ -176,19 +185,47 @@ class DCNv4(nn.Module):
             raise ValueError(f"x must have shape (N, H, W, {self.in_channels}), got {tuple(x.shape)}")
         N, H, W, _ = x.shape
         H_out, W_out = output_size(H, W, self.kernel_size, self.stride, self.padding, self.dilation)
-        value = x if self.without_pointwise else self.value_proj(x)  # (N, H, W, C)
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type) and x.is_floating_point() and not self.without_pointwise:
+            # Cast once for both projections: autocast would cast x for each Linear and autograd would
+            # keep both copies for the backward. (Without the projections the op samples x itself, in
+            # x's dtype.)
+            x = x.to(torch.get_autocast_dtype(device_type))
+        # One contiguous copy for all readers (NCHW input seen as NHWC is not): each Linear would make its
+        # own, and keep it for the backward.
+        x = x.contiguous()
         offset_mask = self.offset_mask(self._offset_input(x, H_out, W_out))  # (N, H_out, W_out, P)
-        # Under autocast the Linears may run in fp16/bf16 while value (without_pointwise) stays fp32:
-        # the op takes one dtype, that of value.
-        offset_mask = offset_mask.to(value.dtype)
-        out = dcnv4(value, offset_mask, self.kernel_size, self.stride, self.padding, self.dilation,
-                    self.group, self.offset_scale, self.remove_center)  # (N, H_out, W_out, C)
-        return out if self.without_pointwise else self.output_proj(out)
+        if self.without_pointwise:
+            return self._sample(x, offset_mask)
+        if self.recompute_value and torch.is_grad_enabled():
+            # Selective checkpoint: the op's output is kept (output_proj keeps it anyway), value_proj is
+            # run again in the backward, so value itself is not kept.
+            out = checkpoint(self._project_and_sample, x, offset_mask, use_reentrant=False,
+                             context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_op_output))
+        else:
+            out = self._project_and_sample(x, offset_mask)
+        return self.output_proj(out)
+
+    def _project_and_sample(self, x: torch.Tensor, offset_mask: torch.Tensor) -> torch.Tensor:
+        return self._sample(self.value_proj(x), offset_mask)
+
+    def _sample(self, value: torch.Tensor, offset_mask: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, C) value -> (N, H_out, W_out, C). Under autocast the Linears may run in fp16/bf16
+        while value (without_pointwise) stays fp32: the op takes one dtype, that of value."""
+        return dcnv4(value, offset_mask.to(value.dtype), self.kernel_size, self.stride, self.padding,
+                     self.dilation, self.group, self.offset_scale, self.remove_center)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}->{self.channels}->{self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, groups={self.group}, "
                 f"offset_scale={self.offset_scale}, remove_center={self.remove_center}")
+
+
+def _keep_op_output(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    """Selective-checkpoint policy of `recompute_value`: save the compiled op's output, recompute the rest."""
+    if str(func) == "unet_dcnv4.dcnv4_forward.default":
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 class DCNv4Conv2d(DCNv4):
@@ -207,7 +244,7 @@ class DCNv4Conv2d(DCNv4):
         kernel_size, stride, padding, dilation: as for `nn.Conv2d` (keyword-only after kernel_size).
         group_channels: channels per DCNv4 group at width C (C must be divisible by it).
         channels: the width C at which the op samples, overriding the choice above.
-        offset_scale, dw_kernel_size, remove_center, official_init: see `DCNv4`.
+        offset_scale, dw_kernel_size, remove_center, official_init, recompute_value: see `DCNv4`.
         bias: whether the output projection has a bias.
     """
 
@@ -227,6 +264,7 @@ class DCNv4Conv2d(DCNv4):
         bias: bool = True,
         official_init: bool = False,
         channels: int | None = None,
+        recompute_value: bool = False,
     ):
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -238,7 +276,7 @@ class DCNv4Conv2d(DCNv4):
             channels, kernel_size, stride, padding, dilation,
             group_channels=group_channels, offset_scale=offset_scale, remove_center=remove_center,
             dw_kernel_size=dw_kernel_size, output_bias=bias, in_channels=in_channels,
-            out_channels=out_channels, official_init=official_init,
+            out_channels=out_channels, official_init=official_init, recompute_value=recompute_value,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -99,6 +99,7 @@ class TrainConfig:
     allow_tf32: bool = True
     channels_last: bool = True
     torch_compile: bool = False
+    recompute_value: bool = False  # DCNv4 only: recompute value_proj in the backward, less activation memory
 
     # Sample grids from the EMA weights during training.
     sample_every_steps: int = 250  # 0 disables

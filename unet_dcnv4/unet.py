@@ -176,6 +176,14 @@ class DCNv4UNet2DModel(UNet2DModel):
                             if getattr(module, alias, None) is getattr(module, attr):
                                 setattr(module, alias, new)
 
+    def enable_value_recompute(self, enabled: bool = True) -> None:
+        """Make every DCNv4 layer recompute its value projection in the backward instead of keeping it
+        (`DCNv4.recompute_value`): less activation memory for one more matrix multiply per layer. A
+        runtime setting like gradient checkpointing, not saved in the config."""
+        for module in self.modules():
+            if isinstance(module, DCNv4):
+                module.recompute_value = bool(enabled)
+
 
 def build_unet(
     model_type: str,
