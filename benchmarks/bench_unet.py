@@ -2,6 +2,11 @@
 of the DCNv4 U-Net against its conv baseline (images/s, peak memory), in float32 and bf16 autocast,
 channels_last. Prints a table and writes JSON.
 
+Memory is reported two ways: the CUDA allocator's peak (GPU only), and on every device the bytes of
+the tensors autograd keeps for the backward ("saved", activations plus autocast's weight copies) and
+the training state (parameters, gradients and AdamW's two moments, float32), whose sum is the step's
+memory bar the allocator's transients.
+
     python benchmarks/bench_unet.py --device cuda --out bench_unet_h100.json
     python benchmarks/bench_unet.py --device cpu     # small batch, few iterations: about a minute
 """
@@ -14,6 +19,7 @@ import json
 import platform
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +58,26 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
+def saved_mib(fn, exclude=()) -> float:
+    """MiB of distinct storages autograd saves for the backward while fn() runs (storages of the
+    tensors in `exclude`, e.g. the parameters, not counted)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), warnings.catch_warnings():
+        # Selective checkpointing (recompute_value) warns that hooks may see its saved tensors in future
+        # releases; the tensors it keeps are kept by output_proj as well, so they are counted either way.
+        warnings.simplefilter("ignore", FutureWarning)
+        fn()
+    return sum(seen.values()) / 2**20
+
+
 def bench_layers(device, batch, dtypes, warmup, iters, group_channels) -> list[dict]:
     """Forward+backward of DCNv4Conv2d(C, C) and nn.Conv2d(C, C, 3, padding=1) at each (H, W, C)."""
     rows = []
@@ -70,18 +96,26 @@ def bench_layers(device, batch, dtypes, warmup, iters, group_channels) -> list[d
                         y = layer(x)
                     y.float().sum().backward()
 
+                def forward():
+                    with _autocast(device, DTYPES[dname]):
+                        layer(x)
+
                 ms, peak = _time(step, device, warmup, iters)
                 rows.append(dict(kind="layer", layer=lname, N=batch, H=H, W=W, C=C, dtype=dname,
-                                 fwd_bwd_ms=ms, peak_mib=peak))
+                                 fwd_bwd_ms=ms, peak_mib=peak,
+                                 saved_mib=saved_mib(forward, exclude=[x, *layer.parameters()])))
     return rows
 
 
 def bench_unets(device, size, sample_size, batch, dtypes, warmup, iters, group_channels) -> list[dict]:
-    """One AdamW training step (noise-prediction MSE) of the DCNv4 U-Net and the conv U-Net."""
+    """One AdamW training step (noise-prediction MSE) of the DCNv4 U-Net (without and with
+    recompute_value) and the conv U-Net."""
     rows = []
-    for model_type in ("dcnv4", "conv"):
+    for name in ("dcnv4", "dcnv4_rv", "conv"):  # dcnv4_rv: the DCNv4 U-Net with recompute_value
         torch.manual_seed(0)
-        model = build_unet(model_type, size, sample_size, group_channels=group_channels)
+        model = build_unet(name.split("_")[0], size, sample_size, group_channels=group_channels)
+        if name == "dcnv4_rv":
+            model.enable_value_recompute()
         model = model.to(device, memory_format=torch.channels_last).train()
         params = sum(p.numel() for p in model.parameters())
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -98,10 +132,15 @@ def bench_unets(device, size, sample_size, batch, dtypes, warmup, iters, group_c
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
+            def forward():
+                with _autocast(device, DTYPES[dname]):
+                    model(x, t)
+
             ms, peak = _time(step, device, warmup, iters)
-            rows.append(dict(kind="unet", model=model_type, size=size, sample_size=sample_size, N=batch,
+            rows.append(dict(kind="unet", model=name, size=size, sample_size=sample_size, N=batch,
                              dtype=dname, parameters=params, step_ms=ms, images_per_s=batch / ms * 1e3,
-                             peak_mib=peak))
+                             peak_mib=peak, saved_mib=saved_mib(forward, exclude=[x, *model.parameters()]),
+                             state_mib=4 * 4 * params / 2**20))
     return rows
 
 
@@ -109,19 +148,33 @@ def _table(rows: list[dict]) -> str:
     lines = []
     layer_rows = [r for r in rows if r["kind"] == "layer"]
     if layer_rows:
-        lines.append(f"{'layer':8} {'N':>4} {'HxWxC':>12} {'dtype':5} {'fwd+bwd ms':>11} {'peak MiB':>9}")
+        lines.append(f"{'layer':8} {'N':>4} {'HxWxC':>12} {'dtype':5} {'fwd+bwd ms':>11} {'peak MiB':>9} "
+                     f"{'saved MiB':>10}")
         for r in layer_rows:
             peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
             lines.append(f"{r['layer']:8} {r['N']:>4} {r['H']}x{r['W']}x{r['C']:<5} {r['dtype']:5} "
-                         f"{r['fwd_bwd_ms']:>11.2f} {peak:>9}")
+                         f"{r['fwd_bwd_ms']:>11.2f} {peak:>9} {r['saved_mib']:>10.1f}")
     unet_rows = [r for r in rows if r["kind"] == "unet"]
     if unet_rows:
-        lines.append(f"{'U-Net':6} {'size':5} {'N':>4} {'dtype':5} {'params M':>9} {'step ms':>9} "
-                     f"{'img/s':>9} {'peak MiB':>9}")
+        lines.append(f"{'U-Net':8} {'size':5} {'N':>4} {'dtype':5} {'params M':>9} {'step ms':>9} "
+                     f"{'img/s':>9} {'peak MiB':>9} {'saved MiB':>10} {'state MiB':>10}")
         for r in unet_rows:
             peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-            lines.append(f"{r['model']:6} {r['size']:5} {r['N']:>4} {r['dtype']:5} {r['parameters'] / 1e6:>9.2f} "
-                         f"{r['step_ms']:>9.1f} {r['images_per_s']:>9.1f} {peak:>9}")
+            lines.append(f"{r['model']:8} {r['size']:5} {r['N']:>4} {r['dtype']:5} {r['parameters'] / 1e6:>9.2f} "
+                         f"{r['step_ms']:>9.1f} {r['images_per_s']:>9.1f} {peak:>9} {r['saved_mib']:>10.1f} "
+                         f"{r['state_mib']:>10.1f}")
+        for dname in dict.fromkeys(r["dtype"] for r in unet_rows):
+            by_model = {r["model"]: r for r in unet_rows if r["dtype"] == dname}
+            for dcn in ("dcnv4", "dcnv4_rv"):
+                if dcn not in by_model or "conv" not in by_model:
+                    continue
+                d, c = by_model[dcn], by_model["conv"]
+                ratios = [f"img/s {d['images_per_s'] / c['images_per_s']:.2f}",
+                          f"saved {d['saved_mib'] / c['saved_mib']:.2f}",
+                          f"saved+state {(d['saved_mib'] + d['state_mib']) / (c['saved_mib'] + c['state_mib']):.2f}"]
+                if d["peak_mib"] is not None:
+                    ratios.append(f"peak {d['peak_mib'] / c['peak_mib']:.2f}")
+                lines.append(f"{dcn}/conv {dname}: " + ", ".join(ratios))
     return "\n".join(lines)
 
 
