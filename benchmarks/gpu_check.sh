@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-call check of the DCNv4 CUDA kernels on a GPU machine (H100/H200): build for sm_90, run the CUDA
-# and CPU op tests, a memcheck of a few CUDA cases, then the operator benchmark. Logs and JSON go to
-# $OUT (or benchmarks/out); the benchmark table is printed last. About 5 minutes on an H100.
+# and CPU op tests, a memcheck of a few CUDA cases, the operator benchmark, then (where diffusers is
+# installed) the layer and U-Net step benchmark. Logs and JSON go to $OUT (or benchmarks/out); the
+# tables are printed last. About 6 minutes on an H100 (an estimate: not yet run on one).
 #
 #     bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -68,7 +69,21 @@ step "benchmark"
 bench_rc=$?
 [ "$bench_rc" -eq 0 ] || { status=1; tail -n 30 "$OUTDIR/bench.log"; }
 
-step "done: tests rc=$tests_rc, benchmark rc=$bench_rc; logs in $OUTDIR"
-# The table: the benchmark prints it after its JSON lines.
+# The layer and U-Net benchmarks need diffusers (carried as wheels on a machine without it, see
+# ../.library/device/README.md); without it they are skipped, not failed.
+unet_rc=skipped
+if "$PY" -c "import diffusers" 2>/dev/null; then
+  step "layer and U-Net step benchmark"
+  timeout 240 "$PY" benchmarks/bench_unet.py --device cuda --out "$OUTDIR/bench_unet.json" \
+    >"$OUTDIR/bench_unet.log" 2>&1
+  unet_rc=$?
+  [ "$unet_rc" -eq 0 ] || { status=1; tail -n 30 "$OUTDIR/bench_unet.log"; }
+else
+  echo "== layer and U-Net benchmark skipped: diffusers is not installed"
+fi
+
+step "done: tests rc=$tests_rc, op benchmark rc=$bench_rc, U-Net benchmark rc=$unet_rc; logs in $OUTDIR"
+# The tables: the op benchmark prints its table after its JSON lines.
+[ -f "$OUTDIR/bench_unet.log" ] && grep -v "^W[0-9]" "$OUTDIR/bench_unet.log" | tail -n 20
 sed -n '/^shape (N,H,W,C,G)/,$p' "$OUTDIR/bench.log"
 exit "$status"
