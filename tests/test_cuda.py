@@ -227,3 +227,20 @@ def test_opcheck_on_cuda(cuda_ops, dtype):
     grad_out = torch.randn(value.shape[0], *om.shape[1:3], value.shape[3], dtype=dtype, device="cuda")
     torch.library.opcheck(cuda_ops.dcnv4_backward.default, (grad_out, value.detach(), om.detach(),
                                                             *call_args(kwargs)))
+
+
+@needs_gpu
+def test_deterministic_mode_refuses_the_atomic_backward(cuda_ops):
+    value, om, kwargs = make_case(N=1, H=5, W=4, G=2, D=8, seed=12)
+    value, om = value.float().cuda(), om.float().cuda()
+    grad_out = torch.randn(1, 5, 4, 16, device="cuda")
+    cuda_ops.dcnv4_forward(value, om, *call_args(kwargs))  # the forward is deterministic: allowed
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="dcnv4_backward"):
+            cuda_ops.dcnv4_backward(grad_out, value, om, *call_args(kwargs))
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="dcnv4_backward"):
+            cuda_ops.dcnv4_backward(grad_out, value, om, *call_args(kwargs))
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -59,6 +59,9 @@ std::tuple<at::Tensor, at::Tensor> dcnv4_backward_cuda(const at::Tensor& grad_ou
                                                        at::IntArrayRef dilation, int64_t groups, double offset_scale,
                                                        bool remove_center) {
   check_cuda(value_in, "value");
+  // Under torch.use_deterministic_algorithms(True) this raises (or warns, with warn_only=True), as
+  // PyTorch's own atomics-based backward kernels do.
+  at::globalContext().alertNotDeterministic("unet_dcnv4::dcnv4_backward on CUDA (grad_value uses atomics)");
   const at::Tensor value = value_in.contiguous();
   const at::Tensor offset_mask = offset_mask_in.contiguous();
   const at::Tensor grad_output = grad_output_in.contiguous();

@@ -118,6 +118,11 @@ def dcnv4(
 
     Returns:
         (N, H_out, W_out, C) in value's dtype, H_out = (H + 2 pad_h - dil_h (k_h - 1) - 1) // stride_h + 1.
+
+    Determinism: the forward is deterministic everywhere, and so is the CPU backward. The CUDA backward
+    accumulates value's gradient with atomics, so its last bits vary from run to run (offset_mask's
+    gradient does not); under `torch.use_deterministic_algorithms(True)` it raises, as PyTorch's own
+    atomics-based kernels do.
     """
     k, s, p, d = _check_inputs(value, offset_mask, kernel_size, stride, padding, dilation, groups,
                                offset_scale, remove_center)
