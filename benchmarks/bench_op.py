@@ -8,7 +8,9 @@ cuDNN 3x3 convolutions of the same width, on CPU (small shapes) or on a GPU (the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -87,6 +89,20 @@ def rel_err(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+@contextlib.contextmanager
+def backward_variant(name: str):
+    """Run the CUDA backward with kernel `name` ("atomic" or "tiled") inside the block."""
+    old = os.environ.get("UNET_DCNV4_CUDA_BACKWARD")
+    os.environ["UNET_DCNV4_CUDA_BACKWARD"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["UNET_DCNV4_CUDA_BACKWARD"]
+        else:
+            os.environ["UNET_DCNV4_CUDA_BACKWARD"] = old
+
+
 def load_anchors(path: Path) -> dict:
     if not path.exists():
         return {}
@@ -117,7 +133,14 @@ def run_cuda(dtypes, quick: bool, anchors: dict) -> tuple[dict, list[dict]]:
             row["err_fwd"] = rel_err(out, ref)
             row["fwd_ms"] = bench_cuda(lambda: ops.dcnv4_forward(value, om, *args))
             row["bwd_ms"] = bench_cuda(lambda: ops.dcnv4_backward(grad_out, value, om, *args))
-            del out, ref
+            # The tiled backward (BackwardVariant::kTiled), same inputs, and how far its gradients are
+            # from the atomic kernel's (float summation order only).
+            grads = ops.dcnv4_backward(grad_out, value, om, *args)
+            with backward_variant("tiled"):
+                row["bwd_tiled_ms"] = bench_cuda(lambda: ops.dcnv4_backward(grad_out, value, om, *args))
+                grads_tiled = ops.dcnv4_backward(grad_out, value, om, *args)
+            row["err_bwd_tiled"] = max(rel_err(a, b) for a, b in zip(grads_tiled, grads))
+            del out, ref, grads, grads_tiled
             if not quick:
                 v_ref = value.detach().requires_grad_()
                 om_ref = om.detach().requires_grad_()
@@ -185,17 +208,21 @@ def fmt(v, spec=".4f"):
 def table(device: str, rows: list[dict]) -> str:
     lines = []
     if device == "cuda":
-        lines.append(f"{'shape (N,H,W,C,G)':<22}{'dtype':<10}{'dir':<5}{'ms':>9}{'x floor':>9}{'anchor x':>10}"
+        lines.append(f"{'shape (N,H,W,C,G)':<22}{'dtype':<10}{'dir':<6}{'ms':>9}{'x floor':>9}{'anchor x':>10}"
                      f"{'ref ms':>9}{'conv3x3':>9}{'dw3x3':>9}")
         for r in rows:
             shape = f"{r['N']},{r['H']},{r['W']},{r['C']},{r['G']}"
-            for d, ref_key in (("fwd", "ref_fwd_ms"), ("bwd", "ref_fwdbwd_ms")):
-                ms = r[f"{d}_ms"]
-                lines.append(f"{shape:<22}{r['dtype']:<10}{d:<5}{ms:>9.4f}{ms / r[f'floor_{d}_ms']:>9.2f}"
-                             f"{fmt(r.get(f'anchor_{d}_x_floor'), '.2f'):>10}{fmt(r.get(ref_key)):>9}"
+            for d, key, ref_key in (("fwd", "fwd", "ref_fwd_ms"), ("bwd", "bwd", "ref_fwdbwd_ms"),
+                                    ("bwd-t", "bwd_tiled", None)):
+                ms = r[f"{key}_ms"]
+                floor = r["floor_fwd_ms" if d == "fwd" else "floor_bwd_ms"]
+                anchor = r.get(f"anchor_{d}_x_floor") if d != "bwd-t" else r.get("anchor_bwd_x_floor")
+                lines.append(f"{shape:<22}{r['dtype']:<10}{d:<6}{ms:>9.4f}{ms / floor:>9.2f}"
+                             f"{fmt(anchor, '.2f'):>10}{fmt(r.get(ref_key) if ref_key else None):>9}"
                              f"{fmt(r['conv3x3_fwd_ms'] if d == 'fwd' else None):>9}"
                              f"{fmt(r['dwconv3x3_fwd_ms'] if d == 'fwd' else None):>9}")
-        lines.append("bwd: the backward op alone; its 'ref ms' column is the reference's forward+backward.")
+        lines.append("bwd: the atomic backward kernel (the default), bwd-t: the tiled one "
+                     "(UNET_DCNV4_CUDA_BACKWARD=tiled); 'ref ms' of bwd is the reference's forward+backward.")
     else:
         lines.append(f"{'shape (N,H,W,C,G)':<22}{'dtype':<10}{'fwd ms':>9}{'bwd ms':>9}{'ref fwd':>9}"
                      f"{'ref f+b':>9}{'speedup':>9}")

@@ -62,6 +62,15 @@ if command -v compute-sanitizer >/dev/null; then
   grep -E "ERROR SUMMARY|passed|failed" "$OUTDIR/memcheck.log" | tail -n 3
   [ "$mc_rc" -eq 124 ] && echo "memcheck: stopped at its time limit (not counted as a failure)"
   [ "$mc_rc" -ne 0 ] && [ "$mc_rc" -ne 124 ] && status=1
+
+  step "compute-sanitizer racecheck of the tiled backward's shared memory"
+  timeout 120 compute-sanitizer --tool racecheck --print-limit 20 --error-exitcode 98 \
+    "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider \
+    -k "backward and tiled and (13x9 or stride2 or D36) and float32" >"$OUTDIR/racecheck.log" 2>&1
+  rc_rc=$?
+  grep -E "RACECHECK SUMMARY|ERROR SUMMARY|passed|failed" "$OUTDIR/racecheck.log" | tail -n 3
+  [ "$rc_rc" -eq 124 ] && echo "racecheck: stopped at its time limit (not counted as a failure)"
+  [ "$rc_rc" -ne 0 ] && [ "$rc_rc" -ne 124 ] && status=1
 fi
 
 step "benchmark"

@@ -57,6 +57,7 @@ struct Bilinear {
   acc_t w[4];      // interpolation weight of each corner, zero when outside
   bool inside[4];
   acc_t lx, ly;    // fractional parts of x and y
+  int64_t x0, y0;  // the top-left corner (clamped to within H + W + 2 of the image)
 };
 
 template <typename acc_t>
@@ -70,6 +71,8 @@ DCNV4_HD Bilinear<acc_t> bilinear(acc_t x, acc_t y, int64_t H, int64_t W) {
   const acc_t big = static_cast<acc_t>(H + W + 2);
   const int64_t x0 = static_cast<int64_t>(xf < -big ? -big : (xf > big ? big : xf));
   const int64_t y0 = static_cast<int64_t>(yf < -big ? -big : (yf > big ? big : yf));
+  b.x0 = x0;
+  b.y0 = y0;
   const acc_t wx[2] = {1 - b.lx, b.lx};
   const acc_t wy[2] = {1 - b.ly, b.ly};
 #pragma unroll

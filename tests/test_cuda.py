@@ -154,9 +154,11 @@ def test_forward_matches_reference(cuda_ops, case, dtype):
 
 
 @needs_gpu
+@pytest.mark.parametrize("variant", ["atomic", "tiled"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
 @pytest.mark.parametrize("case", list(CASES), ids=str)
-def test_backward_matches_autograd_of_reference(cuda_ops, case, dtype):
+def test_backward_matches_autograd_of_reference(cuda_ops, case, dtype, variant, monkeypatch):
+    monkeypatch.setenv("UNET_DCNV4_CUDA_BACKWARD", variant)
     value, om, kwargs = make_case(**CASES[case], seed=2 * list(CASES).index(case) + 1)
     value, om = value.to(dtype), om.to(dtype)
     value64, om64 = value.double().requires_grad_(), om.double().requires_grad_()
@@ -244,3 +246,12 @@ def test_deterministic_mode_refuses_the_atomic_backward(cuda_ops):
             cuda_ops.dcnv4_backward(grad_out, value, om, *call_args(kwargs))
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+@needs_gpu
+def test_unknown_backward_variant_is_an_error(cuda_ops, monkeypatch):
+    monkeypatch.setenv("UNET_DCNV4_CUDA_BACKWARD", "fast")
+    value, om, kwargs = make_case(N=1, H=4, W=4, G=1, D=8, seed=13)
+    value, om = value.float().cuda(), om.float().cuda()
+    with pytest.raises(RuntimeError, match="UNET_DCNV4_CUDA_BACKWARD must be 'atomic' or 'tiled'"):
+        cuda_ops.dcnv4_backward(torch.zeros_like(value), value, om, *call_args(kwargs))

@@ -24,6 +24,7 @@ SENTINEL = 12345.0
 # every thread of the grid on two cores).
 EMULATED = {name: dict(case, N=min(case["N"], 2)) for name, case in CASES.items()}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+VARIANTS = ["atomic", "tiled"]  # the backward kernels (BackwardVariant in csrc/cuda/dcnv4_cuda.h)
 FLOAT64_CASES = ["7x7_D4", "1x1", "k1_D24", "stride2", "scale_D1", "far_offsets", "padded_P"]
 
 
@@ -85,12 +86,12 @@ def emulated_forward(emu, value, om, kwargs):
     return out
 
 
-def emulated_backward(emu, grad_out, value, om, kwargs):
+def emulated_backward(emu, grad_out, value, om, kwargs, variant="atomic"):
     """As the CUDA binding does it: atomics into a zeroed float32 (float64) buffer, converted after."""
     acc_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
     acc_buf, acc = guarded(value.shape, acc_dtype, 0.0)
     gom_buf, gom = guarded(om.shape, om.dtype, float("nan"))
-    err = emu.backward(grad_out, value, om, acc, gom, *call_args(kwargs))
+    err = emu.backward(grad_out, value, om, acc, gom, *call_args(kwargs), variant)
     assert err == "", err
     assert_guards_intact(acc_buf, acc)
     assert_guards_intact(gom_buf, gom)
@@ -111,13 +112,13 @@ def check_forward(emu, case, dtype, seed):
         assert rel_err(out, ref) < FWD_TOL[dtype]
 
 
-def check_backward(emu, case, dtype, seed):
+def check_backward(emu, case, dtype, seed, variant="atomic"):
     value, om, kwargs = make_case(**case, seed=seed)
     value, om = value.to(dtype), om.to(dtype)
     value64, om64 = value.double().requires_grad_(), om.double().requires_grad_()
     ref = dcnv4_reference(value64, om64, **kwargs)
     grad_out = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(dtype)
-    gv, gom = emulated_backward(emu, grad_out, value, om, kwargs)
+    gv, gom = emulated_backward(emu, grad_out, value, om, kwargs, variant)
     used = used_channels(kwargs)
     assert torch.isfinite(gom[..., :used]).all(), "unwritten (NaN) offset_mask gradient elements"
     assert torch.isnan(gom[..., used:]).all(), "the kernel must leave the padding channels to the binding"
@@ -134,16 +135,39 @@ def test_emulated_forward_matches_reference(emu, case, dtype):
     check_forward(emu, EMULATED[case], dtype, seed=2 * list(EMULATED).index(case))
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
 @pytest.mark.parametrize("case", list(EMULATED), ids=str)
-def test_emulated_backward_matches_reference(emu, case, dtype):
-    check_backward(emu, EMULATED[case], dtype, seed=2 * list(EMULATED).index(case) + 1)
+def test_emulated_backward_matches_reference(emu, case, dtype, variant):
+    check_backward(emu, EMULATED[case], dtype, seed=2 * list(EMULATED).index(case) + 1, variant=variant)
 
 
 @pytest.mark.parametrize("case", FLOAT64_CASES, ids=str)
 def test_emulated_float64(emu, case):
     check_forward(emu, EMULATED[case], torch.float64, seed=40 + FLOAT64_CASES.index(case))
-    check_backward(emu, EMULATED[case], torch.float64, seed=50 + FLOAT64_CASES.index(case))
+    for variant in VARIANTS:
+        check_backward(emu, EMULATED[case], torch.float64, seed=50 + FLOAT64_CASES.index(case), variant=variant)
+
+
+@pytest.mark.parametrize("case", ["13x9", "stride2", "dilation2", "k5_D32", "far_offsets"], ids=str)
+def test_tiled_backward_uses_shared_memory_and_fewer_global_atomics(emu, case):
+    """The tiled kernel runs (the region fits), absorbs contributions in shared memory and sends fewer
+    atomics to global memory than the atomic kernel; with far offsets most go global, still correct."""
+    value, om, kwargs = make_case(**EMULATED[case], seed=21)
+    value, om = value.float(), om.float()
+    grad_out = torch.randn(value.shape[0], *om.shape[1:3], value.shape[3], generator=torch.Generator().manual_seed(3))
+    gv_a, gom_a = emulated_backward(emu, grad_out, value, om, kwargs, "atomic")
+    atomic = emu.counters()
+    gv_t, gom_t = emulated_backward(emu, grad_out, value, om, kwargs, "tiled")
+    tiled = emu.counters()
+    assert atomic["atomics_shared"] == 0 and atomic["barriers"] == 0
+    assert tiled["atomics_shared"] > 0 and tiled["barriers"] > 0, tiled
+    global_atomic = atomic["atomics16"] + atomic["atomics_scalar"]
+    global_tiled = tiled["atomics16"] + tiled["atomics_scalar"]
+    if case != "far_offsets":
+        assert global_tiled < global_atomic, (atomic, tiled)
+    assert torch.equal(gom_t, gom_a)  # grad_offset_mask: same arithmetic, no atomics
+    assert rel_err(gv_t, gv_a) < 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -161,6 +185,9 @@ def test_emulated_vector_and_scalar_paths(emu, dtype):
     gv, gom = emulated_backward(emu, grad_out, value, om, kwargs)
     c = emu.counters()
     assert c["loads16"] > 0 and c["atomics16"] > 0 and c["atomics_scalar"] == 0, c
+    gv_t, gom_t = emulated_backward(emu, grad_out, value, om, kwargs, "tiled")
+    c = emu.counters()
+    assert c["loads16"] > 0 and c["atomics16"] > 0 and c["atomics_scalar"] == 0, c
 
     shifted = placed(value, offset=1)
     assert shifted.data_ptr() % 16 != 0
@@ -169,18 +196,24 @@ def test_emulated_vector_and_scalar_paths(emu, dtype):
     gv_s, gom_s = emulated_backward(emu, placed(grad_out), shifted, om, kwargs)
     c = emu.counters()
     assert c["loads16"] == 0 and c["atomics16"] == 0 and c["atomics_scalar"] > 0, c
+    gv_st, gom_st = emulated_backward(emu, placed(grad_out), shifted, om, kwargs, "tiled")
+    c = emu.counters()
+    assert c["loads16"] == 0 and c["atomics16"] == 0 and c["atomics_scalar"] > 0, c
 
     assert rel_err(out_s, ref) < FWD_TOL[dtype] and rel_err(out, ref) < FWD_TOL[dtype]
     assert rel_err(gv_s, gv) < BWD_TOL[dtype] and rel_err(gom_s, gom) < BWD_TOL[dtype]
+    for gv_x, gom_x in ((gv_t, gom_t), (gv_st, gom_st)):
+        assert rel_err(gv_x, gv) < BWD_TOL[dtype] and rel_err(gom_x, gom) < BWD_TOL[dtype]
 
 
-def test_emulated_offset_mask_gradient_is_deterministic(emu):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_emulated_offset_mask_gradient_is_deterministic(emu, variant):
     """grad_offset_mask is written without atomics: two runs agree bit for bit."""
     value, om, kwargs = make_case(N=2, H=7, W=6, G=2, D=16, seed=4)
     value, om = value.float(), om.float()
     grad_out = torch.randn(2, 7, 6, 32, generator=torch.Generator().manual_seed(2))
-    _, gom_a = emulated_backward(emu, grad_out, value, om, kwargs)
-    _, gom_b = emulated_backward(emu, grad_out, value, om, kwargs)
+    _, gom_a = emulated_backward(emu, grad_out, value, om, kwargs, variant)
+    _, gom_b = emulated_backward(emu, grad_out, value, om, kwargs, variant)
     assert torch.equal(gom_a, gom_b)
 
 

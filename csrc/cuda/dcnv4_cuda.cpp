@@ -5,6 +5,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "../dcnv4_torch.h"
 #include "dcnv4_cuda.h"
 
@@ -24,6 +27,16 @@ DType dtype_of(const at::Tensor& t) {
     default:
       TORCH_CHECK(false, "value must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
   }
+}
+
+// UNET_DCNV4_CUDA_BACKWARD picks the backward kernel: "atomic" (the default) or "tiled" (see
+// dcnv4_cuda.h). Read at every call, so a benchmark can compare the two in one process.
+BackwardVariant backward_variant() {
+  const char* env = std::getenv("UNET_DCNV4_CUDA_BACKWARD");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "atomic") == 0) return BackwardVariant::kAtomic;
+  TORCH_CHECK(std::strcmp(env, "tiled") == 0, "UNET_DCNV4_CUDA_BACKWARD must be 'atomic' or 'tiled', got '", env,
+              "'");
+  return BackwardVariant::kTiled;
 }
 
 void check_cuda(const at::Tensor& t, const char* name) {
@@ -80,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor> dcnv4_backward_cuda(const at::Tensor& grad_ou
     const cudaError_t err =
         backward_cuda(p, dtype, grad_output.const_data_ptr(), value.const_data_ptr(), offset_mask.const_data_ptr(),
                       grad_value_acc.mutable_data_ptr(), grad_offset_mask.mutable_data_ptr(),
-                      c10::cuda::getCurrentCUDAStream());
+                      c10::cuda::getCurrentCUDAStream(), backward_variant());
     TORCH_CHECK(err == cudaSuccess, "unet_dcnv4: the CUDA kernel dcnv4 backward_kernel failed to launch: ",
                 cudaGetErrorString(err));
   }

@@ -11,11 +11,21 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cmath>
+
 #include "dcnv4_cuda.h"
 
-// Kernel launches go through this macro so that tests/emulator can run the kernels on a CPU.
+// Kernel launches and dynamic shared memory go through these macros so that tests/emulator can run the
+// kernels on a CPU.
 #ifndef DCNV4_LAUNCH
-#define DCNV4_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<(grid), (block), 0, (stream)>>>
+#define DCNV4_LAUNCH(grid, block, shared_bytes, stream, ...) \
+  __VA_ARGS__<<<(grid), (block), (shared_bytes), (stream)>>>
+#endif
+#ifndef DCNV4_SHARED_ARRAY
+#define DCNV4_SHARED_ARRAY(T, name)                                  \
+  extern __shared__ __align__(16) unsigned char dcnv4_shared_raw[]; \
+  T* name = reinterpret_cast<T*>(dcnv4_shared_raw)
 #endif
 
 namespace dcnv4 {
@@ -335,6 +345,187 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---- The tiled backward ----------------------------------------------------------------------------
+//
+// The atomic backward above sends every grad_value contribution to global memory: 4 corners x K points
+// x D/V vector atomics per task, each input pixel receiving about 4K of them. The tiled variant gives a
+// block one image n, one group g and a tile of output pixels, and accumulates the tile's contributions
+// in shared memory over a region of input pixels: the bounding box of the tile's regular sampling grid
+// (offsets zero) widened by kTileMargin pixels on each side, clipped to the image. Corners inside the
+// region go to shared memory, the others (offsets beyond the margin) straight to global memory as in
+// the atomic kernel; at the end the block adds its region to grad_value, one vector atomic per pixel
+// and chunk that received anything. Any offsets give the right result; the margin only decides how
+// much goes through shared memory. grad_offset_mask is computed exactly as in the atomic kernel.
+
+constexpr int kTileMargin = 4;                      // pixels of offset absorbed by the shared region
+constexpr int kTileSharedBytes = 48 * 1024;         // the region must fit the default dynamic limit
+
+struct Tiling {
+  int tw, th;                  // output pixels of a tile along x and y (tw * th * lanes = kThreads)
+  int64_t tiles_x, tiles_y;    // tiles per image
+  int rw_cap, rh_cap;          // largest region, in input pixels (the shared array's shape)
+};
+
+// The region of block (ho0, wo0): input pixels [rx0, rx0 + rw) x [ry0, ry0 + rh), possibly empty.
+template <typename acc_t>
+__device__ __forceinline__ void tile_region(const Params& p, const Tiling& tl, int64_t ho0, int64_t wo0,
+                                            int64_t& rx0, int64_t& ry0, int& rw, int& rh) {
+  const acc_t s = static_cast<acc_t>(p.offset_scale);
+  const int cw = p.dw * (p.kw - 1) / 2, ch = p.dh * (p.kh - 1) / 2;
+  // Tap terms of point_base at the first and last tap along each axis; the others lie between.
+  const acc_t tx_a = s * static_cast<acc_t>(-cw), tx_b = s * static_cast<acc_t>((p.kw - 1) * p.dw - cw);
+  const acc_t ty_a = s * static_cast<acc_t>(-ch), ty_b = s * static_cast<acc_t>((p.kh - 1) * p.dh - ch);
+  const int64_t wo1 = min(wo0 + tl.tw - 1, p.Wo - 1), ho1 = min(ho0 + tl.th - 1, p.Ho - 1);
+  const acc_t xmin = static_cast<acc_t>(wo0 * p.sw - p.pw + cw) + min(tx_a, tx_b);
+  const acc_t xmax = static_cast<acc_t>(wo1 * p.sw - p.pw + cw) + max(tx_a, tx_b);
+  const acc_t ymin = static_cast<acc_t>(ho0 * p.sh - p.ph + ch) + min(ty_a, ty_b);
+  const acc_t ymax = static_cast<acc_t>(ho1 * p.sh - p.ph + ch) + max(ty_a, ty_b);
+  rx0 = max(static_cast<int64_t>(floor_acc(xmin)) - kTileMargin, int64_t{0});
+  ry0 = max(static_cast<int64_t>(floor_acc(ymin)) - kTileMargin, int64_t{0});
+  const int64_t rx1 = min(static_cast<int64_t>(floor_acc(xmax)) + 1 + kTileMargin, p.W - 1);
+  const int64_t ry1 = min(static_cast<int64_t>(floor_acc(ymax)) + 1 + kTileMargin, p.H - 1);
+  rw = static_cast<int>(max(min(rx1 - rx0 + 1, static_cast<int64_t>(tl.rw_cap)), int64_t{0}));
+  rh = static_cast<int>(max(min(ry1 - ry0 + 1, static_cast<int64_t>(tl.rh_cap)), int64_t{0}));
+}
+
+template <typename scalar_t, int V>
+__global__ void __launch_bounds__(kThreads, 3)
+    backward_tiled_kernel(const Params p, const scalar_t* __restrict__ grad_output,
+                          const scalar_t* __restrict__ value, const scalar_t* __restrict__ offset_mask,
+                          typename Acc<scalar_t>::type* __restrict__ grad_value,
+                          scalar_t* __restrict__ grad_offset_mask, int log2_lanes, int chunks, const Tiling tl) {
+  using acc_t = typename Acc<scalar_t>::type;
+  DCNV4_SHARED_ARRAY(acc_t, region);
+  const int lanes = 1 << log2_lanes;
+  const int per_lane = (chunks + lanes - 1) >> log2_lanes;
+  const int64_t C = p.G * p.D;
+  const acc_t s = static_cast<acc_t>(p.offset_scale);
+
+  // Block -> (n, g, tile); blocks of one image and group are consecutive.
+  int64_t b = blockIdx.x;
+  const int64_t tile_x = b % tl.tiles_x;
+  b /= tl.tiles_x;
+  const int64_t tile_y = b % tl.tiles_y;
+  b /= tl.tiles_y;
+  const int64_t g = b % p.G;
+  const int64_t n = b / p.G;
+  const int64_t ho0 = tile_y * tl.th, wo0 = tile_x * tl.tw;
+  int64_t rx0, ry0;
+  int rw, rh;
+  tile_region<acc_t>(p, tl, ho0, wo0, rx0, ry0, rw, rh);
+  const int region_size = rw * rh * static_cast<int>(p.D);
+  for (int i = threadIdx.x; i < region_size; i += blockDim.x) region[i] = 0;
+  __syncthreads();
+
+  // Thread -> (task in the tile, lane). Tasks past the map's edge compute on the tile's first pixel
+  // (so that their lanes reach every shuffle) and write nothing.
+  const int local = static_cast<int>(threadIdx.x) >> log2_lanes;
+  const int lane = static_cast<int>(threadIdx.x) & (lanes - 1);
+  const int64_t ho_own = ho0 + local / tl.tw, wo_own = wo0 + local % tl.tw;
+  const bool active = ho_own < p.Ho && wo_own < p.Wo;
+  Task t;
+  t.n = n;
+  t.g = g;
+  t.ho = active ? ho_own : ho0;
+  t.wo = active ? wo_own : wo0;
+  t.pix = (n * p.Ho + t.ho) * p.Wo + t.wo;
+  const scalar_t* om = offset_mask + t.pix * p.P + g * 3 * p.K;
+  scalar_t* gom = grad_offset_mask + t.pix * p.P + g * 3 * p.K;
+  const scalar_t* img = value + n * p.H * p.W * C + g * p.D;
+  acc_t* gimg = grad_value + n * p.H * p.W * C + g * p.D;
+  const scalar_t* gout = grad_output + t.pix * C + g * p.D;
+
+  for (int r = 0; r < per_lane; ++r) {
+    const int c = lane + (r << log2_lanes);
+    const bool has = c < chunks;
+    acc_t go[V];
+    if (has) {
+      VecIO<scalar_t, V>::load(gout + c * V, go);
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) go[i] = 0;
+    }
+    for (int k = 0; k < p.K; ++k) {
+      acc_t m;
+      const Bilinear<acc_t> bl = sample_point(p, t, om, k, m);
+      acc_t gm = 0, gx = 0, gy = 0;
+      if (has) {
+        acc_t v[4][V];
+#pragma unroll
+        for (int corner = 0; corner < 4; ++corner) {
+          if (bl.inside[corner]) {
+            VecIO<scalar_t, V>::load(img + bl.idx[corner] * C + c * V, v[corner]);
+          } else {
+#pragma unroll
+            for (int i = 0; i < V; ++i) v[corner][i] = 0;
+          }
+        }
+        const acc_t lx = bl.lx, ly = bl.ly;
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const acc_t sample = bl.w[0] * v[0][i] + bl.w[1] * v[1][i] + bl.w[2] * v[2][i] + bl.w[3] * v[3][i];
+          const acc_t dsdx = (1 - ly) * (v[1][i] - v[0][i]) + ly * (v[3][i] - v[2][i]);
+          const acc_t dsdy = (1 - lx) * (v[2][i] - v[0][i]) + lx * (v[3][i] - v[1][i]);
+          gm += go[i] * sample;
+          gx += go[i] * dsdx;
+          gy += go[i] * dsdy;
+        }
+        if (active) {
+#pragma unroll
+          for (int corner = 0; corner < 4; ++corner) {
+            if (!bl.inside[corner]) continue;
+            const acc_t w = m * bl.w[corner];
+            const int64_t ry = bl.y0 + (corner >> 1) - ry0, rx = bl.x0 + (corner & 1) - rx0;
+            if (ry >= 0 && ry < rh && rx >= 0 && rx < rw) {
+              acc_t* dst = region + (ry * rw + rx) * p.D + c * V;
+#pragma unroll
+              for (int i = 0; i < V; ++i) atomicAdd(dst + i, w * go[i]);
+            } else {
+              acc_t add[V];
+#pragma unroll
+              for (int i = 0; i < V; ++i) add[i] = w * go[i];
+              atomic_add_vec<V>(gimg + bl.idx[corner] * C + c * V, add);
+            }
+          }
+        }
+      }
+      gm = lane_sum(gm, lanes);
+      gx = lane_sum(gx, lanes);
+      gy = lane_sum(gy, lanes);
+      if (active && lane == 0) {
+        acc_t gdx = m * s * gx, gdy = m * s * gy;
+        if (r > 0) {
+          gdx += to_acc(gom[2 * k]);
+          gdy += to_acc(gom[2 * k + 1]);
+          gm += to_acc(gom[2 * p.K + k]);
+        }
+        gom[2 * k] = narrow<scalar_t>(gdx);
+        gom[2 * k + 1] = narrow<scalar_t>(gdy);
+        gom[2 * p.K + k] = narrow<scalar_t>(gm);
+      }
+    }
+  }
+  __syncthreads();
+
+  // The region into grad_value: one vector atomic per pixel and chunk that received something.
+  const int region_chunks = rw * rh * chunks;
+  for (int e = threadIdx.x; e < region_chunks; e += blockDim.x) {
+    const int px = e / chunks, c = e - px * chunks;
+    const acc_t* src = region + static_cast<int64_t>(px) * p.D + c * V;
+    acc_t add[V];
+    bool any = false;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      add[i] = src[i];
+      any = any || add[i] != 0;
+    }
+    if (any) {
+      const int64_t pixel = (ry0 + px / rw) * p.W + rx0 + px % rw;
+      atomic_add_vec<V>(gimg + pixel * C + c * V, add);
+    }
+  }
+}
+
 int log2_ceil(int64_t x) {
   int l = 0;
   while ((int64_t{1} << l) < x) ++l;
@@ -368,7 +559,7 @@ template <typename scalar_t, int V>
 cudaError_t launch_forward(const Params& p, const void* value, const void* offset_mask, void* output,
                            cudaStream_t stream) {
   const Launch l = plan(p, V);
-  DCNV4_LAUNCH(l.blocks, kThreads, stream, forward_kernel<scalar_t, V>)(
+  DCNV4_LAUNCH(l.blocks, kThreads, 0, stream, forward_kernel<scalar_t, V>)(
       p, static_cast<const scalar_t*>(value), static_cast<const scalar_t*>(offset_mask),
       static_cast<scalar_t*>(output), l.log2_lanes, l.chunks, l.tasks);
   return cudaGetLastError();
@@ -379,11 +570,61 @@ cudaError_t launch_backward(const Params& p, const void* grad_output, const void
                             void* grad_value_acc, void* grad_offset_mask, cudaStream_t stream) {
   using acc_t = typename Acc<scalar_t>::type;
   const Launch l = plan(p, V);
-  DCNV4_LAUNCH(l.blocks, kThreads, stream, backward_kernel<scalar_t, V>)(
+  DCNV4_LAUNCH(l.blocks, kThreads, 0, stream, backward_kernel<scalar_t, V>)(
       p, static_cast<const scalar_t*>(grad_output), static_cast<const scalar_t*>(value),
       static_cast<const scalar_t*>(offset_mask), static_cast<acc_t*>(grad_value_acc),
       static_cast<scalar_t*>(grad_offset_mask), l.log2_lanes, l.chunks, l.tasks);
   return cudaGetLastError();
+}
+
+// The tiled backward's launch: tiles of kThreads / lanes output pixels, as square as powers of two
+// allow (16x16 with one lane per task down to 4x2 with 32); the shared region as large as the widest
+// tile footprint plus the margins. False when the region does not fit kTileSharedBytes (wide groups,
+// big kernels or offset scales) or the grid would be too large: the caller then uses the atomic kernel.
+static_assert(kThreads == 256, "the tile shapes below assume 256 threads per block");
+
+bool plan_tiles(const Params& p, int V, int acc_bytes, Launch& l, Tiling& tl, unsigned int& blocks,
+                size_t& shared_bytes) {
+  l = plan(p, V);
+  const int log2_tasks = 8 - l.log2_lanes;
+  tl.tw = 1 << ((log2_tasks + 1) / 2);
+  tl.th = (1 << log2_tasks) / tl.tw;
+  tl.tiles_x = (p.Wo + tl.tw - 1) / tl.tw;
+  tl.tiles_y = (p.Ho + tl.th - 1) / tl.th;
+  const double s = std::fabs(p.offset_scale);
+  const double span_x = (tl.tw - 1) * static_cast<double>(p.sw) + s * (p.kw - 1) * p.dw;
+  const double span_y = (tl.th - 1) * static_cast<double>(p.sh) + s * (p.kh - 1) * p.dh;
+  const double rw = std::min(std::ceil(span_x) + 2 * kTileMargin + 3, static_cast<double>(p.W));
+  const double rh = std::min(std::ceil(span_y) + 2 * kTileMargin + 3, static_cast<double>(p.H));
+  const double bytes = rw * rh * static_cast<double>(p.D) * acc_bytes;
+  const double grid = static_cast<double>(p.N) * p.G * tl.tiles_x * tl.tiles_y;
+  if (bytes > kTileSharedBytes || grid >= 2147483647.0 || grid < 1) return false;
+  tl.rw_cap = static_cast<int>(rw);
+  tl.rh_cap = static_cast<int>(rh);
+  blocks = static_cast<unsigned int>(grid);
+  shared_bytes = static_cast<size_t>(bytes);
+  return true;
+}
+
+template <typename scalar_t, int V>
+cudaError_t launch_backward_variant(BackwardVariant variant, const Params& p, const void* grad_output,
+                                    const void* value, const void* offset_mask, void* grad_value_acc,
+                                    void* grad_offset_mask, cudaStream_t stream) {
+  using acc_t = typename Acc<scalar_t>::type;
+  Launch l;
+  Tiling tl;
+  unsigned int blocks;
+  size_t shared_bytes;
+  if (variant == BackwardVariant::kTiled &&
+      plan_tiles(p, V, static_cast<int>(sizeof(acc_t)), l, tl, blocks, shared_bytes)) {
+    DCNV4_LAUNCH(blocks, kThreads, shared_bytes, stream, backward_tiled_kernel<scalar_t, V>)(
+        p, static_cast<const scalar_t*>(grad_output), static_cast<const scalar_t*>(value),
+        static_cast<const scalar_t*>(offset_mask), static_cast<acc_t*>(grad_value_acc),
+        static_cast<scalar_t*>(grad_offset_mask), l.log2_lanes, l.chunks, tl);
+    return cudaGetLastError();
+  }
+  return launch_backward<scalar_t, V>(p, grad_output, value, offset_mask, grad_value_acc, grad_offset_mask,
+                                      stream);
 }
 
 // The 16-byte path needs whole vectors per group (D % V == 0) and 16-byte aligned bases; channel
@@ -398,14 +639,15 @@ cudaError_t forward_typed(const Params& p, const void* value, const void* offset
 }
 
 template <typename scalar_t, int V>
-cudaError_t backward_typed(const Params& p, const void* grad_output, const void* value, const void* offset_mask,
-                           void* grad_value_acc, void* grad_offset_mask, cudaStream_t stream) {
+cudaError_t backward_typed(BackwardVariant variant, const Params& p, const void* grad_output, const void* value,
+                           const void* offset_mask, void* grad_value_acc, void* grad_offset_mask,
+                           cudaStream_t stream) {
   if (p.D % V == 0 && aligned16(grad_output) && aligned16(value) && aligned16(grad_value_acc)) {
-    return launch_backward<scalar_t, V>(p, grad_output, value, offset_mask, grad_value_acc, grad_offset_mask,
-                                        stream);
+    return launch_backward_variant<scalar_t, V>(variant, p, grad_output, value, offset_mask, grad_value_acc,
+                                                grad_offset_mask, stream);
   }
-  return launch_backward<scalar_t, 1>(p, grad_output, value, offset_mask, grad_value_acc, grad_offset_mask,
-                                      stream);
+  return launch_backward_variant<scalar_t, 1>(variant, p, grad_output, value, offset_mask, grad_value_acc,
+                                              grad_offset_mask, stream);
 }
 
 }  // namespace
@@ -428,19 +670,21 @@ cudaError_t forward_cuda(const Params& p, DType dtype, const void* value, const 
 
 cudaError_t backward_cuda(const Params& p, DType dtype, const void* grad_output, const void* value,
                           const void* offset_mask, void* grad_value_acc, void* grad_offset_mask,
-                          cudaStream_t stream) {
+                          cudaStream_t stream, BackwardVariant variant) {
   if (p.N * p.Ho * p.Wo * p.G * p.D == 0) return cudaSuccess;
   switch (dtype) {
     case DType::kFloat32:
-      return backward_typed<float, 4>(p, grad_output, value, offset_mask, grad_value_acc, grad_offset_mask, stream);
+      return backward_typed<float, 4>(variant, p, grad_output, value, offset_mask, grad_value_acc, grad_offset_mask,
+                                      stream);
     case DType::kFloat16:
-      return backward_typed<__half, 8>(p, grad_output, value, offset_mask, grad_value_acc, grad_offset_mask, stream);
+      return backward_typed<__half, 8>(variant, p, grad_output, value, offset_mask, grad_value_acc,
+                                       grad_offset_mask, stream);
     case DType::kBFloat16:
-      return backward_typed<__nv_bfloat16, 8>(p, grad_output, value, offset_mask, grad_value_acc, grad_offset_mask,
-                                              stream);
+      return backward_typed<__nv_bfloat16, 8>(variant, p, grad_output, value, offset_mask, grad_value_acc,
+                                              grad_offset_mask, stream);
     case DType::kFloat64:
-      return launch_backward<double, 1>(p, grad_output, value, offset_mask, grad_value_acc, grad_offset_mask,
-                                        stream);
+      return launch_backward_variant<double, 1>(variant, p, grad_output, value, offset_mask, grad_value_acc,
+                                                grad_offset_mask, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -15,6 +15,12 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3
 cudaError_t forward_cuda(const Params& p, DType dtype, const void* value, const void* offset_mask, void* output,
                          cudaStream_t stream);
 
+// How the backward accumulates grad_value: kAtomic sends every contribution to global memory with
+// atomics; kTiled accumulates a tile of output pixels' contributions in shared memory first and adds
+// each block's region to global memory once (falling back to kAtomic where the region does not fit).
+// Both give the same gradients up to the order of float additions.
+enum class BackwardVariant : int { kAtomic = 0, kTiled = 1 };
+
 // Gradients of dcnv4 given grad_output (N, Ho, Wo, C):
 // - grad_value_acc (N, H, W, C) is ACCUMULATED into with atomics, so it must be zero-filled; it is
 //   double for kFloat64 and float for every other dtype (half types convert it afterwards);
@@ -23,6 +29,6 @@ cudaError_t forward_cuda(const Params& p, DType dtype, const void* value, const 
 // Returns the launch's error code.
 cudaError_t backward_cuda(const Params& p, DType dtype, const void* grad_output, const void* value,
                           const void* offset_mask, void* grad_value_acc, void* grad_offset_mask,
-                          cudaStream_t stream);
+                          cudaStream_t stream, BackwardVariant variant = BackwardVariant::kAtomic);
 
 }  // namespace dcnv4

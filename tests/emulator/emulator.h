@@ -15,11 +15,13 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -56,13 +58,16 @@ inline std::chrono::milliseconds timeout{20000};
 
 // What the kernels did, by kind, summed over a launch: lets a test check that a path was taken.
 struct Counters {
-  std::atomic<int64_t> loads16{0}, loads_scalar{0}, atomics16{0}, atomics_scalar{0}, shuffles{0};
+  std::atomic<int64_t> loads16{0}, loads_scalar{0}, atomics16{0}, atomics_scalar{0}, atomics_shared{0},
+      shuffles{0}, barriers{0};
   void clear() {
     loads16 = 0;
     loads_scalar = 0;
     atomics16 = 0;
     atomics_scalar = 0;
+    atomics_shared = 0;
     shuffles = 0;
+    barriers = 0;
   }
 };
 inline Counters counters;
@@ -110,6 +115,12 @@ struct Range {
   uintptr_t begin, end;
 };
 inline std::vector<Range> readable, atomic_writable;
+inline Range shared_range{0, 0};  // the dynamic shared memory of the block being run
+
+inline bool in_shared(const void* p, size_t bytes) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  return a >= shared_range.begin && a + bytes <= shared_range.end;
+}
 
 inline void check_access(const void* p, size_t bytes, const std::vector<Range>& ranges, const char* what) {
   const auto a = reinterpret_cast<uintptr_t>(p);
@@ -136,6 +147,7 @@ struct Block {
   std::vector<std::unique_ptr<Warp>> warps;
 };
 inline Block* current_block = nullptr;
+inline void* shared_base = nullptr;
 
 template <typename T>
 T shfl_xor(T v, int off) {
@@ -151,15 +163,22 @@ T shfl_xor(T v, int off) {
   return r;
 }
 
-// Runs kernel(args...) over grid x block threads; returns the first error ("" when none).
+// Runs kernel(args...) over grid x block threads with `shared_bytes` of dynamic shared memory per
+// block (filled with NaN bytes before each block, as uninitialised shared memory would be garbage);
+// returns the first error ("" when none).
 template <typename Kernel, typename... Args>
-std::string launch(unsigned int grid, unsigned int block, Kernel kernel, Args... args) {
+std::string launch(unsigned int grid, unsigned int block, size_t shared_bytes, Kernel kernel, Args... args) {
   errors.first.clear();
   errors.failed = false;
   counters.clear();
   if (block == 0 || block % 32 != 0 || grid == 0) return "launch with an empty grid or a partial warp";
+  if (shared_bytes > 48 * 1024) return "more than 48 KiB of dynamic shared memory without opting in";
   Block shared_state(static_cast<int>(block));
   current_block = &shared_state;
+  std::vector<float4> shared_memory((shared_bytes + 15) / 16);
+  shared_base = shared_memory.data();
+  shared_range = {reinterpret_cast<uintptr_t>(shared_memory.data()),
+                  reinterpret_cast<uintptr_t>(shared_memory.data()) + shared_bytes};
   std::vector<std::thread> threads;
   threads.reserve(block);
   for (unsigned int t = 0; t < block; ++t) {
@@ -170,6 +189,8 @@ std::string launch(unsigned int grid, unsigned int block, Kernel kernel, Args...
       try {
         for (unsigned int b = 0; b < grid; ++b) {
           ctx.block_idx.x = b;
+          if (t == 0 && shared_bytes > 0) std::memset(shared_memory.data(), 0xff, shared_bytes);
+          shared_state.block_barrier.arrive_and_wait("the start of a block");
           kernel(args...);
           shared_state.block_barrier.arrive_and_wait("the end of a block");
         }
@@ -183,24 +204,28 @@ std::string launch(unsigned int grid, unsigned int block, Kernel kernel, Args...
   }
   for (auto& th : threads) th.join();
   current_block = nullptr;
+  shared_base = nullptr;
+  shared_range = {0, 0};
   return errors.first;
 }
 
-// The launch as the .cu writes it: DCNV4_LAUNCH(grid, block, stream, kernel)(args...).
+// The launch as the .cu writes it: DCNV4_LAUNCH(grid, block, shared_bytes, stream, kernel)(args...).
 struct Launcher {
   unsigned int grid, block;
+  size_t shared_bytes;
   template <typename Kernel>
   struct Bound {
     unsigned int grid, block;
+    size_t shared_bytes;
     Kernel kernel;
     template <typename... Args>
     void operator()(Args... args) const {
-      last_error = launch(grid, block, kernel, args...);
+      last_error = launch(grid, block, shared_bytes, kernel, args...);
     }
   };
   template <typename Kernel>
   Bound<Kernel> bind(Kernel k) const {
-    return {grid, block, k};
+    return {grid, block, shared_bytes, k};
   }
   static inline thread_local std::string last_error;
 };
@@ -236,12 +261,19 @@ inline T __shfl_xor_sync(unsigned int mask, T v, int off) {
   return ::emu::shfl_xor(v, off);
 }
 
-inline void __syncthreads() { ::emu::current_block->block_barrier.arrive_and_wait("__syncthreads"); }
+inline void __syncthreads() {
+  if (::emu::ctx.thread_idx.x == 0) ::emu::counters.barriers++;
+  ::emu::current_block->block_barrier.arrive_and_wait("__syncthreads");
+}
 
 template <typename T>
 inline T atomicAdd(T* p, T v) {
-  ::emu::check_access(p, sizeof(T), ::emu::atomic_writable, "atomicAdd");
-  ::emu::counters.atomics_scalar++;
+  if (::emu::in_shared(p, sizeof(T))) {
+    ::emu::counters.atomics_shared++;
+  } else {
+    ::emu::check_access(p, sizeof(T), ::emu::atomic_writable, "atomicAdd");
+    ::emu::counters.atomics_scalar++;
+  }
   return std::atomic_ref<T>(*p).fetch_add(v);
 }
 
@@ -257,7 +289,13 @@ inline float4 atomicAdd(float4* p, float4 v) {
   return old;
 }
 
-// The launch hook of the .cu file, and its error query.
-#define DCNV4_LAUNCH(grid, block, stream, ...) (::emu::Launcher{(grid), (block)}.bind(__VA_ARGS__))
+// Host versions of the device min/max the kernels call unqualified.
+using std::max;
+using std::min;
+
+// The launch and shared-memory hooks of the .cu file, and its error query.
+#define DCNV4_LAUNCH(grid, block, shared_bytes, stream, ...) \
+  (::emu::Launcher{(grid), (block), (shared_bytes)}.bind(__VA_ARGS__))
+#define DCNV4_SHARED_ARRAY(T, name) T* name = static_cast<T*>(::emu::shared_base)
 #define cudaGetLastError() \
   (::emu::Launcher::last_error.empty() ? cudaSuccess : cudaErrorLaunchFailure)

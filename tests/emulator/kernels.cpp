@@ -65,7 +65,8 @@ std::string forward(const at::Tensor& value, const at::Tensor& offset_mask, at::
 std::string backward(const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& offset_mask,
                      at::Tensor& grad_value_acc, at::Tensor& grad_offset_mask, std::vector<int64_t> kernel_size,
                      std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
-                     int64_t groups, double offset_scale, bool remove_center) {
+                     int64_t groups, double offset_scale, bool remove_center, const std::string& variant) {
+  TORCH_CHECK(variant == "atomic" || variant == "tiled", "variant must be 'atomic' or 'tiled', got ", variant);
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{grad_output, "grad_output"},
                                 {value, "value"},
                                 {offset_mask, "offset_mask"},
@@ -87,7 +88,8 @@ std::string backward(const at::Tensor& grad_output, const at::Tensor& value, con
   emu::Launcher::last_error.clear();
   const cudaError_t err = dcnv4::backward_cuda(
       p, dtype_of(value), grad_output.const_data_ptr(), value.const_data_ptr(), offset_mask.const_data_ptr(),
-      grad_value_acc.mutable_data_ptr(), grad_offset_mask.mutable_data_ptr(), nullptr);
+      grad_value_acc.mutable_data_ptr(), grad_offset_mask.mutable_data_ptr(), nullptr,
+      variant == "tiled" ? dcnv4::BackwardVariant::kTiled : dcnv4::BackwardVariant::kAtomic);
   if (err != cudaSuccess && emu::Launcher::last_error.empty()) return "launcher returned an error";
   return emu::Launcher::last_error;
 }
@@ -124,13 +126,13 @@ std::pair<std::string, std::vector<float>> selftest(const std::string& which, in
   emu::atomic_writable.clear();
   std::string err;
   if (which == "divergent_shuffle") {
-    err = emu::launch(1, 64, divergent_shuffle_kernel, out.data());
+    err = emu::launch(1, 64, 0, divergent_shuffle_kernel, out.data());
   } else if (which == "out_of_bounds") {
-    err = emu::launch(1, 64, out_of_bounds_kernel, static_cast<const float*>(in.data()), out.data());
+    err = emu::launch(1, 64, 0, out_of_bounds_kernel, static_cast<const float*>(in.data()), out.data());
   } else if (which == "misaligned_vector") {
-    err = emu::launch(1, 64, misaligned_vector_kernel, static_cast<const float*>(in.data()), out.data());
+    err = emu::launch(1, 64, 0, misaligned_vector_kernel, static_cast<const float*>(in.data()), out.data());
   } else if (which == "shuffle_sum") {
-    err = emu::launch(2, 64, shuffle_sum_kernel, out.data());
+    err = emu::launch(2, 64, 0, shuffle_sum_kernel, out.data());
   } else {
     err = "unknown self-test " + which;
   }
@@ -143,6 +145,8 @@ std::map<std::string, int64_t> counters() {
           {"loads_scalar", emu::counters.loads_scalar.load()},
           {"atomics16", emu::counters.atomics16.load()},
           {"atomics_scalar", emu::counters.atomics_scalar.load()},
+          {"atomics_shared", emu::counters.atomics_shared.load()},
+          {"barriers", emu::counters.barriers.load()},
           {"shuffles", emu::counters.shuffles.load()}};
 }
 
@@ -152,5 +156,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "the CUDA forward kernel, emulated on the CPU");
   m.def("backward", &backward, "the CUDA backward kernel, emulated on the CPU");
   m.def("selftest", &selftest, "run a rule-breaking kernel (or a correct one) under the emulator");
-  m.def("counters", &counters, "what the last launch did: 16-byte and scalar loads and atomics, shuffles");
+  m.def("counters", &counters,
+        "what the last launch did: 16-byte and scalar loads, global and shared atomics, shuffles, barriers");
 }
