@@ -131,6 +131,9 @@ CASES = {
     # Shapes where the official kernels straddle images (batch cut from 64, shape kept).
     "14x14x256_G16": dict(N=6, H=14, W=14, G=16, D=16),
     "7x7x512_G32": dict(N=6, H=7, W=7, G=32, D=16),
+    # Larger than the tiled backward's shared region: interior tiles whose regions the image does not
+    # clip, and corners past the region's margin.
+    "28x28_tiles": dict(N=2, H=28, W=28, G=1, D=16),
 }
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -149,7 +149,7 @@ def test_emulated_float64(emu, case):
         check_backward(emu, EMULATED[case], torch.float64, seed=50 + FLOAT64_CASES.index(case), variant=variant)
 
 
-@pytest.mark.parametrize("case", ["13x9", "stride2", "dilation2", "k5_D32", "far_offsets"], ids=str)
+@pytest.mark.parametrize("case", ["13x9", "stride2", "dilation2", "k5_D32", "far_offsets", "28x28_tiles"], ids=str)
 def test_tiled_backward_uses_shared_memory_and_fewer_global_atomics(emu, case):
     """The tiled kernel runs (the region fits), absorbs contributions in shared memory and sends fewer
     atomics to global memory than the atomic kernel; with far offsets most go global, still correct."""
@@ -167,7 +167,9 @@ def test_tiled_backward_uses_shared_memory_and_fewer_global_atomics(emu, case):
     if case != "far_offsets":
         assert global_tiled < global_atomic, (atomic, tiled)
     assert torch.equal(gom_t, gom_a)  # grad_offset_mask: same arithmetic, no atomics
-    assert rel_err(gv_t, gv_a) < 1e-6
+    # Element by element, as tight as the float32 summation order allows: a contribution put on the
+    # wrong pixel is a small part of the norm but not of its element.
+    torch.testing.assert_close(gv_t, gv_a, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
