@@ -247,101 +247,126 @@ __device__ __forceinline__ acc_t lane_sum(acc_t v, int lanes) {
   return v;
 }
 
+// Where a task's grad_value contributions go: `add` (mask * weight * grad_out over the V channels of
+// chunk c) for corner `corner` of footprint b.
+template <typename acc_t, int V>
+struct GlobalScatter {  // the atomic kernel: straight to global memory
+  acc_t* gimg;          // grad_value at the task's image and group
+  int64_t C;
+  __device__ __forceinline__ void operator()(const Bilinear<acc_t>& b, int corner, int c, const acc_t (&add)[V]) const {
+    atomic_add_vec<V>(gimg + b.idx[corner] * C + c * V, add);
+  }
+};
+
 // Backward of one task. Per point: grad_value at the four corners gets mask * weight * grad_out
-// (atomics: points of neighbouring tasks hit the same pixels); the mask's gradient is
+// (handed to `scatter`: points of neighbouring tasks hit the same pixels); the mask's gradient is
 // <grad_out, sample> and the offsets' gradients are mask * offset_scale * <grad_out, d sample / d x>,
 // dot products over D that each lane computes for its chunks and the task's lanes then sum with
-// shuffles, so grad_offset_mask is written once, without atomics, by the task's first lane.
-// Warps walk the grid together (the loop bound is the warp's first thread) so that every lane reaches
-// every shuffle; lanes past the end compute on task 0 and write nothing.
+// shuffles, so grad_offset_mask is written once, without atomics, by the task's first lane. Every
+// lane of the warp must call this (the shuffles); lanes with `active` false compute on a valid task
+// and write nothing.
+template <typename scalar_t, int V, typename Scatter>
+__device__ __forceinline__ void backward_task(const Params& p, const Task& t, int lane, int log2_lanes, int chunks,
+                                              bool active, const scalar_t* __restrict__ grad_output,
+                                              const scalar_t* __restrict__ value,
+                                              const scalar_t* __restrict__ offset_mask,
+                                              scalar_t* __restrict__ grad_offset_mask, const Scatter& scatter) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const int lanes = 1 << log2_lanes;
+  const int per_lane = (chunks + lanes - 1) >> log2_lanes;
+  const int64_t C = p.G * p.D;
+  const acc_t s = static_cast<acc_t>(p.offset_scale);
+  const scalar_t* om = offset_mask + t.pix * p.P + t.g * 3 * p.K;
+  scalar_t* gom = grad_offset_mask + t.pix * p.P + t.g * 3 * p.K;
+  const scalar_t* img = value + t.n * p.H * p.W * C + t.g * p.D;
+  const scalar_t* gout = grad_output + t.pix * C + t.g * p.D;
+  for (int r = 0; r < per_lane; ++r) {
+    const int c = lane + (r << log2_lanes);
+    const bool has = c < chunks;
+    acc_t go[V];
+    if (has) {
+      VecIO<scalar_t, V>::load(gout + c * V, go);
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) go[i] = 0;
+    }
+    for (int k = 0; k < p.K; ++k) {
+      acc_t m;
+      const Bilinear<acc_t> b = sample_point(p, t, om, k, m);
+      acc_t gm = 0, gx = 0, gy = 0;
+      if (has) {
+        acc_t v[4][V];
+#pragma unroll
+        for (int corner = 0; corner < 4; ++corner) {
+          if (b.inside[corner]) {
+            VecIO<scalar_t, V>::load(img + b.idx[corner] * C + c * V, v[corner]);
+          } else {
+#pragma unroll
+            for (int i = 0; i < V; ++i) v[corner][i] = 0;
+          }
+        }
+        const acc_t lx = b.lx, ly = b.ly;
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const acc_t sample = b.w[0] * v[0][i] + b.w[1] * v[1][i] + b.w[2] * v[2][i] + b.w[3] * v[3][i];
+          const acc_t dsdx = (1 - ly) * (v[1][i] - v[0][i]) + ly * (v[3][i] - v[2][i]);
+          const acc_t dsdy = (1 - lx) * (v[2][i] - v[0][i]) + lx * (v[3][i] - v[1][i]);
+          gm += go[i] * sample;
+          gx += go[i] * dsdx;
+          gy += go[i] * dsdy;
+        }
+        if (active) {
+#pragma unroll
+          for (int corner = 0; corner < 4; ++corner) {
+            if (!b.inside[corner]) continue;
+            const acc_t w = m * b.w[corner];
+            acc_t add[V];
+#pragma unroll
+            for (int i = 0; i < V; ++i) add[i] = w * go[i];
+            scatter(b, corner, c, add);
+          }
+        }
+      }
+      gm = lane_sum(gm, lanes);
+      gx = lane_sum(gx, lanes);
+      gy = lane_sum(gy, lanes);
+      if (active && lane == 0) {
+        // With more chunks than lanes the first lane adds up the rounds itself: no race.
+        acc_t gdx = m * s * gx, gdy = m * s * gy;
+        if (r > 0) {
+          gdx += to_acc(gom[2 * k]);
+          gdy += to_acc(gom[2 * k + 1]);
+          gm += to_acc(gom[2 * p.K + k]);
+        }
+        gom[2 * k] = narrow<scalar_t>(gdx);
+        gom[2 * k + 1] = narrow<scalar_t>(gdy);
+        gom[2 * p.K + k] = narrow<scalar_t>(gm);
+      }
+    }
+  }
+}
+
+// The atomic backward: tasks numbered globally as in the forward. Warps walk the grid together (the
+// loop bound is the warp's first thread) so that every lane reaches every shuffle; lanes past the end
+// compute on task 0 and write nothing.
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const Params p, const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ value,
                     const scalar_t* __restrict__ offset_mask, typename Acc<scalar_t>::type* __restrict__ grad_value,
                     scalar_t* __restrict__ grad_offset_mask, int log2_lanes, int chunks, int64_t tasks) {
   using acc_t = typename Acc<scalar_t>::type;
-  const int lanes = 1 << log2_lanes;
-  const int per_lane = (chunks + lanes - 1) >> log2_lanes;
   const int64_t C = p.G * p.D;
   const int64_t total = tasks << log2_lanes;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const acc_t s = static_cast<acc_t>(p.offset_scale);
   for (int64_t warp0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + (threadIdx.x & ~31); warp0 < total;
        warp0 += step) {
     const int64_t tid = warp0 + (threadIdx.x & 31);
     const bool active = tid < total;
-    const int64_t q = active ? tid >> log2_lanes : 0;
-    const int lane = static_cast<int>(tid & (lanes - 1));
-    const Task t = task_of(p, q);
-    const scalar_t* om = offset_mask + t.pix * p.P + t.g * 3 * p.K;
-    scalar_t* gom = grad_offset_mask + t.pix * p.P + t.g * 3 * p.K;
-    const scalar_t* img = value + t.n * p.H * p.W * C + t.g * p.D;
-    acc_t* gimg = grad_value + t.n * p.H * p.W * C + t.g * p.D;
-    const scalar_t* gout = grad_output + t.pix * C + t.g * p.D;
-    for (int r = 0; r < per_lane; ++r) {
-      const int c = lane + (r << log2_lanes);
-      const bool has = c < chunks;
-      acc_t go[V];
-      if (has) {
-        VecIO<scalar_t, V>::load(gout + c * V, go);
-      } else {
-#pragma unroll
-        for (int i = 0; i < V; ++i) go[i] = 0;
-      }
-      for (int k = 0; k < p.K; ++k) {
-        acc_t m;
-        const Bilinear<acc_t> b = sample_point(p, t, om, k, m);
-        acc_t gm = 0, gx = 0, gy = 0;
-        if (has) {
-          acc_t v[4][V];
-#pragma unroll
-          for (int corner = 0; corner < 4; ++corner) {
-            if (b.inside[corner]) {
-              VecIO<scalar_t, V>::load(img + b.idx[corner] * C + c * V, v[corner]);
-            } else {
-#pragma unroll
-              for (int i = 0; i < V; ++i) v[corner][i] = 0;
-            }
-          }
-          const acc_t lx = b.lx, ly = b.ly;
-#pragma unroll
-          for (int i = 0; i < V; ++i) {
-            const acc_t sample = b.w[0] * v[0][i] + b.w[1] * v[1][i] + b.w[2] * v[2][i] + b.w[3] * v[3][i];
-            const acc_t dsdx = (1 - ly) * (v[1][i] - v[0][i]) + ly * (v[3][i] - v[2][i]);
-            const acc_t dsdy = (1 - lx) * (v[2][i] - v[0][i]) + lx * (v[3][i] - v[1][i]);
-            gm += go[i] * sample;
-            gx += go[i] * dsdx;
-            gy += go[i] * dsdy;
-          }
-          if (active) {
-#pragma unroll
-            for (int corner = 0; corner < 4; ++corner) {
-              if (!b.inside[corner]) continue;
-              const acc_t w = m * b.w[corner];
-              acc_t add[V];
-#pragma unroll
-              for (int i = 0; i < V; ++i) add[i] = w * go[i];
-              atomic_add_vec<V>(gimg + b.idx[corner] * C + c * V, add);
-            }
-          }
-        }
-        gm = lane_sum(gm, lanes);
-        gx = lane_sum(gx, lanes);
-        gy = lane_sum(gy, lanes);
-        if (active && lane == 0) {
-          // With more chunks than lanes the first lane adds up the rounds itself: no race.
-          acc_t gdx = m * s * gx, gdy = m * s * gy;
-          if (r > 0) {
-            gdx += to_acc(gom[2 * k]);
-            gdy += to_acc(gom[2 * k + 1]);
-            gm += to_acc(gom[2 * p.K + k]);
-          }
-          gom[2 * k] = narrow<scalar_t>(gdx);
-          gom[2 * k + 1] = narrow<scalar_t>(gdy);
-          gom[2 * p.K + k] = narrow<scalar_t>(gm);
-        }
-      }
-    }
+    const Task t = task_of(p, active ? tid >> log2_lanes : 0);
+    const int lane = static_cast<int>(tid & ((1 << log2_lanes) - 1));
+    const GlobalScatter<acc_t, V> scatter{grad_value + t.n * p.H * p.W * C + t.g * p.D, C};
+    backward_task<scalar_t, V>(p, t, lane, log2_lanes, chunks, active, grad_output, value, offset_mask,
+                               grad_offset_mask, scatter);
   }
 }
 
@@ -388,6 +413,27 @@ __device__ __forceinline__ void tile_region(const Params& p, const Tiling& tl, i
   rh = static_cast<int>(max(min(ry1 - ry0 + 1, static_cast<int64_t>(tl.rh_cap)), int64_t{0}));
 }
 
+// The tiled kernel's scatter: corners inside the block's region go to shared memory, the others to
+// global memory.
+template <typename acc_t, int V>
+struct RegionScatter {
+  acc_t* region;  // (rh, rw, D) in shared memory
+  int64_t rx0, ry0;
+  int rw, rh;
+  int64_t D;
+  GlobalScatter<acc_t, V> global;
+  __device__ __forceinline__ void operator()(const Bilinear<acc_t>& b, int corner, int c, const acc_t (&add)[V]) const {
+    const int64_t ry = b.y0 + (corner >> 1) - ry0, rx = b.x0 + (corner & 1) - rx0;
+    if (ry >= 0 && ry < rh && rx >= 0 && rx < rw) {
+      acc_t* dst = region + (ry * rw + rx) * D + c * V;
+#pragma unroll
+      for (int i = 0; i < V; ++i) atomicAdd(dst + i, add[i]);
+    } else {
+      global(b, corner, c, add);
+    }
+  }
+};
+
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads, 3)
     backward_tiled_kernel(const Params p, const scalar_t* __restrict__ grad_output,
@@ -396,10 +442,7 @@ __global__ void __launch_bounds__(kThreads, 3)
                           scalar_t* __restrict__ grad_offset_mask, int log2_lanes, int chunks, const Tiling tl) {
   using acc_t = typename Acc<scalar_t>::type;
   DCNV4_SHARED_ARRAY(acc_t, region);
-  const int lanes = 1 << log2_lanes;
-  const int per_lane = (chunks + lanes - 1) >> log2_lanes;
   const int64_t C = p.G * p.D;
-  const acc_t s = static_cast<acc_t>(p.offset_scale);
 
   // Block -> (n, g, tile); blocks of one image and group are consecutive.
   int64_t b = blockIdx.x;
@@ -420,7 +463,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   // Thread -> (task in the tile, lane). Tasks past the map's edge compute on the tile's first pixel
   // (so that their lanes reach every shuffle) and write nothing.
   const int local = static_cast<int>(threadIdx.x) >> log2_lanes;
-  const int lane = static_cast<int>(threadIdx.x) & (lanes - 1);
+  const int lane = static_cast<int>(threadIdx.x) & ((1 << log2_lanes) - 1);
   const int64_t ho_own = ho0 + local / tl.tw, wo_own = wo0 + local % tl.tw;
   const bool active = ho_own < p.Ho && wo_own < p.Wo;
   Task t;
@@ -429,82 +472,10 @@ __global__ void __launch_bounds__(kThreads, 3)
   t.ho = active ? ho_own : ho0;
   t.wo = active ? wo_own : wo0;
   t.pix = (n * p.Ho + t.ho) * p.Wo + t.wo;
-  const scalar_t* om = offset_mask + t.pix * p.P + g * 3 * p.K;
-  scalar_t* gom = grad_offset_mask + t.pix * p.P + g * 3 * p.K;
-  const scalar_t* img = value + n * p.H * p.W * C + g * p.D;
   acc_t* gimg = grad_value + n * p.H * p.W * C + g * p.D;
-  const scalar_t* gout = grad_output + t.pix * C + g * p.D;
-
-  for (int r = 0; r < per_lane; ++r) {
-    const int c = lane + (r << log2_lanes);
-    const bool has = c < chunks;
-    acc_t go[V];
-    if (has) {
-      VecIO<scalar_t, V>::load(gout + c * V, go);
-    } else {
-#pragma unroll
-      for (int i = 0; i < V; ++i) go[i] = 0;
-    }
-    for (int k = 0; k < p.K; ++k) {
-      acc_t m;
-      const Bilinear<acc_t> bl = sample_point(p, t, om, k, m);
-      acc_t gm = 0, gx = 0, gy = 0;
-      if (has) {
-        acc_t v[4][V];
-#pragma unroll
-        for (int corner = 0; corner < 4; ++corner) {
-          if (bl.inside[corner]) {
-            VecIO<scalar_t, V>::load(img + bl.idx[corner] * C + c * V, v[corner]);
-          } else {
-#pragma unroll
-            for (int i = 0; i < V; ++i) v[corner][i] = 0;
-          }
-        }
-        const acc_t lx = bl.lx, ly = bl.ly;
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-          const acc_t sample = bl.w[0] * v[0][i] + bl.w[1] * v[1][i] + bl.w[2] * v[2][i] + bl.w[3] * v[3][i];
-          const acc_t dsdx = (1 - ly) * (v[1][i] - v[0][i]) + ly * (v[3][i] - v[2][i]);
-          const acc_t dsdy = (1 - lx) * (v[2][i] - v[0][i]) + lx * (v[3][i] - v[1][i]);
-          gm += go[i] * sample;
-          gx += go[i] * dsdx;
-          gy += go[i] * dsdy;
-        }
-        if (active) {
-#pragma unroll
-          for (int corner = 0; corner < 4; ++corner) {
-            if (!bl.inside[corner]) continue;
-            const acc_t w = m * bl.w[corner];
-            const int64_t ry = bl.y0 + (corner >> 1) - ry0, rx = bl.x0 + (corner & 1) - rx0;
-            if (ry >= 0 && ry < rh && rx >= 0 && rx < rw) {
-              acc_t* dst = region + (ry * rw + rx) * p.D + c * V;
-#pragma unroll
-              for (int i = 0; i < V; ++i) atomicAdd(dst + i, w * go[i]);
-            } else {
-              acc_t add[V];
-#pragma unroll
-              for (int i = 0; i < V; ++i) add[i] = w * go[i];
-              atomic_add_vec<V>(gimg + bl.idx[corner] * C + c * V, add);
-            }
-          }
-        }
-      }
-      gm = lane_sum(gm, lanes);
-      gx = lane_sum(gx, lanes);
-      gy = lane_sum(gy, lanes);
-      if (active && lane == 0) {
-        acc_t gdx = m * s * gx, gdy = m * s * gy;
-        if (r > 0) {
-          gdx += to_acc(gom[2 * k]);
-          gdy += to_acc(gom[2 * k + 1]);
-          gm += to_acc(gom[2 * p.K + k]);
-        }
-        gom[2 * k] = narrow<scalar_t>(gdx);
-        gom[2 * k + 1] = narrow<scalar_t>(gdy);
-        gom[2 * p.K + k] = narrow<scalar_t>(gm);
-      }
-    }
-  }
+  const RegionScatter<acc_t, V> scatter{region, rx0, ry0, rw, rh, p.D, GlobalScatter<acc_t, V>{gimg, C}};
+  backward_task<scalar_t, V>(p, t, lane, log2_lanes, chunks, active, grad_output, value, offset_mask,
+                             grad_offset_mask, scatter);
   __syncthreads();
 
   // The region into grad_value: one vector atomic per pixel and chunk that received something.
