@@ -1,0 +1,82 @@
+"""The benchmark scripts run on the CPU at small sizes, and their GPU-only parts (the CUDA table, the
+backward-variant switch) format and restore what they should."""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from unet_dcnv4.modules import DCNv4Conv2d
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_op = _load("bench_op")
+bench_unet = _load("bench_unet")
+
+
+def test_bench_op_on_cpu_writes_json_and_table(tmp_path, capsys):
+    out = tmp_path / "op.json"
+    assert bench_op.main(["--device", "cpu", "--quick", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["err_fwd"] < 1e-5 and r["fwd_ms"] > 0 and r["bwd_ms"] > 0 for r in rows)
+    assert "speedup" in capsys.readouterr().out
+
+
+def test_bench_op_cuda_table_lists_both_backward_kernels():
+    row = {"N": 64, "H": 56, "W": 56, "C": 64, "G": 4, "dtype": "float32", "floor_fwd_ms": 0.064,
+           "floor_bwd_ms": 0.111, "fwd_ms": 0.096, "bwd_ms": 0.444, "bwd_tiled_ms": 0.222, "conv3x3_fwd_ms": 0.2,
+           "dwconv3x3_fwd_ms": 0.05, "anchor_fwd_x_floor": 3.4, "anchor_bwd_x_floor": 10.5}
+    lines = bench_op.table("cuda", [row]).splitlines()
+    by_dir = {line.split()[2]: line.split() for line in lines[1:4]}
+    assert set(by_dir) == {"fwd", "bwd", "bwd-t"}
+    assert by_dir["fwd"][4] == "1.50" and by_dir["bwd"][4] == "4.00" and by_dir["bwd-t"][4] == "2.00"
+
+
+def test_backward_variant_switch_restores_the_environment(monkeypatch):
+    monkeypatch.delenv("UNET_DCNV4_CUDA_BACKWARD", raising=False)
+    with bench_op.backward_variant("tiled"):
+        assert os.environ["UNET_DCNV4_CUDA_BACKWARD"] == "tiled"
+    assert "UNET_DCNV4_CUDA_BACKWARD" not in os.environ
+    monkeypatch.setenv("UNET_DCNV4_CUDA_BACKWARD", "atomic")
+    with bench_op.backward_variant("tiled"):
+        pass
+    assert os.environ["UNET_DCNV4_CUDA_BACKWARD"] == "atomic"
+
+
+@pytest.mark.filterwarnings("ignore:A saved_tensors_hooks context:FutureWarning")
+def test_bench_unet_on_cpu_reports_memory_and_ratios(tmp_path, capsys):
+    out = tmp_path / "unet.json"
+    assert bench_unet.main(["--device", "cpu", "--skip", "layers", "--size", "tiny", "--sample_size", "8",
+                            "--unet_batch", "2", "--dtypes", "bf16", "--iters", "1", "--warmup", "0",
+                            "--out", str(out)]) == 0
+    rows = {r["model"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"dcnv4", "dcnv4_rv", "conv"}
+    assert all(r["saved_mib"] > 0 and r["state_mib"] > 0 and r["peak_mib"] is None for r in rows.values())
+    assert rows["dcnv4_rv"]["saved_mib"] < rows["dcnv4"]["saved_mib"]
+    assert rows["dcnv4_rv"]["parameters"] == rows["dcnv4"]["parameters"]
+    printed = capsys.readouterr().out
+    assert "dcnv4/conv bf16: img/s" in printed and "dcnv4_rv/conv bf16: img/s" in printed
+
+
+def test_saved_mib_counts_what_autograd_keeps():
+    """A 3x3 conv keeps its input; DCNv4Conv2d keeps its input, value, offset_mask and the op's output."""
+    x = torch.randn(2, 32, 16, 16, requires_grad=True)
+    conv = torch.nn.Conv2d(32, 32, 3, padding=1)
+    dcn = DCNv4Conv2d(32, 32)
+    conv_mib = bench_unet.saved_mib(lambda: conv(x), exclude=[*conv.parameters()])
+    assert conv_mib == pytest.approx(x.numel() * 4 / 2**20)
+    dcn_mib = bench_unet.saved_mib(lambda: dcn(x), exclude=[x, *dcn.parameters()])
+    pixels = 2 * 16 * 16
+    expected = pixels * (32 + 32 + dcn.offset_mask.out_features + 32) * 4 / 2**20
+    assert dcn_mib == pytest.approx(expected)
