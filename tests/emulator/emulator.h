@@ -6,9 +6,12 @@
 // plays threadIdx.x = t of every block in turn, block after block, with a block-wide barrier between
 // blocks. __shfl_xor_sync is a real exchange among the 32 threads of a warp (two warp barriers), so
 // lanes that skip a shuffle their partners reach deadlock as they would on a GPU: the emulator reports
-// that after a timeout instead of hanging. Every load through __ldg and every atomic is checked to lie
-// inside a buffer the caller registered (and 16-byte accesses to be 16-byte aligned); plain stores
-// are checked by the caller with guard zones around the outputs.
+// that after a timeout instead of hanging. __syncthreads is a block-wide barrier, and the block's
+// dynamic shared memory one buffer, refilled with NaN bytes before every block. Every load through
+// __ldg and every global atomic is checked to lie inside a buffer the caller registered (and 16-byte
+// accesses to be 16-byte aligned); plain stores are checked by the caller with guard zones around the
+// outputs. Shared-memory loads and stores are not checked: the kernels' region bounds are, by the
+// results.
 #pragma once
 
 #include <cuda_bf16.h>
