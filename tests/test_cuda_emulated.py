@@ -233,3 +233,19 @@ def test_emulator_reports_broken_kernels(emu, which, message):
     and a misaligned 16-byte load are each reported."""
     err, _ = emu.selftest(which, 500)
     assert message in err
+
+
+@pytest.mark.parametrize("offset_scale", [1e6, -3.0, float("nan")], ids=["huge", "negative", "nan"])
+def test_tiled_backward_with_extreme_offset_scales(emu, offset_scale):
+    """Offset scales that put every sample far outside (or nowhere): the tiled kernel's region stays
+    inside the image and agrees with the atomic kernel (NaN: both propagate it, neither faults)."""
+    value, om, kwargs = make_case(N=1, H=9, W=10, G=2, D=16, offset_scale=offset_scale, seed=31)
+    value, om = value.float(), om.float()
+    grad_out = torch.randn(1, 9, 10, 32, generator=torch.Generator().manual_seed(4))
+    gv_a, gom_a = emulated_backward(emu, grad_out, value, om, kwargs, "atomic")
+    gv_t, gom_t = emulated_backward(emu, grad_out, value, om, kwargs, "tiled")
+    torch.testing.assert_close(gv_t, gv_a, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(gom_t, gom_a, rtol=0, atol=0, equal_nan=True)
+    if offset_scale == offset_scale:  # finite: against the reference too
+        check_backward(emu, dict(N=1, H=9, W=10, G=2, D=16, offset_scale=offset_scale), torch.float32, seed=31,
+                       variant="tiled")

@@ -405,10 +405,13 @@ __device__ __forceinline__ void tile_region(const Params& p, const Tiling& tl, i
   const acc_t xmax = static_cast<acc_t>(wo1 * p.sw - p.pw + cw) + max(tx_a, tx_b);
   const acc_t ymin = static_cast<acc_t>(ho0 * p.sh - p.ph + ch) + min(ty_a, ty_b);
   const acc_t ymax = static_cast<acc_t>(ho1 * p.sh - p.ph + ch) + max(ty_a, ty_b);
-  rx0 = max(static_cast<int64_t>(floor_acc(xmin)) - kTileMargin, int64_t{0});
-  ry0 = max(static_cast<int64_t>(floor_acc(ymin)) - kTileMargin, int64_t{0});
-  const int64_t rx1 = min(static_cast<int64_t>(floor_acc(xmax)) + 1 + kTileMargin, p.W - 1);
-  const int64_t ry1 = min(static_cast<int64_t>(floor_acc(ymax)) + 1 + kTileMargin, p.H - 1);
+  // Clamped as in bilinear() so that huge offset scales cannot overflow the integer conversion.
+  const acc_t big = static_cast<acc_t>(p.H + p.W + 2);
+  const auto pixel = [big](acc_t v) { return static_cast<int64_t>(floor_acc(v < -big ? -big : (v > big ? big : v))); };
+  rx0 = max(pixel(xmin) - kTileMargin, int64_t{0});
+  ry0 = max(pixel(ymin) - kTileMargin, int64_t{0});
+  const int64_t rx1 = min(pixel(xmax) + 1 + kTileMargin, p.W - 1);
+  const int64_t ry1 = min(pixel(ymax) + 1 + kTileMargin, p.H - 1);
   rw = static_cast<int>(max(min(rx1 - rx0 + 1, static_cast<int64_t>(tl.rw_cap)), int64_t{0}));
   rh = static_cast<int>(max(min(ry1 - ry0 + 1, static_cast<int64_t>(tl.rh_cap)), int64_t{0}));
 }
@@ -557,6 +560,7 @@ static_assert(kThreads == 256, "the tile shapes below assume 256 threads per blo
 bool plan_tiles(const Params& p, int V, int acc_bytes, Launch& l, Tiling& tl, unsigned int& blocks,
                 size_t& shared_bytes) {
   l = plan(p, V);
+  if (!std::isfinite(p.offset_scale)) return false;
   const int log2_tasks = 8 - l.log2_lanes;
   tl.tw = 1 << ((log2_tasks + 1) / 2);
   tl.th = (1 << log2_tasks) / tl.tw;
