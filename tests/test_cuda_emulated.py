@@ -20,8 +20,8 @@ HERE = Path(__file__).resolve().parent / "emulator"
 GUARD = 64  # elements of sentinel before and after every output
 SENTINEL = 12345.0
 
-# The emulated shapes: those of the GPU tests, the two largest cut to a batch of 2 (the emulator runs
-# every thread of the grid on two cores).
+# The emulated shapes: those of the GPU tests, batches cut to at most 2 (the emulator runs every thread
+# of the grid on two cores).
 EMULATED = {name: dict(case, N=min(case["N"], 2)) for name, case in CASES.items()}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 VARIANTS = ["atomic", "tiled"]  # the backward kernels (BackwardVariant in csrc/cuda/dcnv4_cuda.h)
@@ -53,12 +53,12 @@ def emu(tmp_path_factory):
                 extra_cflags=["-O1", "-std=c++20", "-Wno-attributes"], verbose=False)
 
 
-def guarded(shape, dtype, fill, offset=0):
-    """A contiguous tensor of `shape` inside a buffer whose GUARD elements on each side hold SENTINEL;
-    `offset` extra elements in front shift its address off 16 bytes."""
+def guarded(shape, dtype, fill):
+    """A contiguous tensor of `shape`, filled with `fill`, inside a buffer whose GUARD elements on each
+    side hold SENTINEL."""
     n = int(torch.Size(shape).numel())
-    buf = torch.full((n + 2 * GUARD + offset,), SENTINEL, dtype=dtype)
-    view = buf[GUARD + offset: GUARD + offset + n].view(shape)
+    buf = torch.full((n + 2 * GUARD,), SENTINEL, dtype=dtype)
+    view = buf[GUARD: GUARD + n].view(shape)
     view.fill_(fill)
     return buf, view
 
