@@ -92,56 +92,52 @@ struct VecIO<float, 4> {
   }
 };
 
-// 8 half-precision channels travel as one uint4; each 32-bit word is a pair converted at once.
+// A 16-bit type's two-channel word and its conversions to and from a float pair.
+template <typename scalar_t>
+struct Pair16;
 template <>
-struct VecIO<__half, 8> {
-  static __device__ __forceinline__ void load(const __half* p, float (&o)[8]) {
-    const uint4 r = __ldg(reinterpret_cast<const uint4*>(p));
-    const unsigned int w[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      __half2 h;
-      *reinterpret_cast<unsigned int*>(&h) = w[i];
-      const float2 f = __half22float2(h);
-      o[2 * i] = f.x;
-      o[2 * i + 1] = f.y;
-    }
-  }
-  static __device__ __forceinline__ void store(__half* p, const float (&o)[8]) {
-    unsigned int w[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const __half2 h = __floats2half2_rn(o[2 * i], o[2 * i + 1]);
-      w[i] = *reinterpret_cast<const unsigned int*>(&h);
-    }
-    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
-  }
+struct Pair16<__half> {
+  using type = __half2;
+  static __device__ __forceinline__ float2 to_float2(type h) { return __half22float2(h); }
+  static __device__ __forceinline__ type from_floats(float a, float b) { return __floats2half2_rn(a, b); }
+};
+template <>
+struct Pair16<__nv_bfloat16> {
+  using type = __nv_bfloat162;
+  static __device__ __forceinline__ float2 to_float2(type h) { return __bfloat1622float2(h); }
+  static __device__ __forceinline__ type from_floats(float a, float b) { return __floats2bfloat162_rn(a, b); }
 };
 
-template <>
-struct VecIO<__nv_bfloat16, 8> {
-  static __device__ __forceinline__ void load(const __nv_bfloat16* p, float (&o)[8]) {
+// 8 half-precision channels travel as one uint4; each 32-bit word is a pair converted at once.
+template <typename scalar_t>
+struct VecIO16 {
+  using pair_t = typename Pair16<scalar_t>::type;
+  static __device__ __forceinline__ void load(const scalar_t* p, float (&o)[8]) {
     const uint4 r = __ldg(reinterpret_cast<const uint4*>(p));
     const unsigned int w[4] = {r.x, r.y, r.z, r.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      __nv_bfloat162 h;
+      pair_t h;
       *reinterpret_cast<unsigned int*>(&h) = w[i];
-      const float2 f = __bfloat1622float2(h);
+      const float2 f = Pair16<scalar_t>::to_float2(h);
       o[2 * i] = f.x;
       o[2 * i + 1] = f.y;
     }
   }
-  static __device__ __forceinline__ void store(__nv_bfloat16* p, const float (&o)[8]) {
+  static __device__ __forceinline__ void store(scalar_t* p, const float (&o)[8]) {
     unsigned int w[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const __nv_bfloat162 h = __floats2bfloat162_rn(o[2 * i], o[2 * i + 1]);
+      const pair_t h = Pair16<scalar_t>::from_floats(o[2 * i], o[2 * i + 1]);
       w[i] = *reinterpret_cast<const unsigned int*>(&h);
     }
     *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
   }
 };
+template <>
+struct VecIO<__half, 8> : VecIO16<__half> {};
+template <>
+struct VecIO<__nv_bfloat16, 8> : VecIO16<__nv_bfloat16> {};
 
 // grad_value += v over V consecutive channels. Hopper has 16-byte float atomics (one instruction for
 // four channels); older targets fall back to one atomic per channel.
