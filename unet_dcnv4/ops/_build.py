@@ -1,4 +1,6 @@
-"""Builds csrc/ on first use with torch.utils.cpp_extension (ninja) and loads it into torch.ops.
+"""Builds the kernels' sources on first use with torch.utils.cpp_extension (ninja) and loads them into
+torch.ops. The sources are the package `unet_dcnv4._csrc` (csrc/ of the repository, installed inside the
+package), found through the import system, so an installed wheel builds from its own copy.
 
 The build folder is named by a hash of the sources, the compiler flags and the torch version, so an
 edit triggers exactly one rebuild and unchanged sources load from the cache. CUDA sources are added
@@ -8,6 +10,7 @@ when torch has CUDA, a GPU is visible and nvcc is found (or when forced, as the 
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import os
 import shutil
 import sys
@@ -15,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+# A folder on disk in every supported install (wheel, editable): the compiler needs real paths.
+CSRC = Path(str(importlib.resources.files("unet_dcnv4._csrc")))
 CPU_SOURCES = ("ops.cpp", "dcnv4_cpu.cpp")
 CUDA_SOURCES = ("cuda/dcnv4_cuda.cpp", "cuda/dcnv4_cuda.cu")
 # The C++ standard is the one torch asks for. -fopenmp: at::parallel_for is a header template whose
