@@ -21,10 +21,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from unet_dcnv4.data import CorruptImageError
 from unet_dcnv4.training import (
-    ARCHITECTURE_KEYS, NoiseGenerator, TrainConfig, config_to_dict, config_to_yaml, load_config, parse_overrides,
-    read_checkpoint_state, resolve_resume_checkpoint, save_checkpoint, unet_options,
+    EpochSampler, NoiseGenerator, TrainConfig, config_to_dict, config_to_yaml, load_checkpoint, load_config,
+    parse_overrides, read_checkpoint_state, resolve_resume_checkpoint, resume_changes, save_checkpoint, unet_options,
 )
+from unet_dcnv4.vae import VAELoadError
 
 # The flags with the names the diffusers training scripts use; any other key goes through --set key=value.
 NAMED_FLAGS = ("output_dir", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit",
@@ -58,20 +60,31 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, bool]:
 
 def build_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+    from accelerate.utils import ProjectConfiguration
 
     return Accelerator(
         mixed_precision=cfg.mixed_precision,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=cfg.output_dir,
                                             logging_dir=os.path.join(cfg.output_dir, "logs")),
-        # A seeded sampler whose epoch we set: the data order is a function of (seed, epoch) alone.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
 
 
+def build_dataloader(cfg: TrainConfig, dataset, accelerator):
+    """The prepared training loader: batches of `cfg.train_batch_size` per process in the order of an
+    `EpochSampler` (a function of the seed and the epoch set with `set_epoch`), sharded across processes."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, drop_last=True,
+                                         sampler=EpochSampler(len(dataset), cfg.seed),
+                                         num_workers=cfg.dataloader_num_workers)
+    return accelerator.prepare(loader)
+
+
 def prepare_latents(cfg: TrainConfig, accelerator):
-    """Encodes the dataset once (cached, keyed by data, resolution and VAE); returns (LatentDataset, vae, vae_id)."""
+    """Encodes the dataset once (cached, keyed by data, resolution and VAE).
+
+    Returns:
+        (LatentDataset, vae, vae_id, skipped): `skipped` lists the unreadable images left out (skip_corrupt).
+    """
     from unet_dcnv4.data import LatentDataset, build_image_dataset, build_latent_cache
     from unet_dcnv4.vae import builtin_vae, load_vae
 
@@ -84,7 +97,15 @@ def prepare_latents(cfg: TrainConfig, accelerator):
         vae_id = os.path.abspath(cfg.vae) if os.path.isdir(cfg.vae) else cfg.vae
     vae = load_vae(vae_id, subfolder=cfg.vae_subfolder).to(accelerator.device)
     vae.requires_grad_(False)
-    dataset = build_image_dataset(cfg.data_source, resolution=cfg.resolution, class_labels=cfg.class_conditional)
+    source = cfg.data_source
+    if source != "builtin" and not os.path.exists(source) and source.startswith((".", os.sep, "~")):
+        raise ValueError(f"data_source {source!r} does not exist (expected 'builtin', a folder of images or a "
+                         "Hugging Face dataset)")
+    dataset = build_image_dataset(source, resolution=cfg.resolution, class_labels=cfg.class_conditional,
+                                  skip_corrupt=cfg.skip_corrupt)
+    skipped = list(getattr(dataset, "skipped", []))
+    if skipped:
+        accelerator.print(f"skip_corrupt: skipped {len(skipped)} unreadable image(s): {', '.join(skipped)}")
     cache_dir = cfg.latent_cache_dir or os.path.join(cfg.output_dir, "latent_cache")
     cache_dir = build_latent_cache(dataset, vae, cache_dir, cfg.resolution, vae_id, batch_size=cfg.encode_batch_size,
                                    accelerator=accelerator, flips=cfg.flips)
@@ -92,7 +113,7 @@ def prepare_latents(cfg: TrainConfig, accelerator):
     if cfg.class_conditional and latents.num_classes < 1:
         raise ValueError(f"class_conditional is true, but data_source {cfg.data_source!r} has no class labels "
                          "(a folder needs one sub-folder per class)")
-    return latents, vae, vae_id
+    return latents, vae, vae_id, skipped
 
 
 def build_model(cfg: TrainConfig, latent_shape: tuple[int, int, int], num_classes: int):
@@ -181,12 +202,24 @@ def train(cfg: TrainConfig) -> dict:
     is_main = accelerator.is_main_process
 
     resume_dir = resolve_resume_checkpoint(cfg.resume_from_checkpoint, checkpoints_dir)
+    changes, history = {}, []
     if resume_dir is not None:
-        old_cfg, _ = read_checkpoint_state(resume_dir)
-        changed = [k for k in ARCHITECTURE_KEYS if getattr(old_cfg, k) != getattr(cfg, k)]
-        if changed:
-            raise ValueError(f"resume_from_checkpoint {str(resume_dir)!r} was trained with different "
-                             + ", ".join(f"{k} ({getattr(old_cfg, k)!r}, now {getattr(cfg, k)!r})" for k in changed))
+        old_cfg, old_state = read_checkpoint_state(resume_dir)
+        try:
+            changes = resume_changes(old_cfg, cfg, old_state, accelerator.num_processes)
+        except ValueError as err:
+            raise ValueError(f"{err} in {str(resume_dir)!r}") from None
+        described = ", ".join(f"{k} ({old!r}, now {new!r})" for k, (old, new) in changes.items())
+        if changes and not cfg.allow_resume_changes:
+            raise ValueError(f"resume_from_checkpoint {str(resume_dir)!r} was trained with different {described}; "
+                             "that breaks exact resume (set allow_resume_changes: true, "
+                             "--set allow_resume_changes=true, to continue anyway)")
+        if changes:
+            accelerator.print(f"allow_resume_changes: resuming {resume_dir} with different {described}")
+        history = old_state.get("resume_changes", [])
+        if changes:
+            history = history + [{"step": old_state["step"], "checkpoint": str(resume_dir),
+                                  "changes": {k: list(v) for k, v in changes.items()}}]
     if is_main:
         print(config_to_yaml(cfg), end="")
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -196,9 +229,7 @@ def train(cfg: TrainConfig) -> dict:
         torch.backends.cudnn.allow_tf32 = True
 
     # 1. Data: latents cached once, a fresh latent drawn from the posterior every step.
-    latents, vae, vae_id = prepare_latents(cfg, accelerator)
-    dataloader = torch.utils.data.DataLoader(latents, batch_size=cfg.train_batch_size, shuffle=True, drop_last=True,
-                                             num_workers=cfg.dataloader_num_workers)
+    latents, vae, vae_id, skipped_images = prepare_latents(cfg, accelerator)
     global_batch = cfg.train_batch_size * accelerator.num_processes
     if len(latents) < global_batch:
         raise ValueError(f"train_batch_size {cfg.train_batch_size} x {accelerator.num_processes} processes needs at "
@@ -225,7 +256,8 @@ def train(cfg: TrainConfig) -> dict:
                                  num_training_steps=cfg.max_train_steps)
     if cfg.torch_compile:
         model = torch.compile(model)
-    model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    dataloader = build_dataloader(cfg, latents, accelerator)
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     custom_objects = []
     if cfg.use_ema:
@@ -234,17 +266,27 @@ def train(cfg: TrainConfig) -> dict:
         ema.to(device)
         accelerator.register_for_checkpointing(ema)
         custom_objects.append("ema")
-    rng = NoiseGenerator(cfg.seed, device, accelerator.process_index, accelerator.num_processes)
-    accelerator.register_for_checkpointing(lr_scheduler, rng)
+    accelerator.register_for_checkpointing(lr_scheduler)
     custom_objects += ["lr_scheduler", "rng"]
+
+    # Per-process noise states do not map onto another process count: a resume onto one starts new streams, keyed
+    # by its step, registered after loading (load_state restores registered objects only).
+    resized = "num_processes" in changes
+    rng = NoiseGenerator(cfg.seed, device, accelerator.process_index, accelerator.num_processes,
+                         keys=(old_state["step"],) if resized else ())
+    if not resized:
+        accelerator.register_for_checkpointing(rng)
 
     global_step = 0
     if resume_dir is not None:
         accelerator.print(f"Resuming from {resume_dir}")
-        accelerator.load_state(str(resume_dir))
-        global_step = read_checkpoint_state(resume_dir)[1]["step"]
+        model_device = next(unwrapped.parameters()).device
+        global_step = load_checkpoint(accelerator, resume_dir, model_device, ema if cfg.use_ema else None)["step"]
+        apply_resume_changes(changes, cfg, optimizer, lr_scheduler, ema if cfg.use_ema else None)
     elif cfg.resume_from_checkpoint == "latest":
         accelerator.print(f"No complete checkpoint in {checkpoints_dir}; starting a new run")
+    if resized:
+        accelerator.register_for_checkpointing(rng)
 
     scaling_factor, shift_factor = latents.scaling_factor, latents.shift_factor
     # The saved VAE must undo the scaling the latents were trained with (the pipeline divides by it).
@@ -252,7 +294,8 @@ def train(cfg: TrainConfig) -> dict:
     run_state = {"vae": vae_id, "vae_subfolder": cfg.vae_subfolder, "scaling_factor": scaling_factor,
                  "shift_factor": shift_factor, "latent_shape": list(latents.latent_shape),
                  "num_classes": latents.num_classes, "custom_objects": custom_objects,
-                 "train_scheduler_config": dict(noise_scheduler.config), "num_processes": accelerator.num_processes}
+                 "train_scheduler_config": dict(noise_scheduler.config), "num_processes": accelerator.num_processes,
+                 "skipped_images": skipped_images, "resume_changes": history}
 
     def checkpoint(step: int) -> Path:
         return save_checkpoint(accelerator, checkpoints_dir, step, cfg, dict(run_state, step=step),
@@ -363,6 +406,10 @@ def train(cfg: TrainConfig) -> dict:
         "model_size": cfg.model_size,
         "mixed_precision": cfg.mixed_precision,
         "num_processes": accelerator.num_processes,
+        "skipped_images": skipped_images,
+        "num_skipped_images": len(skipped_images),
+        "allow_resume_changes": cfg.allow_resume_changes,
+        "resume_changes": history,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
     accelerator.wait_for_everyone()
@@ -377,11 +424,51 @@ def train(cfg: TrainConfig) -> dict:
     return stats
 
 
+def apply_resume_changes(changes: dict, cfg: TrainConfig, optimizer, lr_scheduler, ema) -> None:
+    """Puts the new values of changed hyperparameters over those the checkpoint restored.
+
+    The optimizer, the LR scheduler (its base learning rate) and the EMA restore their hyperparameters from the
+    checkpoint; a change that `allow_resume_changes` lets through would otherwise be ignored.
+
+    Args:
+        changes: {key: (old, new)} from `resume_changes`.
+        cfg: the resumed run's config.
+        optimizer, lr_scheduler: the run's (prepared) AdamW and its LambdaLR scheduler, state already loaded.
+        ema: the run's EMAModel, or None.
+    """
+    for group in optimizer.param_groups:
+        if {"adam_beta1", "adam_beta2"} & changes.keys():
+            group["betas"] = (cfg.adam_beta1, cfg.adam_beta2)
+        if "adam_weight_decay" in changes:
+            group["weight_decay"] = cfg.adam_weight_decay
+        if "adam_epsilon" in changes:
+            group["eps"] = cfg.adam_epsilon
+    if "learning_rate" in changes:
+        lr_scheduler.base_lrs = [cfg.learning_rate] * len(optimizer.param_groups)
+        for group, factor in zip(optimizer.param_groups, lr_scheduler.lr_lambdas):
+            group["initial_lr"] = cfg.learning_rate
+            group["lr"] = cfg.learning_rate * factor(lr_scheduler.last_epoch)
+    if ema is not None:
+        ema.decay, ema.inv_gamma, ema.power = cfg.ema_max_decay, cfg.ema_inv_gamma, cfg.ema_power
+
+
+# A user's mistakes (a bad config value, a missing folder or checkpoint, an unreadable image or VAE): one line.
+INPUT_ERRORS = (ValueError, FileNotFoundError, CorruptImageError, VAELoadError)
+
+
+def error_line(err: Exception) -> str:
+    """The one-line message of an input error; an unreadable image names the key that skips it."""
+    text = " ".join(str(err).split())
+    if isinstance(err, CorruptImageError):
+        text += " (set skip_corrupt: true, --set skip_corrupt=true, to skip unreadable images)"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, dry_run = parse_args(argv)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"train_ldm.py: error: {err}", file=sys.stderr)
+    except INPUT_ERRORS as err:
+        print(f"train_ldm.py: error: {error_line(err)}", file=sys.stderr)
         return 2
     if dry_run:
         print(config_to_yaml(cfg), end="")
@@ -391,8 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as err:
         print(f"train_ldm.py: {err}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError) as err:
-        print(f"train_ldm.py: error: {err}", file=sys.stderr)
+    except INPUT_ERRORS as err:
+        print(f"train_ldm.py: error: {error_line(err)}", file=sys.stderr)
         return 2
     return 0
 

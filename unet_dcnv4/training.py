@@ -1,5 +1,6 @@
 """Training configuration and the reusable parts of `train_ldm.py`: the config dataclass and its YAML/CLI
-loading, atomic checkpoints, seeded noise generators that resume exactly, and a pipeline from a checkpoint.
+loading, the run's seeded random streams (data order, noise) that resume exactly, atomic checkpoints and the
+checks that a resume continues the same run, and a pipeline from a checkpoint.
 """
 
 from __future__ import annotations
@@ -9,19 +10,23 @@ import json
 import os
 import re
 import shutil
+import signal
 import types
 import typing
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
 __all__ = [
     "TrainConfig", "load_config", "validate_config", "config_to_dict", "config_to_yaml", "parse_overrides",
     "list_checkpoints", "latest_checkpoint", "resolve_resume_checkpoint", "prune_checkpoints", "save_checkpoint",
-    "read_checkpoint_state", "NoiseGenerator", "pipeline_from_checkpoint", "unet_options", "CHECKPOINT_PREFIX",
-    "ARCHITECTURE_KEYS",
+    "read_checkpoint_state", "load_checkpoint", "resume_changes", "derive_seed", "EpochSampler", "NoiseGenerator",
+    "pipeline_from_checkpoint", "unet_options", "CHECKPOINT_PREFIX", "ARCHITECTURE_KEYS", "EXACT_RESUME_KEYS",
+    "FAULT_ENV", "FAULT_POINTS",
 ]
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -37,6 +42,17 @@ SAMPLE_SCHEDULERS = ("ddim", "dpmsolver++", "euler")
 # Fields that change the model or its checkpointed state: a resumed run must keep them.
 ARCHITECTURE_KEYS = ("model_type", "model_size", "dcnv4_options", "class_conditional",
                      "use_ema", "data_source", "resolution", "vae", "vae_subfolder")
+# Fields a resumed run keeps unless `allow_resume_changes` is set: they change the objective, the data order or
+# the random streams, or they are restored from the checkpoint (optimizer and EMA hyperparameters), so that a
+# changed value would otherwise be ignored without a word. The number of processes is checked with them.
+EXACT_RESUME_KEYS = ("seed", "flips", "skip_corrupt", "train_batch_size", "gradient_accumulation_steps",
+                     "prediction_type", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
+                     "learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
+                     "ema_max_decay", "ema_inv_gamma", "ema_power")
+# Test hook: the environment variable and the points of `save_checkpoint` where it kills the process.
+FAULT_ENV = "UNET_DCNV4_FAULT_AT"
+FAULT_POINTS = ("after_save_state", "after_config", "after_state_file", "between_renames", "after_rename",
+                "while_deleting")
 
 
 @dataclass
@@ -51,12 +67,14 @@ class TrainConfig:
     checkpoints_total_limit: int | None = 3
     resume_from_checkpoint: str | None = None
     log_every_steps: int = 10
+    allow_resume_changes: bool = False  # resume even if EXACT_RESUME_KEYS or the process count changed
 
     # Data: images -> VAE -> cached latents (mean and std of the posterior, flips included).
     data_source: str = "builtin"
     resolution: int = 32
     class_conditional: bool = False
     flips: bool = True
+    skip_corrupt: bool = False  # skip unreadable images (listed in the log and train_stats.json) instead of stopping
     vae: str | None = None  # path or hub id of an AutoencoderKL; None uses the built-in small VAE
     vae_subfolder: str | None = None
     latent_cache_dir: str | None = None  # None: <output_dir>/latent_cache
@@ -251,16 +269,22 @@ def config_to_yaml(cfg: TrainConfig) -> str:
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 def list_checkpoints(checkpoints_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints in a folder as (step, path), oldest first; unfinished `.tmp` folders are skipped."""
+    """Complete checkpoints in a folder as (step, path), oldest first; unfinished `.tmp` folders are skipped.
+
+    A `checkpoint-<step>.old` folder counts for its step when `checkpoint-<step>` is missing: a save of the same
+    step killed between its two renames leaves the previous checkpoint there (see `save_checkpoint`).
+    """
     root = Path(checkpoints_dir)
     if not root.is_dir():
         return []
-    found = []
+    found = {}
     for entry in root.iterdir():
-        match = re.fullmatch(re.escape(CHECKPOINT_PREFIX) + r"(\d+)", entry.name)
+        match = re.fullmatch(re.escape(CHECKPOINT_PREFIX) + r"(\d+)(\.old)?", entry.name)
         if match and entry.is_dir() and (entry / CHECKPOINT_STATE_FILE).is_file():
-            found.append((int(match.group(1)), entry))
-    return sorted(found)
+            step = int(match.group(1))
+            if match.group(2) is None or step not in found:
+                found[step] = entry
+    return sorted(found.items())
 
 
 def latest_checkpoint(checkpoints_dir: str | os.PathLike) -> Path | None:
@@ -287,6 +311,21 @@ def resolve_resume_checkpoint(value: str | None, checkpoints_dir: str | os.PathL
     return path
 
 
+def _fault_point(name: str) -> None:
+    """Kills this process at `name` when the environment variable FAULT_ENV says so: a test hook showing that a
+    kill anywhere in `save_checkpoint` loses nothing."""
+    assert name in FAULT_POINTS
+    if os.environ.get(FAULT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _delete_checkpoint(path: Path) -> None:
+    # The state file goes first: a deletion killed half-way leaves a folder that list_checkpoints no longer counts.
+    (path / CHECKPOINT_STATE_FILE).unlink(missing_ok=True)
+    _fault_point("while_deleting")
+    shutil.rmtree(path)
+
+
 def prune_checkpoints(checkpoints_dir: str | os.PathLike, total_limit: int | None) -> list[Path]:
     """Deletes the oldest complete checkpoints so that at most `total_limit` remain; returns the deleted ones."""
     if total_limit is None:
@@ -294,7 +333,7 @@ def prune_checkpoints(checkpoints_dir: str | os.PathLike, total_limit: int | Non
     found = list_checkpoints(checkpoints_dir)
     doomed = [path for _, path in found[:max(0, len(found) - total_limit)]]
     for path in doomed:
-        shutil.rmtree(path)
+        _delete_checkpoint(path)
     return doomed
 
 
@@ -304,7 +343,8 @@ def save_checkpoint(accelerator, checkpoints_dir: str | os.PathLike, step: int, 
 
     Everything is written to `checkpoint-<step>.tmp` first and renamed once complete, so an interrupted save
     never leaves a folder that `latest_checkpoint` would pick. After a successful save the oldest complete
-    checkpoints beyond `total_limit` are deleted.
+    checkpoints beyond `total_limit` are deleted. A kill at any point leaves the newest complete checkpoint
+    findable by `list_checkpoints` (the `FAULT_POINTS` are where the tests kill it).
 
     Args:
         accelerator: the run's `accelerate.Accelerator` (models, optimizer and custom objects registered).
@@ -320,6 +360,7 @@ def save_checkpoint(accelerator, checkpoints_dir: str | os.PathLike, step: int, 
     root = Path(checkpoints_dir)
     final = root / f"{CHECKPOINT_PREFIX}{step}"
     tmp = root / f"{CHECKPOINT_PREFIX}{step}.tmp"
+    old = root / f"{CHECKPOINT_PREFIX}{step}.old"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         # Left over from a save that was interrupted; its content is unusable.
@@ -328,17 +369,25 @@ def save_checkpoint(accelerator, checkpoints_dir: str | os.PathLike, step: int, 
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        _fault_point("after_save_state")
         (tmp / CHECKPOINT_CONFIG_FILE).write_text(config_to_yaml(cfg))
+        _fault_point("after_config")
         # Written last: list_checkpoints only counts folders that hold it.
         (tmp / CHECKPOINT_STATE_FILE).write_text(json.dumps(state, indent=2))
+        _fault_point("after_state_file")
         # A checkpoint of the same step (saved again after a resume) is moved aside, not deleted, until the
-        # new one is in place: a kill between the two renames loses nothing.
-        old = root / f"{CHECKPOINT_PREFIX}{step}.old"
+        # new one is in place: killed between the two renames, list_checkpoints finds the `.old` one. An `.old`
+        # left by such a kill while `final` is missing is that checkpoint, the only copy: it stays until the
+        # new one is in place.
         if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
+            if old.exists():
+                _delete_checkpoint(old)
             os.replace(final, old)
+            _fault_point("between_renames")
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        _fault_point("after_rename")
+        if old.exists():
+            _delete_checkpoint(old)
         prune_checkpoints(root, total_limit)
     accelerator.wait_for_everyone()
     return final
@@ -358,6 +407,98 @@ def read_checkpoint_state(checkpoint_dir: str | os.PathLike) -> tuple[TrainConfi
     return cfg, json.loads(state_file.read_text())
 
 
+def resume_changes(old_cfg: TrainConfig, cfg: TrainConfig, old_state: dict, num_processes: int) -> dict:
+    """What a resume would change that an exact resume must keep, as {key: (old, new)}.
+
+    Raises ValueError for a change of `ARCHITECTURE_KEYS` (the checkpoint would not load, or would load into another
+    model); returns the changes of `EXACT_RESUME_KEYS` and of the process count, which the caller refuses unless
+    `cfg.allow_resume_changes` is set.
+
+    Args:
+        old_cfg, old_state: the config and training state stored in the checkpoint (`read_checkpoint_state`).
+        cfg: the config of the run that resumes.
+        num_processes: the processes of the run that resumes.
+    """
+    changed = [k for k in ARCHITECTURE_KEYS if getattr(old_cfg, k) != getattr(cfg, k)]
+    if changed:
+        raise ValueError("resume_from_checkpoint was trained with different "
+                         + ", ".join(f"{k} ({getattr(old_cfg, k)!r}, now {getattr(cfg, k)!r})" for k in changed))
+    changes = {k: (getattr(old_cfg, k), getattr(cfg, k)) for k in EXACT_RESUME_KEYS
+               if getattr(old_cfg, k) != getattr(cfg, k)}
+    # Checkpoints written before the count was recorded were all single-process runs.
+    if old_state.get("num_processes", 1) != num_processes:
+        changes["num_processes"] = (old_state.get("num_processes", 1), num_processes)
+    return changes
+
+
+def load_checkpoint(accelerator, checkpoint_dir: str | os.PathLike, device: torch.device, ema=None) -> dict:
+    """Restores a checkpoint into the run's registered objects, each on `device`; returns its training state.
+
+    Accelerate restores custom objects from CPU tensors, and diffusers' `EMAModel.load_state_dict` keeps them
+    there: the EMA is moved to the model's device, or its next `step` would mix devices. The optimizer state
+    follows its parameters (torch's `Optimizer.load_state_dict`) and `NoiseGenerator` keeps its generator's
+    device, so neither needs moving.
+
+    Args:
+        accelerator: the run's `accelerate.Accelerator`, with everything to restore prepared or registered.
+        checkpoint_dir: a complete `checkpoint-<step>` folder.
+        device: the model's device.
+        ema: the run's diffusers `EMAModel`, or None.
+    """
+    accelerator.load_state(str(checkpoint_dir))
+    if ema is not None:
+        ema.to(device)
+    return read_checkpoint_state(checkpoint_dir)[1]
+
+
+def derive_seed(seed: int, purpose: str, *keys: int) -> int:
+    """The seed of one random stream of a run, mixed from (seed, purpose, keys) by numpy's `SeedSequence`.
+
+    Streams of different seeds, purposes or keys are independent: unlike `seed + epoch`, seed 1 does not replay
+    the streams of seed 0 one epoch later.
+
+    Args:
+        seed: the run's seed, an int >= 0.
+        purpose: names the stream ("data", "noise", ...).
+        keys: ints >= 0 that pick one stream of the purpose (an epoch, a process rank, a step).
+
+    Returns:
+        An int in [0, 2**63), for `torch.Generator.manual_seed`.
+    """
+    for name, value in (("seed", seed), *(("keys", k) for k in keys)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be ints >= 0, got {value!r}")
+    if not isinstance(purpose, str) or not purpose:
+        raise ValueError(f"purpose must be a non-empty string, got {purpose!r}")
+    sequence = np.random.SeedSequence(int(seed), spawn_key=(zlib.crc32(purpose.encode()), *map(int, keys)))
+    return int(sequence.generate_state(1, dtype=np.uint64)[0]) >> 1
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Indices 0..n-1 in a random order per epoch, drawn from `derive_seed(seed, "data", epoch)`.
+
+    The order is a function of (seed, epoch) alone, the same on every process (accelerate's prepared data loader
+    shards its batches and passes `set_epoch` on to it), so a resumed run reads what an uninterrupted one would.
+
+    Args:
+        num_items: the dataset's length n.
+        seed: the run's seed.
+    """
+
+    def __init__(self, num_items: int, seed: int):
+        self.num_items, self.seed, self.epoch = num_items, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "data", self.epoch))
+        yield from torch.randperm(self.num_items, generator=generator).tolist()
+
+
 class NoiseGenerator:
     """A torch.Generator per process whose state travels with `accelerator.save_state`.
 
@@ -366,16 +507,16 @@ class NoiseGenerator:
     the same latent and diffusion noise as an uninterrupted one.
 
     Args:
-        seed: the run's seed; process `rank` seeds its generator with a value derived from (seed, rank).
+        seed: the run's seed; process `rank` seeds its generator with `derive_seed(seed, "noise", rank, *keys)`.
         device: where the generator draws (the accelerator's device).
         rank: this process's index; world_size: the number of processes.
+        keys: ints >= 0 that start another stream (a resume onto a different number of processes passes its step).
     """
 
-    def __init__(self, seed: int, device: torch.device, rank: int = 0, world_size: int = 1):
+    def __init__(self, seed: int, device: torch.device, rank: int = 0, world_size: int = 1, keys: tuple = ()):
         self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator(device=device)
-        # Distinct streams per process and apart from the global RNG (which accelerate's set_seed fixes).
-        self.generator.manual_seed(seed * 1_000_003 + 7919 * (rank + 1))
+        self.generator.manual_seed(derive_seed(seed, "noise", rank, *keys))
 
     def state_dict(self) -> dict:
         state = self.generator.get_state()
