@@ -36,6 +36,7 @@ _HELP = {
     "base_channels": "width of the first block",
     "layers_per_block": "resnet layers per block",
     "log_every": "steps between loss updates on the progress bar",
+    "skip_corrupt": "skip unreadable images (listed in the log and metrics.json) instead of stopping",
 }
 
 
@@ -44,6 +45,11 @@ def parse_args(argv: list[str] | None = None) -> VAETrainConfig:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for field in dataclasses.fields(VAETrainConfig):
         default = field.default
+        if isinstance(default, bool):
+            # `type=bool` would read "--flag false" as True.
+            parser.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, default=default,
+                                help=_HELP[field.name])
+            continue
         kind = type(default) if default is not None else str
         choices = {"mixed_precision": ["no", "fp16", "bf16"], "loss": ["l1", "l2"]}.get(field.name)
         parser.add_argument(f"--{field.name}", type=kind, default=default, choices=choices, help=_HELP[field.name])
@@ -57,8 +63,12 @@ def main(argv: list[str] | None = None) -> dict:
     config = parse_args(argv)
     try:
         return train_vae(config)
-    except (ValueError, CorruptImageError) as err:
-        print(f"train_vae.py: error: {err}", file=sys.stderr)
+    # A user's mistakes (a bad option, a missing checkpoint, an unreadable image): one line, exit 2.
+    except (ValueError, FileNotFoundError, CorruptImageError) as err:
+        text = " ".join(str(err).split())
+        if isinstance(err, CorruptImageError):
+            text += " (--skip_corrupt skips unreadable images)"
+        print(f"train_vae.py: error: {text}", file=sys.stderr)
         sys.exit(2)
 
 

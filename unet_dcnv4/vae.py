@@ -23,8 +23,11 @@ from dataclasses import dataclass
 import torch
 from diffusers import AutoencoderKL
 
+from .training import derive_seed
+
 __all__ = [
     "BUILTIN_VAE_CONFIG",
+    "VAELoadError",
     "VAETrainConfig",
     "build_small_vae",
     "builtin_vae",
@@ -34,6 +37,10 @@ __all__ = [
     "small_vae_config",
     "train_vae",
 ]
+
+
+class VAELoadError(OSError):
+    """A VAE name or folder that cannot be loaded; the message says why and what to pass instead."""
 
 
 def _hub_offline() -> bool:
@@ -59,8 +66,8 @@ def load_vae(name_or_path: str, subfolder: str | None = None, torch_dtype=None) 
         torch_dtype: dtype to load the weights in (default: as saved).
 
     Raises:
-        OSError: the hub id is not cached and the hub cannot be reached (or HF_HUB_OFFLINE is set);
-            the message says so and suggests a local folder.
+        VAELoadError (an OSError): the hub id is not cached and the hub cannot be reached (or HF_HUB_OFFLINE
+            is set), or is no repository; the message says so and suggests a local folder.
     """
     if not isinstance(name_or_path, str) or not name_or_path:
         raise ValueError(f"name_or_path must be a hub id or a folder, got {name_or_path!r}")
@@ -83,14 +90,14 @@ def load_vae(name_or_path: str, subfolder: str | None = None, torch_dtype=None) 
             name_or_path, subfolder=subfolder, torch_dtype=torch_dtype, local_files_only=offline
         )
     except RepositoryNotFoundError as err:
-        raise OSError(f"VAE {name_or_path!r} is neither a local folder nor a Hugging Face Hub repository") from err
+        raise VAELoadError(f"VAE {name_or_path!r} is neither a local folder nor a Hugging Face Hub repository") from err
     except (OSError, TimeoutError, *_transport_errors()) as err:
         if offline:
             reason = "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache"
         else:
             reason = "it could not be fetched from the Hugging Face Hub (no connection, or no such VAE there)"
         detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise OSError(
+        raise VAELoadError(
             f"cannot load VAE {name_or_path!r}: {reason}. Download it where there is network "
             f"(hf download {name_or_path} --local-dir <folder>) and pass that local folder instead, "
             f"or a folder written by train_vae.py. ({type(err).__name__}: {detail})"
@@ -167,6 +174,7 @@ class VAETrainConfig:
     base_channels: int = 32
     layers_per_block: int = 1
     log_every: int = 50
+    skip_corrupt: bool = False
 
 
 class _Progress:
@@ -195,19 +203,18 @@ class _VAEWithPosterior(torch.nn.Module):
         return self.vae.decode(z).sample, posterior.kl()  # (B, 3, H, W), (B,)
 
 
-def _step_generator(seed: int, step: int, salt: int) -> torch.Generator:
+def _step_generator(seed: int, purpose: str, step: int, rank: int) -> torch.Generator:
     # Randomness keyed by the step keeps a resumed run identical to an uninterrupted one.
-    digest = hashlib.sha256(f"{seed}/{step}/{salt}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return torch.Generator().manual_seed(derive_seed(seed, purpose, step, rank))
 
 
-def _batch_indices(order_seed: int, n: int, step: int, batch: int) -> list[int]:
-    """Indices of a step's global batch: epochs of seeded permutations, read in order."""
+def _batch_indices(seed: int, n: int, step: int, batch: int) -> list[int]:
+    """Indices of a step's global batch: epochs of permutations seeded by (seed, "data", epoch), read in order."""
     out = []
     pos = step * batch
     while len(out) < batch:
         epoch, offset = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(order_seed * 1_000_003 + epoch))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "data", epoch)))
         take = perm[offset : offset + batch - len(out)].tolist()
         out += take
         pos += len(take)
@@ -253,7 +260,7 @@ def train_vae(config: VAETrainConfig) -> dict:
 
     Returns:
         The metrics: held-out reconstruction PSNR (dB, from the posterior mean), scaling factor,
-        steps, seconds and parameter count.
+        steps, seconds, parameter count, the last learning rate and the unreadable images skipped.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -271,12 +278,16 @@ def train_vae(config: VAETrainConfig) -> dict:
     start_time = time.time()
     accelerator = Accelerator(mixed_precision=config.mixed_precision, project_dir=config.output_dir)
     set_seed(config.seed)
-    dataset = build_image_dataset(config.data, resolution=config.resolution, builtin_size=config.builtin_size)
+    dataset = build_image_dataset(config.data, resolution=config.resolution, builtin_size=config.builtin_size,
+                                  skip_corrupt=config.skip_corrupt)
+    skipped = list(getattr(dataset, "skipped", []))
+    if skipped:
+        accelerator.print(f"skip_corrupt: skipped {len(skipped)} unreadable image(s): {', '.join(skipped)}")
     n = len(dataset)
     holdout = min(config.num_holdout, n // 10)
     if n - holdout < 1 or holdout < 1:
         raise ValueError(f"data must hold at least 10 images to hold some out, got {n} in {config.data!r}")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)).tolist()
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(config.seed, "holdout"))).tolist()
     train_ids, holdout_ids = order[holdout:], order[:holdout]
 
     vae = build_small_vae(
@@ -287,9 +298,12 @@ def train_vae(config: VAETrainConfig) -> dict:
     model = _VAEWithPosterior(vae)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
     scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.lr_warmup_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # Not prepared: accelerate steps a prepared scheduler once per process per step (it assumes a data loader
+    # sharded into fewer steps), which would warm up N times too fast on N processes. Every process reads its
+    # share of each global batch here, so the scheduler steps once per optimisation step.
+    model, optimizer = accelerator.prepare(model, optimizer)
     progress = _Progress()
-    accelerator.register_for_checkpointing(progress)
+    accelerator.register_for_checkpointing(scheduler, progress)
 
     resume = config.resume_from_checkpoint
     if resume == "latest":
@@ -313,10 +327,10 @@ def train_vae(config: VAETrainConfig) -> dict:
         ids = _batch_indices(config.seed, len(train_ids), step, global_batch)
         ids = ids[rank * config.batch_size : (rank + 1) * config.batch_size]
         x = torch.stack([dataset[train_ids[i]][0] for i in ids])  # (B, 3, R, R)
-        flip = torch.rand(len(ids), generator=_step_generator(config.seed, step, rank * 2)) < 0.5
+        flip = torch.rand(len(ids), generator=_step_generator(config.seed, "flip", step, rank)) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x).to(accelerator.device)
         with accelerator.autocast():
-            recon, kl = model(x, _step_generator(config.seed, step, rank * 2 + 1))
+            recon, kl = model(x, _step_generator(config.seed, "posterior", step, rank))
         recon = recon.float()
         rec = (recon - x).abs().mean() if config.loss == "l1" else (recon - x).pow(2).mean()
         # KL summed over the latent, per image pixel: the weighting of the latent-diffusion VAEs.
@@ -362,6 +376,10 @@ def train_vae(config: VAETrainConfig) -> dict:
             "seconds": round(time.time() - start_time, 1),
             "parameters": sum(p.numel() for p in vae.parameters()),
             "device": str(accelerator.device),
+            "num_processes": world,
+            "learning_rate": scheduler.get_last_lr()[0],
+            "skipped_images": skipped,
+            "num_skipped_images": len(skipped),
             "config": dataclasses.asdict(config),
         }
         with open(os.path.join(config.output_dir, "metrics.json"), "w") as f:
