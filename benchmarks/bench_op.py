@@ -8,9 +8,7 @@ cuDNN 3x3 convolutions of the same width, on CPU (small shapes) or on a GPU (the
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import statistics
 import sys
 import time
@@ -21,7 +19,7 @@ import torch
 from unet_dcnv4.ops import dcnv4_reference, load_extension
 
 HERE = Path(__file__).resolve().parent
-# (N, H, W, C, G) of DESIGN.md, group_channels 16.
+# (N, H, W, C, G), group_channels 16: the shapes of anchors_h100.json.
 ANCHOR_SHAPES = [(64, 56, 56, 64, 4), (64, 28, 28, 128, 8), (64, 14, 14, 256, 16), (64, 7, 7, 512, 32),
                  (1, 200, 320, 128, 8), (64, 64, 64, 128, 8), (64, 32, 32, 256, 16), (64, 16, 16, 512, 32)]
 CPU_SHAPES = [(8, 32, 32, 64, 4), (2, 16, 16, 32, 2)]
@@ -89,20 +87,6 @@ def rel_err(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-@contextlib.contextmanager
-def backward_variant(name: str):
-    """Run the CUDA backward with kernel `name` ("atomic" or "tiled") inside the block."""
-    old = os.environ.get("UNET_DCNV4_CUDA_BACKWARD")
-    os.environ["UNET_DCNV4_CUDA_BACKWARD"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["UNET_DCNV4_CUDA_BACKWARD"]
-        else:
-            os.environ["UNET_DCNV4_CUDA_BACKWARD"] = old
-
-
 def load_anchors(path: Path) -> dict:
     if not path.exists():
         return {}
@@ -133,12 +117,11 @@ def run_cuda(dtypes, quick: bool, anchors: dict) -> tuple[dict, list[dict]]:
             row["err_fwd"] = rel_err(out, ref)
             row["fwd_ms"] = bench_cuda(lambda: ops.dcnv4_forward(value, om, *args))
             row["bwd_ms"] = bench_cuda(lambda: ops.dcnv4_backward(grad_out, value, om, *args))
-            # The tiled backward (BackwardVariant::kTiled), same inputs, and how far its gradients are
-            # from the atomic kernel's (float summation order only).
+            # The tiled backward (the op's cuda_backward="tiled"), same inputs, and how far its gradients
+            # are from the atomic kernel's (float summation order only).
             grads = ops.dcnv4_backward(grad_out, value, om, *args)
-            with backward_variant("tiled"):
-                row["bwd_tiled_ms"] = bench_cuda(lambda: ops.dcnv4_backward(grad_out, value, om, *args))
-                grads_tiled = ops.dcnv4_backward(grad_out, value, om, *args)
+            row["bwd_tiled_ms"] = bench_cuda(lambda: ops.dcnv4_backward(grad_out, value, om, *args, "tiled"))
+            grads_tiled = ops.dcnv4_backward(grad_out, value, om, *args, "tiled")
             row["err_bwd_tiled"] = max(rel_err(a, b) for a, b in zip(grads_tiled, grads))
             del out, ref, grads, grads_tiled
             if not quick:
@@ -222,7 +205,7 @@ def table(device: str, rows: list[dict]) -> str:
                              f"{fmt(r['conv3x3_fwd_ms'] if d == 'fwd' else None):>9}"
                              f"{fmt(r['dwconv3x3_fwd_ms'] if d == 'fwd' else None):>9}")
         lines.append("bwd: the atomic backward kernel (the default), bwd-t: the tiled one "
-                     "(UNET_DCNV4_CUDA_BACKWARD=tiled); 'ref ms' of bwd is the reference's forward+backward.")
+                     "(cuda_backward='tiled'); 'ref ms' of bwd is the reference's forward+backward.")
     else:
         lines.append(f"{'shape (N,H,W,C,G)':<22}{'dtype':<10}{'fwd ms':>9}{'bwd ms':>9}{'ref fwd':>9}"
                      f"{'ref f+b':>9}{'speedup':>9}")

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from unet_dcnv4.modules import DCNv4Conv2d
-from unet_dcnv4.ops import use_reference
 from unet_dcnv4.unet import UNET_SIZES, build_unet
 
 LAYER_SHAPES = [(64, 64, 128), (32, 32, 256), (16, 16, 512)]  # (H, W, C) of the U-Net levels
@@ -221,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     meta = dict(device=torch.cuda.get_device_name(device) if gpu else platform.processor() or "cpu",
-                torch=torch.__version__, op="reference" if use_reference() else "compiled",
+                torch=torch.__version__, op="compiled",
                 threads=torch.get_num_threads(), warmup=warmup, iters=iters)
     print(f"{meta['device']}, torch {meta['torch']}, DCNv4 op: {meta['op']}, median of {iters}")
     print(_table(rows))

@@ -17,14 +17,17 @@ cd "$(dirname "$0")/.."
 OUTDIR="${OUT:-benchmarks/out}"
 mkdir -p "$OUTDIR"
 PY="${PYTHON:-python3}"
-# The package is used from the checkout (no install, so nothing is fetched); diffusers is not needed
-# for the op and its tests.
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The checkout is installed in editable mode without its dependencies (nothing is fetched): the build
+# finds the kernels' sources through the installed package. diffusers is not needed for the op and its
+# tests.
+if ! "$PY" -m pip install --quiet --no-deps --no-build-isolation -e . >"$OUTDIR/install.log" 2>&1; then
+  echo "gpu_check: pip install -e . failed (it needs setuptools>=70.1); see $OUTDIR/install.log"
+  exit 1
+fi
 export PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=9.0
 export MAX_JOBS="${MAX_JOBS:-16}"
 export UNET_DCNV4_BUILD_DIR="${UNET_DCNV4_BUILD_DIR:-/tmp/unet_dcnv4_build}"
-unset UNET_DCNV4_REFERENCE
 
 STAGES="${STAGES:-tests sanitizers op unet}"
 wants() { [[ " $STAGES " == *" $1 "* ]]; }

@@ -126,7 +126,9 @@ void backward_cpu_kernel(const Params& p, const scalar_t* grad_output, const sca
 
 at::Tensor dcnv4_forward_cpu(const at::Tensor& value_in, const at::Tensor& offset_mask_in,
                              at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                             at::IntArrayRef dilation, int64_t groups, double offset_scale, bool remove_center) {
+                             at::IntArrayRef dilation, int64_t groups, double offset_scale, bool remove_center,
+                             c10::string_view cuda_backward) {
+  tiled_backward(cuda_backward);  // checked only: the CPU has one backward
   const at::Tensor value = value_in.contiguous();
   const at::Tensor offset_mask = offset_mask_in.contiguous();
   const Params p =
@@ -144,7 +146,8 @@ std::tuple<at::Tensor, at::Tensor> dcnv4_backward_cpu(const at::Tensor& grad_out
                                                       const at::Tensor& offset_mask_in, at::IntArrayRef kernel_size,
                                                       at::IntArrayRef stride, at::IntArrayRef padding,
                                                       at::IntArrayRef dilation, int64_t groups, double offset_scale,
-                                                      bool remove_center) {
+                                                      bool remove_center, c10::string_view cuda_backward) {
+  tiled_backward(cuda_backward);  // checked only: the CPU has one backward
   const at::Tensor value = value_in.contiguous();
   const at::Tensor offset_mask = offset_mask_in.contiguous();
   const at::Tensor grad_output = grad_output_in.contiguous();

@@ -65,6 +65,14 @@ inline Params make_params(const at::Tensor& value, const at::Tensor& offset_mask
   return p;
 }
 
+// The CUDA backward kernel named by the op's cuda_backward argument: "atomic" or "tiled". Checked on
+// every device, so that a name that would fail on a GPU fails on the CPU too.
+inline bool tiled_backward(c10::string_view cuda_backward) {
+  TORCH_CHECK(cuda_backward == "atomic" || cuda_backward == "tiled",
+              "cuda_backward must be 'atomic' or 'tiled', got '", cuda_backward, "'");
+  return cuda_backward == "tiled";
+}
+
 // Checks the backward's incoming gradient against the forward's output shape and value's dtype/device.
 inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& value, const Params& p) {
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({p.N, p.Ho, p.Wo, p.G * p.D}),

@@ -1,9 +1,8 @@
-"""The benchmark scripts run on the CPU at small sizes, and their GPU-only parts (the CUDA table, the
-backward-variant switch) format and restore what they should."""
+"""The benchmark scripts run on the CPU at small sizes, and their GPU-only part (the CUDA table) formats
+what it should."""
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -41,17 +40,6 @@ def test_bench_op_cuda_table_lists_both_backward_kernels():
     by_dir = {line.split()[2]: line.split() for line in lines[1:4]}
     assert set(by_dir) == {"fwd", "bwd", "bwd-t"}
     assert by_dir["fwd"][4] == "1.50" and by_dir["bwd"][4] == "4.00" and by_dir["bwd-t"][4] == "2.00"
-
-
-def test_backward_variant_switch_restores_the_environment(monkeypatch):
-    monkeypatch.delenv("UNET_DCNV4_CUDA_BACKWARD", raising=False)
-    with bench_op.backward_variant("tiled"):
-        assert os.environ["UNET_DCNV4_CUDA_BACKWARD"] == "tiled"
-    assert "UNET_DCNV4_CUDA_BACKWARD" not in os.environ
-    monkeypatch.setenv("UNET_DCNV4_CUDA_BACKWARD", "atomic")
-    with bench_op.backward_variant("tiled"):
-        pass
-    assert os.environ["UNET_DCNV4_CUDA_BACKWARD"] == "atomic"
 
 
 @pytest.mark.filterwarnings("ignore:A saved_tensors_hooks context:FutureWarning")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from unet_dcnv4.ops import dcnv4_reference, load_extension, output_size
+from unet_dcnv4.ops import dcnv4, dcnv4_reference, load_extension, output_size
 from unet_dcnv4.ops._build import CSRC, find_nvcc
 from unet_dcnv4.ops.reference import pair
 
@@ -160,8 +160,7 @@ def test_forward_matches_reference(cuda_ops, case, dtype):
 @pytest.mark.parametrize("variant", ["atomic", "tiled"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
 @pytest.mark.parametrize("case", list(CASES), ids=str)
-def test_backward_matches_autograd_of_reference(cuda_ops, case, dtype, variant, monkeypatch):
-    monkeypatch.setenv("UNET_DCNV4_CUDA_BACKWARD", variant)
+def test_backward_matches_autograd_of_reference(cuda_ops, case, dtype, variant):
     value, om, kwargs = make_case(**CASES[case], seed=2 * list(CASES).index(case) + 1)
     value, om = value.to(dtype), om.to(dtype)
     value64, om64 = value.double().requires_grad_(), om.double().requires_grad_()
@@ -169,7 +168,7 @@ def test_backward_matches_autograd_of_reference(cuda_ops, case, dtype, variant, 
     grad_out = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(dtype)
     grad_out_c, value_c, om_c = grad_out.cuda(), value.cuda(), om.cuda()
     poison_allocator(om_c)
-    gv, gom = cuda_ops.dcnv4_backward(grad_out_c, value_c, om_c, *call_args(kwargs))
+    gv, gom = cuda_ops.dcnv4_backward(grad_out_c, value_c, om_c, *call_args(kwargs), variant)
     torch.cuda.synchronize()
     assert gv.dtype == dtype and gv.shape == value.shape
     assert gom.dtype == dtype and gom.shape == om.shape
@@ -252,9 +251,41 @@ def test_deterministic_mode_refuses_the_atomic_backward(cuda_ops):
 
 
 @needs_gpu
-def test_unknown_backward_variant_is_an_error(cuda_ops, monkeypatch):
-    monkeypatch.setenv("UNET_DCNV4_CUDA_BACKWARD", "fast")
+def test_unknown_backward_variant_is_an_error(cuda_ops):
     value, om, kwargs = make_case(N=1, H=4, W=4, G=1, D=8, seed=13)
     value, om = value.float().cuda(), om.float().cuda()
-    with pytest.raises(RuntimeError, match="UNET_DCNV4_CUDA_BACKWARD must be 'atomic' or 'tiled'"):
-        cuda_ops.dcnv4_backward(torch.zeros_like(value), value, om, *call_args(kwargs))
+    with pytest.raises(RuntimeError, match="cuda_backward must be 'atomic' or 'tiled', got 'fast'"):
+        cuda_ops.dcnv4_backward(torch.zeros_like(value), value, om, *call_args(kwargs), "fast")
+    with pytest.raises(RuntimeError, match="cuda_backward must be 'atomic' or 'tiled', got 'fast'"):
+        cuda_ops.dcnv4_forward(value, om, *call_args(kwargs), "fast")
+
+
+@needs_gpu
+@pytest.mark.parametrize("variant", ["atomic", "tiled"])
+def test_dcnv4_runs_the_backward_kernel_it_is_given(cuda_ops, variant):
+    """cuda_backward travels from dcnv4 through autograd to the kernel launch (seen by the profiler)."""
+    value, om, kwargs = make_case(N=2, H=13, W=9, G=2, D=16, seed=14)
+    value = value.float().cuda().requires_grad_()
+    om = om.float().cuda().requires_grad_()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        dcnv4(value, om, **kwargs, cuda_backward=variant).sum().backward()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    backward_kernels = [n for n in names if "backward_kernel" in n or "backward_tiled_kernel" in n]
+    tiled = ["backward_tiled_kernel" in n for n in backward_kernels]
+    assert backward_kernels and all(t == (variant == "tiled") for t in tiled), backward_kernels
+
+
+@needs_gpu
+def test_cuda_tensor_without_cuda_kernels_is_an_error(cuda_ops, monkeypatch):
+    """No silent 40x slower reference on the GPU: "auto" and "kernel" raise, "reference" runs it."""
+    from unet_dcnv4 import ops
+
+    value, om, kwargs = make_case(N=1, H=5, W=4, G=2, D=8, seed=15)
+    value, om = value.float().cuda(), om.float().cuda()
+    monkeypatch.setattr(ops, "_cuda_kernels_available", lambda: False)
+    for impl in ("auto", "kernel"):
+        with pytest.raises(RuntimeError, match="built without CUDA.*impl='reference'"):
+            dcnv4(value, om, **kwargs, impl=impl)
+    out = dcnv4(value, om, **kwargs, impl="reference")
+    assert rel_err(out, dcnv4_reference(value.double(), om.double(), **kwargs)) < FWD_TOL[torch.float32]

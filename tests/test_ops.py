@@ -4,21 +4,36 @@ gradients, torch.library registration, torch.compile, the build, and input valid
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from unet_dcnv4.ops import dcnv4, dcnv4_reference, load_extension, output_size
 from unet_dcnv4.ops.reference import pair, sampling_points
 
 
 @pytest.fixture(autouse=True)
-def _kernels(monkeypatch):
+def _kernels():
     """Every test here exercises the compiled op unless it asks for the reference itself."""
-    monkeypatch.delenv("UNET_DCNV4_REFERENCE", raising=False)
     load_extension()
+
+
+class OpLog(TorchDispatchMode):
+    """Records the calls of the compiled op, forward and backward, as (name, arguments after the tensors)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "unet_dcnv4":
+            tensors = 3 if "backward" in func.name() else 2
+            self.calls.append((func.name().split("::")[-1], args[tensors:]))
+        return func(*args, **(kwargs or {}))
 
 
 def make_inputs(N, H, W, G, D, kernel_size=3, stride=1, padding=1, dilation=1, remove_center=False,
@@ -36,7 +51,8 @@ def make_inputs(N, H, W, G, D, kernel_size=3, stride=1, padding=1, dilation=1, r
 
 
 def naive_dcnv4(value, offset_mask, kernel_size, stride, padding, dilation, groups, offset_scale, remove_center):
-    """The contract of DESIGN.md written as a per-pixel, per-point loop (float64, tiny shapes only)."""
+    """The op's contract (the `dcnv4` docstring) written as a per-pixel, per-point loop (float64, tiny
+    shapes only)."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (pair(kernel_size, "k"), pair(stride, "s"), pair(padding, "p"),
                                               pair(dilation, "d"))
     N, H, W, C = value.shape
@@ -112,7 +128,7 @@ def test_sampling_points_are_column_major():
 
 
 def test_reference_equals_grid_sample():
-    """DESIGN.md: the sampling equals grid_sample(zeros, align_corners=False) after x -> (2x+1)/W - 1."""
+    """The sampling equals grid_sample(zeros, align_corners=False) after x -> (2x+1)/W - 1."""
     N, H, W, D = 2, 6, 7, 3
     value, offset_mask = make_inputs(N, H, W, 1, D, kernel_size=1, padding=0, dtype=torch.float64)
     out = dcnv4_reference(value, offset_mask, 1, 1, 0, 1, 1, 1.0, False)
@@ -202,6 +218,10 @@ def test_opcheck():
     grad = torch.randn(value.shape[0], value.shape[1], value.shape[2], value.shape[3])
     torch.library.opcheck(torch.ops.unet_dcnv4.dcnv4_backward.default, (grad, value.detach(), offset_mask.detach(),
                                                                         *op_args[2:]))
+    # The backward-kernel argument, given: fake kernels, autograd and schema take it too.
+    torch.library.opcheck(torch.ops.unet_dcnv4.dcnv4_forward.default, (*op_args, "tiled"))
+    torch.library.opcheck(torch.ops.unet_dcnv4.dcnv4_backward.default, (grad, value.detach(), offset_mask.detach(),
+                                                                        *op_args[2:], "tiled"))
 
 
 def test_torch_compile_fullgraph():
@@ -219,14 +239,35 @@ def test_torch_compile_fullgraph():
     assert value.grad is not None and torch.isfinite(value.grad).all()
 
 
-def test_reference_path_from_environment(monkeypatch):
+@pytest.mark.parametrize("impl,compiled", [("auto", True), ("kernel", True), ("reference", False)])
+def test_impl_chooses_the_implementation(impl, compiled):
     value, offset_mask, args = run_case(SHAPES[0], torch.float64)
-    monkeypatch.setenv("UNET_DCNV4_REFERENCE", "1")
-    called = []
-    monkeypatch.setattr(torch.ops.unet_dcnv4, "dcnv4_forward", lambda *a: called.append(a))
-    out = dcnv4(value, offset_mask, *args)
-    assert not called
-    torch.testing.assert_close(out, dcnv4_reference(value, offset_mask, *args))
+    value.requires_grad_(True)
+    with OpLog() as log:
+        out = dcnv4(value, offset_mask, *args, impl=impl)
+        out.sum().backward()
+    assert [name for name, _ in log.calls] == (["dcnv4_forward", "dcnv4_backward"] if compiled else [])
+    torch.testing.assert_close(out, dcnv4_reference(value, offset_mask, *args), rtol=1e-10, atol=1e-10)
+
+
+def test_cuda_backward_travels_through_autograd_to_the_backward_op():
+    value, offset_mask, args = run_case(SHAPES[0], torch.float64)
+    value.requires_grad_(True)
+    for variant in ("tiled", "atomic"):
+        with OpLog() as log:
+            dcnv4(value, offset_mask, *args, cuda_backward=variant).sum().backward()
+        (_, forward_args), (_, backward_args) = log.calls
+        # The dispatcher leaves out an argument equal to its schema default ("atomic").
+        assert forward_args[7:] == backward_args[7:] == (("tiled",) if variant == "tiled" else ())
+
+
+def test_auto_runs_the_reference_where_there_are_no_kernels():
+    value, offset_mask, args = run_case(SHAPES[0], torch.float32)
+    with OpLog() as log:
+        out = dcnv4(value.to("meta"), offset_mask.to("meta"), *args)
+    assert not log.calls and out.device.type == "meta" and out.shape == value.shape
+    with pytest.raises(ValueError, match="impl='kernel' needs value on a CPU or CUDA device, got meta"):
+        dcnv4(value.to("meta"), offset_mask.to("meta"), *args, impl="kernel")
 
 
 def _bad(**changes):
@@ -251,12 +292,14 @@ BAD_INPUTS = [
     (dict(kernel_size=(3, 3, 3)), TypeError, "kernel_size must be an int or a pair"),
     (dict(groups=0), ValueError, "groups must be a positive int"),
     (dict(kernel_size=9, padding=0), ValueError, "too small"),
+    (dict(impl="cuda"), ValueError, "impl must be one of ('auto', 'kernel', 'reference'), got 'cuda'"),
+    (dict(cuda_backward="fast"), ValueError, "cuda_backward must be one of ('atomic', 'tiled'), got 'fast'"),
 ]
 
 
 @pytest.mark.parametrize("changes,error,message", BAD_INPUTS, ids=[b[2] for b in BAD_INPUTS])
 def test_bad_inputs_raise_naming_the_argument(changes, error, message):
-    with pytest.raises(error, match=message.replace("*", r"\*")):
+    with pytest.raises(error, match=re.escape(message)):
         dcnv4(**_bad(**changes))
 
 
@@ -267,6 +310,11 @@ def test_cpp_checks_name_the_argument():
                                            2, 1.0, False)
     with pytest.raises(RuntimeError, match="value's channels"):
         torch.ops.unet_dcnv4.dcnv4_forward(value, offset_mask, [3, 3], [1, 1], [1, 1], [1, 1], 3, 1.0, False)
+    with pytest.raises(RuntimeError, match="cuda_backward must be 'atomic' or 'tiled', got 'fast'"):
+        torch.ops.unet_dcnv4.dcnv4_forward(value, offset_mask, [3, 3], [1, 1], [1, 1], [1, 1], 2, 1.0, False, "fast")
+    with pytest.raises(RuntimeError, match="cuda_backward must be 'atomic' or 'tiled', got 'fast'"):
+        torch.ops.unet_dcnv4.dcnv4_backward(torch.zeros_like(value), value, offset_mask, [3, 3], [1, 1], [1, 1],
+                                            [1, 1], 2, 1.0, False, "fast")
 
 
 def test_build_is_cached_and_reports_missing_compiler(tmp_path):

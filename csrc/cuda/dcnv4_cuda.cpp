@@ -5,9 +5,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
-
 #include "../dcnv4_torch.h"
 #include "dcnv4_cuda.h"
 
@@ -29,23 +26,15 @@ DType dtype_of(const at::Tensor& t) {
   }
 }
 
-// UNET_DCNV4_CUDA_BACKWARD picks the backward kernel: "atomic" (the default) or "tiled" (see
-// dcnv4_cuda.h). Read at every call, so a benchmark can compare the two in one process.
-BackwardVariant backward_variant() {
-  const char* env = std::getenv("UNET_DCNV4_CUDA_BACKWARD");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "atomic") == 0) return BackwardVariant::kAtomic;
-  TORCH_CHECK(std::strcmp(env, "tiled") == 0, "UNET_DCNV4_CUDA_BACKWARD must be 'atomic' or 'tiled', got '", env,
-              "'");
-  return BackwardVariant::kTiled;
-}
-
 void check_cuda(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
 }
 
 at::Tensor dcnv4_forward_cuda(const at::Tensor& value_in, const at::Tensor& offset_mask_in,
                               at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                              at::IntArrayRef dilation, int64_t groups, double offset_scale, bool remove_center) {
+                              at::IntArrayRef dilation, int64_t groups, double offset_scale, bool remove_center,
+                              c10::string_view cuda_backward) {
+  tiled_backward(cuda_backward);  // checked here too: the forward only carries it to the backward
   check_cuda(value_in, "value");
   const at::Tensor value = value_in.contiguous();
   const at::Tensor offset_mask = offset_mask_in.contiguous();
@@ -65,12 +54,14 @@ at::Tensor dcnv4_forward_cuda(const at::Tensor& value_in, const at::Tensor& offs
 // grad_value is accumulated with float atomics (double for float64) in a buffer of that type and
 // converted to value's dtype afterwards, so half-precision gradients are summed in float32. The
 // atomics make the order of additions, hence the last bits of grad_value, vary from run to run;
-// grad_offset_mask has no atomics and is deterministic.
+// grad_offset_mask has no atomics and is deterministic. cuda_backward picks the kernel: "atomic" (the
+// default) or "tiled" (see dcnv4_cuda.h).
 std::tuple<at::Tensor, at::Tensor> dcnv4_backward_cuda(const at::Tensor& grad_output_in, const at::Tensor& value_in,
                                                        const at::Tensor& offset_mask_in, at::IntArrayRef kernel_size,
                                                        at::IntArrayRef stride, at::IntArrayRef padding,
                                                        at::IntArrayRef dilation, int64_t groups, double offset_scale,
-                                                       bool remove_center) {
+                                                       bool remove_center, c10::string_view cuda_backward) {
+  const BackwardVariant variant = tiled_backward(cuda_backward) ? BackwardVariant::kTiled : BackwardVariant::kAtomic;
   check_cuda(value_in, "value");
   // Under torch.use_deterministic_algorithms(True) this raises (or warns, with warn_only=True), as
   // PyTorch's own atomics-based backward kernels do.
@@ -93,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor> dcnv4_backward_cuda(const at::Tensor& grad_ou
     const cudaError_t err =
         backward_cuda(p, dtype, grad_output.const_data_ptr(), value.const_data_ptr(), offset_mask.const_data_ptr(),
                       grad_value_acc.mutable_data_ptr(), grad_offset_mask.mutable_data_ptr(),
-                      c10::cuda::getCurrentCUDAStream(), backward_variant());
+                      c10::cuda::getCurrentCUDAStream(), variant);
     TORCH_CHECK(err == cudaSuccess, "unet_dcnv4: the CUDA kernel dcnv4 backward_kernel failed to launch: ",
                 cudaGetErrorString(err));
   }

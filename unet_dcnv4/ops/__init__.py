@@ -2,27 +2,35 @@
 
 The compiled op lives in the `unet_dcnv4` torch.library namespace (schema in csrc/ops.cpp); this module
 adds its fake kernel and autograd so that torch.compile and torch.library.opcheck see a normal op.
-Set UNET_DCNV4_REFERENCE=1 to run the pure-PyTorch reference instead of the kernels.
+Which implementation runs, and which CUDA backward kernel, are arguments of `dcnv4` (`impl`,
+`cuda_backward`), so that a saved config says what ran.
 """
 
 from __future__ import annotations
-
-import os
-import warnings
 
 import torch
 
 from .reference import dcnv4_reference, output_size, pair
 
-__all__ = ["dcnv4", "dcnv4_reference", "output_size", "use_reference", "load_extension"]
+__all__ = ["dcnv4", "dcnv4_reference", "output_size", "load_extension", "check_impl", "IMPLS", "CUDA_BACKWARDS"]
 
+# "auto": the compiled kernels on CPU and CUDA tensors, the reference on devices that have no kernels
+# here (e.g. MPS); "kernel": the compiled kernels or an error; "reference": the pure-PyTorch reference.
+IMPLS = ("auto", "kernel", "reference")
+# The CUDA backward kernels (BackwardVariant in csrc/cuda/dcnv4_cuda.h): "atomic" sends every grad_value
+# contribution to global memory with atomics; "tiled" sums a tile's contributions in shared memory first.
+CUDA_BACKWARDS = ("atomic", "tiled")
+_KERNEL_DEVICES = ("cpu", "cuda")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _loaded = False
 
 
-def use_reference() -> bool:
-    """True when UNET_DCNV4_REFERENCE asks for the pure-PyTorch path."""
-    return os.environ.get("UNET_DCNV4_REFERENCE", "0").lower() not in ("", "0", "false", "no")
+def check_impl(impl: str, cuda_backward: str) -> None:
+    """Raise ValueError unless `impl` is one of IMPLS and `cuda_backward` one of CUDA_BACKWARDS."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if cuda_backward not in CUDA_BACKWARDS:
+        raise ValueError(f"cuda_backward must be one of {CUDA_BACKWARDS}, got {cuda_backward!r}")
 
 
 def load_extension() -> None:
@@ -101,6 +109,9 @@ def dcnv4(
     groups: int = 1,
     offset_scale: float = 1.0,
     remove_center: bool = False,
+    *,
+    impl: str = "auto",
+    cuda_backward: str = "atomic",
 ) -> torch.Tensor:
     """Deformable convolution v4 (the sampling and aggregation core, no projections).
 
@@ -115,6 +126,13 @@ def dcnv4(
         groups: G, the number of groups sharing one set of offsets and masks.
         offset_scale: multiplies the kernel tap position plus the learned offset.
         remove_center: drop the centre tap (K = k_h * k_w - 1).
+        impl: "auto" (the compiled kernels on CPU and CUDA tensors, built on first use; the reference on
+            other devices), "kernel" (the compiled kernels, an error on devices without them) or
+            "reference" (the pure-PyTorch reference, `dcnv4_reference`, on any device). A CUDA tensor with
+            kernels built without CUDA is an error under "auto" and "kernel", not a slow fallback.
+        cuda_backward: the CUDA backward kernel, "atomic" (the default) or "tiled" (sums a tile of output
+            pixels' contributions to value's gradient in shared memory before the global atomics). Same
+            gradients up to the order of float additions; the CPU and the reference ignore it.
 
     Returns:
         (N, H_out, W_out, C) in value's dtype, H_out = (H + 2 pad_h - dil_h (k_h - 1) - 1) // stride_h + 1.
@@ -124,31 +142,37 @@ def dcnv4(
     gradient does not); under `torch.use_deterministic_algorithms(True)` it raises, as PyTorch's own
     atomics-based kernels do.
     """
+    check_impl(impl, cuda_backward)
     k, s, p, d = _check_inputs(value, offset_mask, kernel_size, stride, padding, dilation, groups,
                                offset_scale, remove_center)
-    if use_reference():
+    if impl == "reference" or (impl == "auto" and value.device.type not in _KERNEL_DEVICES):
         return dcnv4_reference(value, offset_mask, k, s, p, d, groups, offset_scale, remove_center)
+    if value.device.type not in _KERNEL_DEVICES:
+        raise ValueError(f"impl='kernel' needs value on a CPU or CUDA device, got {value.device}; "
+                         "use impl='auto' or 'reference' there")
     load_extension()
     if value.is_cuda and not _cuda_kernels_available():
-        warnings.warn("unet_dcnv4: the CUDA kernels were not built (no nvcc or no GPU at build time); "
-                      "running the slow PyTorch reference on the GPU", stacklevel=2)
-        return dcnv4_reference(value, offset_mask, k, s, p, d, groups, offset_scale, remove_center)
+        raise RuntimeError(f"unet_dcnv4: value is on {value.device} but the kernels were built without CUDA, "
+                           "which needs nvcc: install the CUDA toolkit (or set CUDA_HOME to one) and start a new "
+                           "process to build them, or pass impl='reference' to run the slow PyTorch reference")
     return torch.ops.unet_dcnv4.dcnv4_forward(value.contiguous(), offset_mask.contiguous(), list(k), list(s),
-                                               list(p), list(d), groups, float(offset_scale), remove_center)
+                                               list(p), list(d), groups, float(offset_scale), remove_center,
+                                               cuda_backward)
 
 
 def _register_python_parts() -> None:
     """Fake kernels and autograd for the compiled op (the schema is declared in C++)."""
 
     @torch.library.register_fake("unet_dcnv4::dcnv4_forward")
-    def _(value, offset_mask, kernel_size, stride, padding, dilation, groups, offset_scale, remove_center):
+    def _(value, offset_mask, kernel_size, stride, padding, dilation, groups, offset_scale, remove_center,
+          cuda_backward="atomic"):
         N, H, W, C = value.shape
         Ho, Wo = output_size(H, W, kernel_size, stride, padding, dilation)
         return value.new_empty((N, Ho, Wo, C))
 
     @torch.library.register_fake("unet_dcnv4::dcnv4_backward")
     def _(grad_output, value, offset_mask, kernel_size, stride, padding, dilation, groups, offset_scale,
-          remove_center):
+          remove_center, cuda_backward="atomic"):
         return torch.empty_like(value), torch.empty_like(offset_mask)
 
     def setup_context(ctx, inputs, output):
@@ -160,6 +184,6 @@ def _register_python_parts() -> None:
         value, offset_mask = ctx.saved_tensors
         grad_value, grad_offset_mask = torch.ops.unet_dcnv4.dcnv4_backward(
             grad_output.contiguous(), value, offset_mask, *ctx.args)
-        return grad_value, grad_offset_mask, None, None, None, None, None, None, None
+        return grad_value, grad_offset_mask, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd("unet_dcnv4::dcnv4_forward", backward, setup_context=setup_context)

@@ -102,7 +102,7 @@ def build(with_cuda: bool | None = None, verbose: bool = False) -> str:
         with_cuda = cuda_wanted()
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         raise BuildError("unet_dcnv4 needs a C++ compiler to build its kernels (none found as $CXX or c++); "
-                         "install g++ or set UNET_DCNV4_REFERENCE=1 to use the slow PyTorch reference")
+                         "install g++, or pass impl='reference' to run the slow PyTorch reference")
     if with_cuda and find_nvcc() is None:
         raise BuildError("unet_dcnv4: building the CUDA kernels needs nvcc; set CUDA_HOME to a CUDA toolkit")
     import torch.utils.cpp_extension as ext
@@ -133,7 +133,7 @@ def build(with_cuda: bool | None = None, verbose: bool = False) -> str:
         )
     except Exception as err:  # the compiler's output is in the exception text
         raise BuildError(f"unet_dcnv4: building the kernels in {folder} failed:\n{err}\n"
-                         "Set UNET_DCNV4_REFERENCE=1 to run the slow PyTorch reference instead.") from err
+                         "Pass impl='reference' to run the slow PyTorch reference instead.") from err
     return str(library)
 
 
