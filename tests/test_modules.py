@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from test_ops import OpLog
 from unet_dcnv4.modules import DCNv4, DCNv4Conv2d
 from unet_dcnv4.ops import dcnv4_reference
 
@@ -173,6 +174,27 @@ def test_recompute_value_must_be_a_bool():
         DCNv4(16, recompute_value="yes")
 
 
+@pytest.mark.parametrize("impl,cuda_backward", [("reference", "atomic"), ("kernel", "tiled"), ("auto", "atomic")])
+def test_impl_and_cuda_backward_reach_the_op(impl, cuda_backward):
+    """The layer's arguments are attributes, and what the op is called with, forward and backward."""
+    torch.manual_seed(0)
+    m = DCNv4Conv2d(16, 16, impl=impl, cuda_backward=cuda_backward).double()
+    assert (m.impl, m.cuda_backward) == (impl, cuda_backward)
+    assert f"impl={impl}, cuda_backward={cuda_backward}" in repr(m)
+    x = torch.randn(1, 16, 5, 5, dtype=torch.float64, requires_grad=True)
+    with OpLog() as log:
+        y = m(x)
+        y.sum().backward()
+    if impl == "reference":
+        assert log.calls == []
+    else:
+        # The dispatcher leaves out an argument equal to its schema default ("atomic").
+        passed = () if cuda_backward == "atomic" else (cuda_backward,)
+        assert [(name, args[7:]) for name, args in log.calls] == [("dcnv4_forward", passed),
+                                                                   ("dcnv4_backward", passed)]
+    torch.testing.assert_close(y, _composition(m, x.detach().permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
 def test_channels_last_input_gives_channels_last_output():
     torch.manual_seed(0)
     m = DCNv4Conv2d(16, 32)
@@ -203,6 +225,8 @@ def test_parameter_names_and_shapes_follow_the_official_layer():
     (lambda: DCNv4(64, dw_kernel_size=4), "dw_kernel_size must be a positive odd int"),
     (lambda: DCNv4Conv2d(20, 40, group_channels=16), r"channels \(20\) must be divisible by group_channels"),
     (lambda: DCNv4(16, without_pointwise=True, out_channels=32), "without_pointwise needs"),
+    (lambda: DCNv4(16, impl="cuda"), r"impl must be one of \('auto', 'kernel', 'reference'\), got 'cuda'"),
+    (lambda: DCNv4Conv2d(16, 16, cuda_backward="fast"), r"cuda_backward must be one of \('atomic', 'tiled'\)"),
 ])
 def test_bad_configuration_raises_value_error(build, match):
     with pytest.raises(ValueError, match=match):

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from .ops import dcnv4
+from .ops import check_impl, dcnv4
 from .ops.reference import output_size, pair
 
 __all__ = ["DCNv4", "DCNv4Conv2d", "resolve_groups"]
@@ -86,6 +86,9 @@ class DCNv4(nn.Module):
         recompute_value: keep no copy of `value_proj`'s output for the backward; recompute it there (one
             more matrix multiply per backward, C values less per pixel of activation memory). Also settable
             later through the `recompute_value` attribute.
+        impl: which implementation of the op runs: "auto", "kernel" or "reference" (see `dcnv4`).
+        cuda_backward: the CUDA backward kernel, "atomic" or "tiled" (see `dcnv4`).
+        Both are kept as attributes of the same names and can be changed later.
     """
 
     def __init__(
@@ -106,6 +109,8 @@ class DCNv4(nn.Module):
         out_channels: int | None = None,
         official_init: bool = False,
         recompute_value: bool = False,
+        impl: str = "auto",
+        cuda_backward: str = "atomic",
     ):
         super().__init__()
         self.channels = channels
@@ -132,6 +137,9 @@ class DCNv4(nn.Module):
         if not isinstance(recompute_value, bool):
             raise TypeError(f"recompute_value must be a bool, got {recompute_value!r}")
         self.recompute_value = recompute_value
+        check_impl(impl, cuda_backward)
+        self.impl = impl
+        self.cuda_backward = cuda_backward
 
         if without_pointwise and (self.in_channels != channels or self.out_channels != channels):
             raise ValueError(f"without_pointwise needs in_channels == out_channels == channels ({channels}), "
@@ -213,12 +221,14 @@ class DCNv4(nn.Module):
         """(N, H, W, C) value -> (N, H_out, W_out, C). Under autocast the Linears may run in fp16/bf16
         while value (without_pointwise) stays fp32: the op takes one dtype, that of value."""
         return dcnv4(value, offset_mask.to(value.dtype), self.kernel_size, self.stride, self.padding,
-                     self.dilation, self.group, self.offset_scale, self.remove_center)
+                     self.dilation, self.group, self.offset_scale, self.remove_center, impl=self.impl,
+                     cuda_backward=self.cuda_backward)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}->{self.channels}->{self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, groups={self.group}, "
-                f"offset_scale={self.offset_scale}, remove_center={self.remove_center}")
+                f"offset_scale={self.offset_scale}, remove_center={self.remove_center}, impl={self.impl}, "
+                f"cuda_backward={self.cuda_backward}")
 
 
 def _keep_op_output(ctx, func, *args, **kwargs) -> CheckpointPolicy:
@@ -244,7 +254,8 @@ class DCNv4Conv2d(DCNv4):
         kernel_size, stride, padding, dilation: as for `nn.Conv2d` (keyword-only after kernel_size).
         group_channels: channels per DCNv4 group at width C (C must be divisible by it).
         channels: the width C at which the op samples, overriding the choice above.
-        offset_scale, dw_kernel_size, remove_center, official_init, recompute_value: see `DCNv4`.
+        offset_scale, dw_kernel_size, remove_center, official_init, recompute_value, impl, cuda_backward:
+            see `DCNv4`.
         bias: whether the output projection has a bias.
     """
 
@@ -265,6 +276,8 @@ class DCNv4Conv2d(DCNv4):
         official_init: bool = False,
         channels: int | None = None,
         recompute_value: bool = False,
+        impl: str = "auto",
+        cuda_backward: str = "atomic",
     ):
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -277,6 +290,7 @@ class DCNv4Conv2d(DCNv4):
             group_channels=group_channels, offset_scale=offset_scale, remove_center=remove_center,
             dw_kernel_size=dw_kernel_size, output_bias=bias, in_channels=in_channels,
             out_channels=out_channels, official_init=official_init, recompute_value=recompute_value,
+            impl=impl, cuda_backward=cuda_backward,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
