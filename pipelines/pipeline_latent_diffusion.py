@@ -1,7 +1,8 @@
 """A diffusers `DiffusionPipeline` for latent diffusion (U-Net on VAE latents, then VAE decoding), with its samplers.
 
 A saved folder carries a copy of this file and loads with `DiffusionPipeline.from_pretrained(folder,
-trust_remote_code=True)`, or with the installed code through `LatentDiffusionPipeline.from_pretrained(folder)`.
+trust_remote_code=True)` in any process where the unet_dcnv4 package is installed, or with the installed
+code through `LatentDiffusionPipeline.from_pretrained(folder)`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import json
 import os
 import shutil
 
-# Only the standard library, torch and diffusers: the copy in a saved folder is imported on its own.
 import torch
 from diffusers import (
     DDIMScheduler,
@@ -20,6 +20,17 @@ from diffusers import (
     ImagePipelineOutput,
 )
 from diffusers.utils.torch_utils import randn_tensor
+
+# The copy in a saved folder is imported on its own, before the components load. diffusers finds a
+# component class named in model_index.json, such as ["unet_dcnv4.unet", "DCNv4UNet2DModel"], only in a
+# module already imported: importing the installed model module here is what lets the folder load.
+try:
+    import unet_dcnv4.unet  # noqa: F401
+except ModuleNotFoundError as err:
+    if (err.name or "").split(".")[0] != "unet_dcnv4":  # missing here, not missing inside it
+        raise
+    raise ImportError("this latent diffusion pipeline needs the unet_dcnv4 package, which is not installed: "
+                      "pip install the unet_dcnv4 checkout or wheel") from err
 
 SAMPLERS = ("ddim", "dpmsolver++", "euler")
 OUTPUT_TYPES = ("pil", "np", "latent")

@@ -2,6 +2,9 @@
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,3 +186,72 @@ def test_dcnv4_unet_round_trips_through_the_pipeline_folder(tmp_path):
     assert isinstance(loaded.unet, DCNv4UNet2DModel)
     loaded.set_progress_bar_config(disable=True)
     np.testing.assert_array_equal(_run(loaded, output_type="np", num_inference_steps=2), expected)
+
+
+# Loads saved pipeline folders in a process that has imported nothing of this project, as a user's script
+# would, and compares each one's images with those the saving process made. Prints the module each U-Net
+# class came from and where unet_dcnv4 was imported from.
+FRESH_LOAD = """
+import sys
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+assert not [m for m in sys.modules if m.split(".")[0] in ("unet_dcnv4", "pipelines")], "imported beforehand"
+if sys.argv[1] == "--without-package":
+    class NotInstalled:  # what the import system says when the package is not installed
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "unet_dcnv4":
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    sys.meta_path.insert(0, NotInstalled())
+    try:
+        DiffusionPipeline.from_pretrained(sys.argv[2], trust_remote_code=True)
+    except ImportError as err:
+        print("ImportError:", err)
+    sys.exit(0)
+for folder in sys.argv[1:]:
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    np.testing.assert_array_equal(images, np.load(folder + "/expected.npy"))
+    print(type(pipe).__name__, type(pipe.unet).__module__, type(pipe.unet).__name__)
+print("unet_dcnv4 from", sys.modules["unet_dcnv4"].__file__)
+"""
+
+
+def load_in_fresh_process(args, cwd, env=None) -> str:
+    """Run FRESH_LOAD with `args` in a new interpreter; returns its stdout (asserting it succeeded).
+    Remote code goes to a module cache under cwd, not the user's."""
+    env = dict(os.environ if env is None else env, HF_HOME=str(Path(cwd) / "hf_home"), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", FRESH_LOAD, *map(str, args)], capture_output=True, text=True,
+                            cwd=cwd, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def save_for_fresh_load(pipe, folder) -> None:
+    """save_pretrained, plus the images FRESH_LOAD expects from the folder."""
+    images = _run(pipe, output_type="np", num_inference_steps=2)
+    pipe.save_pretrained(folder)
+    np.save(Path(folder) / "expected.npy", images)
+
+
+def test_saved_folders_load_in_a_fresh_process(tmp_path):
+    """The README's loading line works without importing unet_dcnv4 first, for a DCNv4 and a conv U-Net."""
+    from unet_dcnv4.unet import build_unet
+
+    save_for_fresh_load(tiny_pipeline(num_class_embeds=None), tmp_path / "conv")
+    pipe = tiny_pipeline()
+    torch.manual_seed(0)
+    pipe.register_modules(unet=build_unet("dcnv4", "tiny", sample_size=8).eval())
+    save_for_fresh_load(pipe, tmp_path / "dcnv4")
+    out = load_in_fresh_process([tmp_path / "conv", tmp_path / "dcnv4"], cwd=tmp_path)
+    assert "LatentDiffusionPipeline diffusers.models.unets.unet_2d UNet2DModel" in out
+    assert "LatentDiffusionPipeline unet_dcnv4.unet DCNv4UNet2DModel" in out
+
+
+def test_a_folder_without_the_package_says_to_install_it(tmp_path):
+    tiny_pipeline().save_pretrained(tmp_path / "conv")
+    out = load_in_fresh_process(["--without-package", tmp_path / "conv"], cwd=tmp_path)
+    assert out.strip() == ("ImportError: this latent diffusion pipeline needs the unet_dcnv4 package, which is "
+                           "not installed: pip install the unet_dcnv4 checkout or wheel")
