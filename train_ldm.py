@@ -459,7 +459,7 @@ INPUT_ERRORS = (ValueError, FileNotFoundError, CorruptImageError, VAELoadError)
 def error_line(err: Exception) -> str:
     """The one-line message of an input error; an unreadable image names the key that skips it."""
     text = " ".join(str(err).split())
-    if isinstance(err, CorruptImageError):
+    if isinstance(err, CorruptImageError) and "--set skip_corrupt=true" not in text:
         text += " (set skip_corrupt: true, --set skip_corrupt=true, to skip unreadable images)"
     return text
 

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     except (ValueError, FileNotFoundError, CorruptImageError) as err:
         text = " ".join(str(err).split())
         if isinstance(err, CorruptImageError):
-            text += " (--skip_corrupt skips unreadable images)"
+            text += " (train_vae.py: pass --skip_corrupt to skip unreadable images)"
         print(f"train_vae.py: error: {text}", file=sys.stderr)
         sys.exit(2)
 
