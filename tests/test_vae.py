@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
+import types
 
 import numpy as np
 import pytest
@@ -116,6 +118,40 @@ def test_train_vae_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train_vae.main(["--data", str(tmp_path / "few"), "--output_dir", str(tmp_path / "out")])
     assert exit_info.value.code == 2 and "at least 10 images" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:skipped 1 unreadable image:UserWarning")
+def test_train_vae_corrupt_image_stops_or_is_skipped(folder, tmp_path, capsys):
+    images = tmp_path / "images"
+    shutil.copytree(folder, images)
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
+    base = TINY + ["--data", str(images), "--max_train_steps", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        train_vae.main(base + ["--output_dir", str(tmp_path / "stop")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("train_vae.py")]  # after the progress bar
+    assert exit_info.value.code == 2 and len(lines) == 1 and err.rstrip().endswith(lines[0]), err
+    assert lines[0].startswith("train_vae.py: error: ") and "broken.png" in lines[0] and "--skip_corrupt" in lines[0]
+
+    metrics = train_vae.main(base + ["--output_dir", str(tmp_path / "skip"), "--skip_corrupt"])
+    assert metrics["skipped_images"] == [str(images / "broken.png")] and metrics["num_skipped_images"] == 1
+    assert "skipped 1 unreadable image(s)" in capsys.readouterr().out
+    with open(tmp_path / "skip" / "metrics.json") as f:
+        assert json.load(f)["skipped_images"] == metrics["skipped_images"]
+
+
+def test_train_vae_warms_up_once_per_step_whatever_the_process_count(folder, tmp_path, monkeypatch):
+    """Accelerate steps a prepared scheduler once per process per step; train_vae's must step once per step.
+
+    Accelerate's scheduler wrapper is made to see two processes, as on a two-process launch.
+    """
+    import accelerate.scheduler
+
+    monkeypatch.setattr(accelerate.scheduler, "AcceleratorState", lambda: types.SimpleNamespace(num_processes=2))
+    argv = TINY[:-2] + ["--data", folder, "--output_dir", str(tmp_path), "--max_train_steps", "3",
+                        "--lr_warmup_steps", "10", "--learning_rate", "0.001"]
+    metrics = train_vae.main(argv)
+    assert metrics["learning_rate"] == pytest.approx(0.001 * 3 / 10)
 
 
 def test_builtin_vae_trains_once(tmp_path, monkeypatch):
