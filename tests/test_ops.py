@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 import subprocess
 import sys
 
@@ -334,3 +335,22 @@ def test_build_is_cached_and_reports_missing_compiler(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
+
+
+def test_build_hash_covers_every_source(tmp_path, monkeypatch):
+    """An edit to any source or header, CPU or CUDA, names a new build folder (CUDA files: CUDA builds)."""
+    from unet_dcnv4.ops import _build
+
+    copy = tmp_path / "csrc"
+    shutil.copytree(_build.CSRC, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(_build, "CSRC", copy)
+    files = [p for p in copy.rglob("*") if p.suffix in (".h", ".cuh", ".cpp", ".cu")]
+    assert {"ops.cpp", "dcnv4.h", "dcnv4_cuda.h", "dcnv4_cuda.cu"} <= {p.name for p in files}
+    for with_cuda in (False, True):
+        sources = _build._sources(with_cuda)
+        for path in files:
+            if "cuda" in path.relative_to(copy).parts and not with_cuda:
+                continue
+            before = _build._digest(sources, [])
+            path.write_text(path.read_text() + "\n// edited\n")
+            assert _build._digest(sources, []) != before, path
