@@ -269,13 +269,12 @@ def train(cfg: TrainConfig) -> dict:
     accelerator.register_for_checkpointing(lr_scheduler)
     custom_objects += ["lr_scheduler", "rng"]
 
-    # Per-process noise states do not map onto another process count: a resume onto one starts new streams, keyed
-    # by its step, registered after loading (load_state restores registered objects only).
+    # Per-process noise states do not map onto another process count: a resume onto one starts new streams,
+    # keyed by its step.
     resized = "num_processes" in changes
     rng = NoiseGenerator(cfg.seed, device, accelerator.process_index, accelerator.num_processes,
-                         keys=(old_state["step"],) if resized else ())
-    if not resized:
-        accelerator.register_for_checkpointing(rng)
+                         keys=(old_state["step"],) if resized else (), strict=not resized)
+    accelerator.register_for_checkpointing(rng)
 
     global_step = 0
     if resume_dir is not None:
@@ -285,8 +284,6 @@ def train(cfg: TrainConfig) -> dict:
         apply_resume_changes(changes, cfg, optimizer, lr_scheduler, ema if cfg.use_ema else None)
     elif cfg.resume_from_checkpoint == "latest":
         accelerator.print(f"No complete checkpoint in {checkpoints_dir}; starting a new run")
-    if resized:
-        accelerator.register_for_checkpointing(rng)
 
     scaling_factor, shift_factor = latents.scaling_factor, latents.shift_factor
     # The saved VAE must undo the scaling the latents were trained with (the pipeline divides by it).

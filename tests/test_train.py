@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -158,6 +160,48 @@ def test_resume_refuses_a_different_model(assets, straight_run, capsys):
     assert (straight_run / "config.yaml").read_text() == before
 
 
+@pytest.mark.parametrize("sets, needle", [
+    (dict(seed=1), "seed (0, now 1)"),
+    (dict(train_batch_size=2), "train_batch_size (4, now 2)"),
+    (dict(gradient_accumulation_steps=1), "gradient_accumulation_steps (2, now 1)"),
+    (dict(prediction_type="v_prediction"), "prediction_type ('epsilon', now 'v_prediction')"),
+    (dict(beta_schedule="linear", num_train_timesteps=500), "num_train_timesteps (1000, now 500), beta_schedule"),
+    (dict(flips=False), "flips (True, now False)"),
+    (dict(skip_corrupt=True), "skip_corrupt (False, now True)"),
+    (dict(learning_rate=0.1), "learning_rate (0.0002, now 0.1)"),
+])
+def test_resume_refuses_changes_that_break_exact_resume(assets, straight_run, capsys, sets, needle):
+    before = (straight_run / "config.yaml").read_text()
+    common = dict(gradient_accumulation_steps=2, sample_every_steps=6, num_samples=4, sample_inference_steps=2)
+    argv = args(assets, straight_run, 8, **{**common, **sets}) + ["--resume_from_checkpoint", "latest"]
+    assert train_ldm.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and needle in err and "allow_resume_changes" in err, err
+    assert (straight_run / "config.yaml").read_text() == before
+
+
+def test_allowed_resume_changes_are_applied_and_recorded(assets, tmp_path, capsys):
+    assert train_ldm.main(args(assets, tmp_path, 3, model_type="conv")) == 0
+    changed = dict(model_type="conv", learning_rate=0.01, ema_power=0.5, adam_weight_decay=0.1)
+    argv = args(assets, tmp_path, 4, **changed) + ["--resume_from_checkpoint", "latest"]
+    assert train_ldm.main(argv) == 2
+    assert train_ldm.main(argv + ["--set", "allow_resume_changes=true"]) == 0
+    assert "learning_rate (0.0002, now 0.01)" in capsys.readouterr().out
+    stats = json.loads((tmp_path / "train_stats.json").read_text())
+    assert stats["allow_resume_changes"] is True
+    assert stats["resume_changes"] == [{"step": 3, "checkpoint": str(tmp_path / "checkpoints" / "checkpoint-3"),
+                                        "changes": {"learning_rate": [0.0002, 0.01], "adam_weight_decay": [0.0, 0.1],
+                                                    "ema_power": [0.75, 0.5]}}]
+    assert load_config(tmp_path / "config.yaml").allow_resume_changes is True
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-4"
+    assert json.loads((checkpoint / "training_state.json").read_text())["resume_changes"] == stats["resume_changes"]
+    # The new values are the ones in use, not those the checkpoint restored.
+    groups = torch.load(checkpoint / "optimizer.bin", weights_only=False)["param_groups"]
+    assert [(g["initial_lr"], g["weight_decay"]) for g in groups] == [(0.01, 0.1)]
+    assert torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=False)["base_lrs"] == [0.01]
+    assert torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False)["power"] == 0.5
+
+
 def test_killed_checkpoint_leaves_previous_usable(assets, straight_run, tmp_path, monkeypatch):
     import accelerate
 
@@ -216,6 +260,77 @@ def test_nonfinite_loss_stops_or_is_skipped(assets, tmp_path, monkeypatch, capsy
     assert stats["skipped_steps"] == 1 and np.isfinite(stats["final_loss"])
 
 
+@pytest.mark.filterwarnings("ignore:skipped 2 unreadable image:UserWarning")
+def test_corrupt_image_stops_or_is_skipped(assets, tmp_path, capsys):
+    images = tmp_path / "images"
+    shutil.copytree(assets / "images", images)
+    (images / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
+    truncated = (images / "b" / "0.png").read_bytes()
+    (images / "b" / "truncated.png").write_bytes(truncated[:len(truncated) // 2])
+    common = dict(model_type="conv", data_source=str(images), latent_cache_dir=str(tmp_path / "latents"))
+    assert train_ldm.main(args(assets, tmp_path / "stop", 1, **common)) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("train_ldm.py")]  # after the encoder's progress
+    assert len(lines) == 1 and "broken.png" in lines[0] and "--set skip_corrupt=true" in lines[0], err
+    assert err.rstrip().endswith(lines[0]) and "Traceback" not in err
+    assert not (tmp_path / "stop" / "train_stats.json").exists()
+
+    assert train_ldm.main(args(assets, tmp_path / "skip", 1, skip_corrupt=True, **common)) == 0
+    skipped = [str(images / "a" / "broken.png"), str(images / "b" / "truncated.png")]
+    assert "skipped 2 unreadable image(s)" in capsys.readouterr().out
+    stats = json.loads((tmp_path / "skip" / "train_stats.json").read_text())
+    assert stats["skipped_images"] == skipped and stats["num_skipped_images"] == 2
+
+
+@pytest.mark.parametrize("sets, needle", [
+    (dict(data_source="./no-such-folder"), "data_source './no-such-folder' does not exist"),
+    (dict(vae="./no-such-vae"), "not a folder holding a VAE"),
+    (dict(resume_from_checkpoint="/no/such/checkpoint"), "is not a complete checkpoint folder"),
+])
+def test_input_mistakes_are_one_line(assets, tmp_path, capsys, sets, needle):
+    assert train_ldm.main(args(assets, tmp_path, 1, model_type="conv", **sets)) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("train_ldm.py: error: ") and needle in err, err
+
+
+def test_a_bug_keeps_its_traceback(assets, tmp_path, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("a bug in the trainer")
+
+    monkeypatch.setattr(train_ldm, "build_model", broken)
+    with pytest.raises(RuntimeError, match="a bug in the trainer"):
+        train_ldm.main(args(assets, tmp_path, 1, model_type="conv"))
+
+
+def test_gradient_accumulation_matches_the_larger_batch(assets, tmp_path, monkeypatch):
+    """2 micro-batches of b give the first step of one batch of 2b: same items, same gradient, same update.
+
+    The loss draws its noise per item from the item itself (compute_loss draws in batch order, which differs
+    between the two layouts); what is compared is the loop's accumulation, scaling and data order.
+    """
+    import torch.nn.functional as F
+
+    def per_item_noise_loss(model, noise_scheduler, batch, generator, prediction_type, class_conditional):
+        latents = batch["mean"]  # (B, c, h, w)
+        noise = torch.sin(latents * 12.9898 + 78.233)  # (B, c, h, w)
+        timesteps = (latents.flatten(1).abs().sum(1) * 997).long() % noise_scheduler.config.num_train_timesteps
+        pred = model(noise_scheduler.add_noise(latents, noise, timesteps), timesteps).sample  # (B, c, h, w)
+        return F.mse_loss(pred.float(), noise.float())
+
+    monkeypatch.setattr(train_ldm, "compute_loss", per_item_noise_loss)
+    common = dict(model_type="conv", adam_epsilon=1e-3, max_grad_norm=1e6)
+    assert train_ldm.main(args(assets, tmp_path / "big", 1, train_batch_size=8, **common)) == 0
+    assert train_ldm.main(args(assets, tmp_path / "acc", 1, train_batch_size=4, gradient_accumulation_steps=2,
+                               **common)) == 0
+    big, acc = (weights(tmp_path / run / "checkpoints" / "checkpoint-1") for run in ("big", "acc"))
+    assert big.keys() == acc.keys()
+    moved = 0
+    for key in big:
+        torch.testing.assert_close(acc[key], big[key], rtol=1e-4, atol=1e-7, msg=key)
+        moved += key.startswith("adam.") and key.endswith("exp_avg") and bool(big[key].abs().max() > 0)
+    assert moved > 10
+
+
 def test_dry_run_prints_and_writes_nothing(tmp_path, capsys):
     assert train_ldm.main(["--output_dir", str(tmp_path / "out"), "--dry_run", "--seed", "7",
                            "--set", "model_type=conv"]) == 0
@@ -261,24 +376,69 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_cpu_run_and_resume(assets, tmp_path):
+@pytest.mark.slow
+def test_two_process_resume_is_exact(assets, tmp_path, capsys):
+    """Two gloo processes: an interrupted and resumed run gives the bits of an uninterrupted one."""
     # `accelerate launch --cpu --num_processes 2` starts a single process unless mpirun is set up; torchrun (the
     # --multi_gpu launcher) with ACCELERATE_USE_CPU gives two gloo processes on any machine.
     env = dict(os.environ, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="")
 
-    def launch(steps: int, *extra: str) -> None:
+    def launch(output_dir: Path, steps: int, *extra: str) -> None:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                    "--main_process_port", str(_free_port()), str(REPO / "train_ldm.py"),
-                   *args(assets, tmp_path, steps, model_type="conv"), *extra]
+                   *args(assets, output_dir, steps, model_type="conv", train_batch_size=2), *extra]
         result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
 
-    launch(3)
-    stats = json.loads((tmp_path / "train_stats.json").read_text())
-    assert stats["num_processes"] == 2 and stats["steps"] == 3
-    rng = torch.load(tmp_path / "checkpoints" / "checkpoint-3" / "custom_checkpoint_2.pkl", weights_only=False)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch(straight, 4)
+    stats = json.loads((straight / "train_stats.json").read_text())
+    assert stats["num_processes"] == 2 and stats["steps"] == 4
+    rng = torch.load(straight / "checkpoints" / "checkpoint-3" / "custom_checkpoint_2.pkl", weights_only=False)
     assert len(rng["states"]) == 2 and not torch.equal(rng["states"][0], rng["states"][1])
-    launch(4, "--resume_from_checkpoint", "latest")
-    assert [s for s, _ in training.list_checkpoints(tmp_path / "checkpoints")] == [3, 4]
-    assert json.loads((tmp_path / "train_stats.json").read_text())["steps"] == 4
+    launch(resumed, 3)
+    launch(resumed, 4, "--resume_from_checkpoint", "latest")
+    assert [s for s, _ in training.list_checkpoints(resumed / "checkpoints")] == [3, 4]
+    assert_same(weights(straight / "checkpoints" / "checkpoint-4"), weights(resumed / "checkpoints" / "checkpoint-4"))
+
+    # One process cannot continue the two processes' streams: refused unless allowed, then recorded.
+    argv = args(assets, resumed, 5, model_type="conv", train_batch_size=2) + ["--resume_from_checkpoint", "latest"]
+    assert train_ldm.main(argv) == 2
+    assert "num_processes (2, now 1)" in capsys.readouterr().err
+    assert train_ldm.main(argv + ["--set", "allow_resume_changes=true"]) == 0
+    stats = json.loads((resumed / "train_stats.json").read_text())
+    assert stats["steps"] == 5 and stats["resume_changes"][0]["changes"] == {"num_processes": [2, 1]}
+
+
+@pytest.mark.slow
+def test_kill_during_checkpointing_loses_nothing(assets, tmp_path):
+    """SIGKILL at every point of save_checkpoint: the newest complete checkpoint stays findable and loadable,
+    and resuming from it gives the uninterrupted run's bits."""
+    common = dict(model_type="conv", checkpoints_total_limit=1)
+    straight = tmp_path / "straight"
+    assert train_ldm.main(args(assets, straight, 2, model_type="conv") + ["--checkpointing_steps", "1"]) == 0
+    expected = weights(straight / "checkpoints" / "checkpoint-2")
+    # The complete checkpoints each kill leaves, newest last: the previous one until the new one is renamed into
+    # place, and none that is being deleted (checkpoint-1, pruned by checkpoints_total_limit=1).
+    survivors = {"after_save_state": ["checkpoint-1"], "after_config": ["checkpoint-1"],
+                 "after_state_file": ["checkpoint-1"], "between_renames": ["checkpoint-1", "checkpoint-2.old"],
+                 "after_rename": ["checkpoint-1", "checkpoint-2"], "while_deleting": ["checkpoint-2"]}
+    assert set(survivors) == set(training.FAULT_POINTS)
+    for point in training.FAULT_POINTS:
+        run = tmp_path / point
+        # Saving a step that has a checkpoint already is the only path through the two renames.
+        for step in (1, 2) if point == "between_renames" else (1,):
+            shutil.copytree(straight / "checkpoints" / f"checkpoint-{step}", run / "checkpoints" / f"checkpoint-{step}")
+        command = [sys.executable, str(REPO / "train_ldm.py"), *args(assets, run, 2, **common),
+                   "--checkpointing_steps", "1", "--resume_from_checkpoint", str(run / "checkpoints" / "checkpoint-1")]
+        env = dict(os.environ, **{training.FAULT_ENV: point})
+        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+        assert result.returncode == -signal.SIGKILL, (point, result.stderr[-3000:])
+
+        assert [path.name for _, path in training.list_checkpoints(run / "checkpoints")] == survivors[point], point
+        latest = training.latest_checkpoint(run / "checkpoints")
+        cfg, state = training.read_checkpoint_state(latest)
+        assert cfg.model_type == "conv" and latest.name.startswith(f"checkpoint-{state['step']}") and weights(latest)
+        assert train_ldm.main(args(assets, run, 2, **common) + ["--resume_from_checkpoint", "latest"]) == 0, point
+        assert_same(expected, weights(training.latest_checkpoint(run / "checkpoints")))

@@ -511,10 +511,13 @@ class NoiseGenerator:
         device: where the generator draws (the accelerator's device).
         rank: this process's index; world_size: the number of processes.
         keys: ints >= 0 that start another stream (a resume onto a different number of processes passes its step).
+        strict: False lets `load_state_dict` ignore a state saved by another number of processes, whose streams
+            do not map onto this run's; the generator keeps its own seed.
     """
 
-    def __init__(self, seed: int, device: torch.device, rank: int = 0, world_size: int = 1, keys: tuple = ()):
-        self.rank, self.world_size = rank, world_size
+    def __init__(self, seed: int, device: torch.device, rank: int = 0, world_size: int = 1, keys: tuple = (),
+                 strict: bool = True):
+        self.rank, self.world_size, self.strict = rank, world_size, strict
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(derive_seed(seed, "noise", rank, *keys))
 
@@ -528,6 +531,8 @@ class NoiseGenerator:
         return {"world_size": self.world_size, "states": states}
 
     def load_state_dict(self, state: dict) -> None:
+        if state["world_size"] != self.world_size and not self.strict:
+            return
         if state["world_size"] != self.world_size:
             raise ValueError(f"checkpoint was written by {state['world_size']} processes, this run has "
                              f"{self.world_size}: exact resume needs the same number of processes")
