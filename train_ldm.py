@@ -70,13 +70,12 @@ def build_accelerator(cfg: TrainConfig):
     )
 
 
-def build_dataloader(cfg: TrainConfig, dataset, accelerator):
-    """The prepared training loader: batches of `cfg.train_batch_size` per process in the order of an
-    `EpochSampler` (a function of the seed and the epoch set with `set_epoch`), sharded across processes."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, drop_last=True,
-                                         sampler=EpochSampler(len(dataset), cfg.seed),
-                                         num_workers=cfg.dataloader_num_workers)
-    return accelerator.prepare(loader)
+def build_dataloader(cfg: TrainConfig, dataset) -> torch.utils.data.DataLoader:
+    """The training loader, to be prepared: batches of `cfg.train_batch_size` in the order of an `EpochSampler`
+    (a function of the seed and the epoch set with `set_epoch`), which accelerate shards across processes."""
+    return torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, drop_last=True,
+                                       sampler=EpochSampler(len(dataset), cfg.seed),
+                                       num_workers=cfg.dataloader_num_workers)
 
 
 def prepare_latents(cfg: TrainConfig, accelerator):
@@ -256,8 +255,7 @@ def train(cfg: TrainConfig) -> dict:
                                  num_training_steps=cfg.max_train_steps)
     if cfg.torch_compile:
         model = torch.compile(model)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    dataloader = build_dataloader(cfg, latents, accelerator)
+    model, optimizer, dataloader = accelerator.prepare(model, optimizer, build_dataloader(cfg, latents))
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     custom_objects = []
     if cfg.use_ema:

@@ -64,8 +64,8 @@ def _epoch_orders(seed: int, epochs: int, n: int = 16, batch: int = 4) -> list[l
     """The order in which train_ldm's prepared loader reads items 0..n-1 in each of the first epochs."""
     from accelerate import Accelerator
 
-    loader = train_ldm.build_dataloader(TrainConfig(seed=seed, train_batch_size=batch),
-                                        TensorDataset(torch.arange(n)), Accelerator(cpu=True))
+    loader = Accelerator(cpu=True).prepare(train_ldm.build_dataloader(TrainConfig(seed=seed, train_batch_size=batch),
+                                                                      TensorDataset(torch.arange(n))))
     orders = []
     for epoch in range(epochs):
         loader.set_epoch(epoch)
@@ -86,10 +86,25 @@ def test_seeds_give_independent_data_orders():
     # A resume reads the rest of the epoch it was interrupted in, in the same order.
     from accelerate import Accelerator
 
-    loader = train_ldm.build_dataloader(TrainConfig(seed=0, train_batch_size=4), TensorDataset(torch.arange(16)),
-                                        Accelerator(cpu=True))
+    loader = Accelerator(cpu=True).prepare(train_ldm.build_dataloader(TrainConfig(seed=0, train_batch_size=4),
+                                                                      TensorDataset(torch.arange(16))))
     loader.set_epoch(1)
     assert torch.cat([b[0] for b in skip_first_batches(loader, 2)]).tolist() == seed0[1][8:]
+
+
+def test_processes_share_one_order_and_read_disjoint_batches():
+    """Two processes (each with its own sampler, as in a launch) read the halves of each global batch of the one
+    order that a single process with the global batch reads."""
+    from accelerate.data_loader import prepare_data_loader
+
+    cfg = TrainConfig(seed=0, train_batch_size=2)
+    shards = [prepare_data_loader(train_ldm.build_dataloader(cfg, TensorDataset(torch.arange(16))), num_processes=2,
+                                  process_index=rank, put_on_device=False) for rank in (0, 1)]
+    for epoch, order in enumerate(_epoch_orders(0, 2)):
+        for shard in shards:
+            shard.set_epoch(epoch)
+        batches = [[b[0].tolist() for b in shard] for shard in shards]
+        assert [i for pair in zip(*batches) for half in pair for i in half] == order
 
 
 def test_vae_streams_are_independent_per_seed():
