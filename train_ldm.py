@@ -213,10 +213,9 @@ def train(cfg: TrainConfig) -> dict:
             raise ValueError(f"resume_from_checkpoint {str(resume_dir)!r} was trained with different {described}; "
                              "that breaks exact resume (set allow_resume_changes: true, "
                              "--set allow_resume_changes=true, to continue anyway)")
-        if changes:
-            accelerator.print(f"allow_resume_changes: resuming {resume_dir} with different {described}")
         history = old_state.get("resume_changes", [])
         if changes:
+            accelerator.print(f"allow_resume_changes: resuming {resume_dir} with different {described}")
             history = history + [{"step": old_state["step"], "checkpoint": str(resume_dir),
                                   "changes": {k: list(v) for k, v in changes.items()}}]
     if is_main:
@@ -257,7 +256,7 @@ def train(cfg: TrainConfig) -> dict:
         model = torch.compile(model)
     model, optimizer, dataloader = accelerator.prepare(model, optimizer, build_dataloader(cfg, latents))
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-    custom_objects = []
+    custom_objects, ema = [], None
     if cfg.use_ema:
         ema = EMAModel(unwrapped.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True,
                        inv_gamma=cfg.ema_inv_gamma, power=cfg.ema_power)
@@ -278,8 +277,8 @@ def train(cfg: TrainConfig) -> dict:
     if resume_dir is not None:
         accelerator.print(f"Resuming from {resume_dir}")
         model_device = next(unwrapped.parameters()).device
-        global_step = load_checkpoint(accelerator, resume_dir, model_device, ema if cfg.use_ema else None)["step"]
-        apply_resume_changes(changes, cfg, optimizer, lr_scheduler, ema if cfg.use_ema else None)
+        global_step = load_checkpoint(accelerator, resume_dir, model_device, ema)["step"]
+        apply_resume_changes(changes, cfg, optimizer, lr_scheduler, ema)
     elif cfg.resume_from_checkpoint == "latest":
         accelerator.print(f"No complete checkpoint in {checkpoints_dir}; starting a new run")
 
@@ -443,7 +442,7 @@ def apply_resume_changes(changes: dict, cfg: TrainConfig, optimizer, lr_schedule
         for group, factor in zip(optimizer.param_groups, lr_scheduler.lr_lambdas):
             group["initial_lr"] = cfg.learning_rate
             group["lr"] = cfg.learning_rate * factor(lr_scheduler.last_epoch)
-    if ema is not None:
+    if ema is not None and {"ema_max_decay", "ema_inv_gamma", "ema_power"} & changes.keys():
         ema.decay, ema.inv_gamma, ema.power = cfg.ema_max_decay, cfg.ema_inv_gamma, cfg.ema_power
 
 

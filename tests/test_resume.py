@@ -130,9 +130,9 @@ def test_derive_seed():
     assert len({derive_seed(0, "data", 1), derive_seed(1, "data", 0), derive_seed(0, "noise", 1),
                 derive_seed(0, "data"), derive_seed(0, "data", 1, 0)}) == 5
     assert 0 <= derive_seed(2**40, "x", 2**40) < 2**63
-    with pytest.raises(ValueError, match="seed must be ints >= 0, got -1"):
+    with pytest.raises(ValueError, match="seed must be an int >= 0, got -1"):
         derive_seed(-1, "data")
-    with pytest.raises(ValueError, match="keys must be ints >= 0, got 1.5"):
+    with pytest.raises(ValueError, match=r"keys\[0\] must be an int >= 0, got 1.5"):
         derive_seed(0, "data", 1.5)
     with pytest.raises(ValueError, match="purpose"):
         derive_seed(0, "")

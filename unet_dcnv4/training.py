@@ -376,9 +376,7 @@ def save_checkpoint(accelerator, checkpoints_dir: str | os.PathLike, step: int, 
         (tmp / CHECKPOINT_STATE_FILE).write_text(json.dumps(state, indent=2))
         _fault_point("after_state_file")
         # A checkpoint of the same step (saved again after a resume) is moved aside, not deleted, until the
-        # new one is in place: killed between the two renames, list_checkpoints finds the `.old` one. An `.old`
-        # left by such a kill while `final` is missing is that checkpoint, the only copy: it stays until the
-        # new one is in place.
+        # new one is in place: killed between the two renames, list_checkpoints finds the `.old` one.
         if final.exists():
             if old.exists():
                 _delete_checkpoint(old)
@@ -425,9 +423,8 @@ def resume_changes(old_cfg: TrainConfig, cfg: TrainConfig, old_state: dict, num_
                          + ", ".join(f"{k} ({getattr(old_cfg, k)!r}, now {getattr(cfg, k)!r})" for k in changed))
     changes = {k: (getattr(old_cfg, k), getattr(cfg, k)) for k in EXACT_RESUME_KEYS
                if getattr(old_cfg, k) != getattr(cfg, k)}
-    # Checkpoints written before the count was recorded were all single-process runs.
-    if old_state.get("num_processes", 1) != num_processes:
-        changes["num_processes"] = (old_state.get("num_processes", 1), num_processes)
+    if old_state["num_processes"] != num_processes:
+        changes["num_processes"] = (old_state["num_processes"], num_processes)
     return changes
 
 
@@ -465,9 +462,9 @@ def derive_seed(seed: int, purpose: str, *keys: int) -> int:
     Returns:
         An int in [0, 2**63), for `torch.Generator.manual_seed`.
     """
-    for name, value in (("seed", seed), *(("keys", k) for k in keys)):
+    for name, value in (("seed", seed), *((f"keys[{i}]", k) for i, k in enumerate(keys))):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{name} must be ints >= 0, got {value!r}")
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     if not isinstance(purpose, str) or not purpose:
         raise ValueError(f"purpose must be a non-empty string, got {purpose!r}")
     sequence = np.random.SeedSequence(int(seed), spawn_key=(zlib.crc32(purpose.encode()), *map(int, keys)))
@@ -531,9 +528,9 @@ class NoiseGenerator:
         return {"world_size": self.world_size, "states": states}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["world_size"] != self.world_size and not self.strict:
-            return
         if state["world_size"] != self.world_size:
+            if not self.strict:
+                return
             raise ValueError(f"checkpoint was written by {state['world_size']} processes, this run has "
                              f"{self.world_size}: exact resume needs the same number of processes")
         self.generator.set_state(state["states"][self.rank])
