@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from unet_dcnv4.data import CorruptImageError
 from unet_dcnv4.training import (
-    EpochSampler, NoiseGenerator, TrainConfig, config_to_dict, config_to_yaml, load_checkpoint, load_config,
+    RANDOM_STREAMS, EpochSampler, NoiseGenerator, TrainConfig, config_to_dict, config_to_yaml, load_checkpoint, load_config,
     parse_overrides, read_checkpoint_state, resolve_resume_checkpoint, resume_changes, save_checkpoint, unet_options,
 )
 from unet_dcnv4.vae import VAELoadError
@@ -289,7 +289,7 @@ def train(cfg: TrainConfig) -> dict:
                  "shift_factor": shift_factor, "latent_shape": list(latents.latent_shape),
                  "num_classes": latents.num_classes, "custom_objects": custom_objects,
                  "train_scheduler_config": dict(noise_scheduler.config), "num_processes": accelerator.num_processes,
-                 "skipped_images": skipped_images, "resume_changes": history}
+                 "skipped_images": skipped_images, "resume_changes": history, "random_streams": RANDOM_STREAMS}
 
     def checkpoint(step: int) -> Path:
         return save_checkpoint(accelerator, checkpoints_dir, step, cfg, dict(run_state, step=step),

@@ -180,6 +180,18 @@ def test_resume_refuses_changes_that_break_exact_resume(assets, straight_run, ca
     assert (straight_run / "config.yaml").read_text() == before
 
 
+def test_resume_refuses_a_checkpoint_of_the_former_data_order(assets, straight_run, tmp_path, capsys):
+    """Checkpoints that record no `random_streams` were trained on `seed + epoch` data orders."""
+    checkpoint = tmp_path / "checkpoint-3"
+    shutil.copytree(straight_run / "checkpoints" / "checkpoint-3", checkpoint)
+    state = json.loads((checkpoint / "training_state.json").read_text())
+    assert state.pop("random_streams") == training.RANDOM_STREAMS
+    (checkpoint / "training_state.json").write_text(json.dumps(state))
+    common = dict(gradient_accumulation_steps=2, sample_every_steps=6, num_samples=4, sample_inference_steps=2)
+    assert train_ldm.main(args(assets, tmp_path, 6, **common) + ["--resume_from_checkpoint", str(checkpoint)]) == 2
+    assert f"random_streams (0, now {training.RANDOM_STREAMS})" in capsys.readouterr().err
+
+
 def test_allowed_resume_changes_are_applied_and_recorded(assets, tmp_path, capsys):
     assert train_ldm.main(args(assets, tmp_path, 3, model_type="conv")) == 0
     changed = dict(model_type="conv", learning_rate=0.01, ema_power=0.5, adam_weight_decay=0.1)

@@ -26,7 +26,7 @@ __all__ = [
     "list_checkpoints", "latest_checkpoint", "resolve_resume_checkpoint", "prune_checkpoints", "save_checkpoint",
     "read_checkpoint_state", "load_checkpoint", "resume_changes", "derive_seed", "EpochSampler", "NoiseGenerator",
     "pipeline_from_checkpoint", "unet_options", "CHECKPOINT_PREFIX", "ARCHITECTURE_KEYS", "EXACT_RESUME_KEYS",
-    "FAULT_ENV", "FAULT_POINTS",
+    "RANDOM_STREAMS", "FAULT_ENV", "FAULT_POINTS",
 ]
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -49,6 +49,9 @@ EXACT_RESUME_KEYS = ("seed", "flips", "skip_corrupt", "train_batch_size", "gradi
                      "prediction_type", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
                      "learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
                      "ema_max_decay", "ema_inv_gamma", "ema_power")
+# The version of the way a run derives its data order and noise from its seed, recorded in every checkpoint:
+# checkpoints without it come from `seed + epoch` orders, which a resume cannot continue exactly.
+RANDOM_STREAMS = 1
 # Test hook: the environment variable and the points of `save_checkpoint` where it kills the process.
 FAULT_ENV = "UNET_DCNV4_FAULT_AT"
 FAULT_POINTS = ("after_save_state", "after_config", "after_state_file", "between_renames", "after_rename",
@@ -409,8 +412,8 @@ def resume_changes(old_cfg: TrainConfig, cfg: TrainConfig, old_state: dict, num_
     """What a resume would change that an exact resume must keep, as {key: (old, new)}.
 
     Raises ValueError for a change of `ARCHITECTURE_KEYS` (the checkpoint would not load, or would load into another
-    model); returns the changes of `EXACT_RESUME_KEYS` and of the process count, which the caller refuses unless
-    `cfg.allow_resume_changes` is set.
+    model); returns the changes of `EXACT_RESUME_KEYS`, of the process count and of `RANDOM_STREAMS`, which the
+    caller refuses unless `cfg.allow_resume_changes` is set.
 
     Args:
         old_cfg, old_state: the config and training state stored in the checkpoint (`read_checkpoint_state`).
@@ -425,6 +428,8 @@ def resume_changes(old_cfg: TrainConfig, cfg: TrainConfig, old_state: dict, num_
                if getattr(old_cfg, k) != getattr(cfg, k)}
     if old_state["num_processes"] != num_processes:
         changes["num_processes"] = (old_state["num_processes"], num_processes)
+    if old_state.get("random_streams", 0) != RANDOM_STREAMS:
+        changes["random_streams"] = (old_state.get("random_streams", 0), RANDOM_STREAMS)
     return changes
 
 
