@@ -1,6 +1,5 @@
 """sample.py end to end on a tiny saved pipeline: file count, resume, the grid/npz, and a two-process split."""
 
-import importlib.util
 import json
 import os
 import re
@@ -10,22 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from test_pipeline import tiny_pipeline
+from unet_dcnv4 import sampling
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "sample.py"
-
-
-def _load_sample_module():
-    spec = importlib.util.spec_from_file_location("sample_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sample = _load_sample_module()
+sys.path.insert(0, str(ROOT))
+import sample  # noqa: E402  (a top-level script, importable once the repository root is on the path)
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +78,14 @@ def test_image_depends_on_index_and_seed_not_on_batching(pipeline_dir, tmp_path)
 def test_class_labels_and_samplers(pipeline_dir, tmp_path):
     assert sample.main(_args(pipeline_dir, tmp_path / "one", 2, "--class_labels", "2", "--sampler", "euler")) == 0
     assert sample.main(_args(pipeline_dir, tmp_path / "all", 2, "--sampler", "euler")) == 0
-    # Index 0 is class 0 by default and class 2 when asked; index 1 uses the same noise with classes 1 and 2.
-    assert np.abs(_pixels(tmp_path / "one", 0) - _pixels(tmp_path / "all", 0)).max() > 0
-    assert sample.index_seed(7, 1) != sample.index_seed(7, 2) != sample.index_seed(8, 1)
-    assert sample.class_label_for(5, None, 3) == 2 and sample.class_label_for(5, [4, 1], 6) == 1
+    # Index 0 is class 0 by default and class 2 when asked: the same noise, another class, another image.
+    assert np.abs(_pixels(tmp_path / "one", 0) - _pixels(tmp_path / "all", 0)).max() > 8
+    # Index 1 is class 1 by default; asked for class 2 only, it matches index 1 of a run of class 2 alone.
+    assert sample.main(_args(pipeline_dir, tmp_path / "two", 2, "--class_labels", "2", "--sampler", "euler",
+                             "--seed", "7")) == 0
+    np.testing.assert_array_equal(_pixels(tmp_path / "two", 1), _pixels(tmp_path / "one", 1))
+    assert sampling.index_seed(7, 1) != sampling.index_seed(7, 2) != sampling.index_seed(8, 1)
+    assert sampling.class_label_for(5, None, 3) == 2 and sampling.class_label_for(5, [4, 1], 6) == 1
 
 
 @pytest.mark.parametrize(
@@ -126,3 +123,64 @@ def test_two_processes_split_the_indices_without_overlap(pipeline_dir, tmp_path)
     assert sample.main(_args(pipeline_dir, tmp_path / "single", 5)) == 0
     for i in range(5):
         assert np.abs(_pixels(out, i) - _pixels(tmp_path / "single", i)).max() <= 1
+
+
+def test_a_folder_is_reused_only_for_the_same_model_and_settings(pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert sample.main(_args(pipeline_dir, out, 3)) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["seed"] == 7 and manifest["sampler"] == "ddim" and manifest["num_inference_steps"] == 2
+    assert manifest["precision"] == "no" and manifest["weights"].startswith("unet:")
+    before = (out / "images" / "000000.png").stat().st_mtime_ns
+    for extra, key in ((["--seed", "8"], "seed (7, now 8)"), (["--sampler", "euler"], "sampler ('ddim', now 'euler')"),
+                       (["--num_inference_steps", "3"], "num_inference_steps (2, now 3)")):
+        capsys.readouterr()
+        assert sample.main(_args(pipeline_dir, out, 3, *extra)) == 2
+        err = capsys.readouterr().err
+        assert key in err and "--overwrite" in err and err.count("\n") == 1
+    other = tmp_path / "other_pipeline"
+    tiny_pipeline(num_class_embeds=3, seed=1).save_pretrained(other)
+    assert sample.main([str(other), *_args(pipeline_dir, out, 3)[1:]]) == 2
+    assert "weights (" in capsys.readouterr().err
+    assert (out / "images" / "000000.png").stat().st_mtime_ns == before
+    assert sample.main(_args(pipeline_dir, out, 3, "--seed", "8", "--overwrite")) == 0
+    assert json.loads((out / "manifest.json").read_text())["seed"] == 8
+    assert (out / "images" / "000000.png").stat().st_mtime_ns != before
+
+
+def test_images_without_a_manifest_are_not_reused(pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "images").mkdir(parents=True)
+    Image.new("RGB", (16, 16)).save(out / "images" / "000000.png")
+    assert sample.main(_args(pipeline_dir, out, 2)) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_temporary_files_are_hidden_and_never_listed(pipeline_dir, tmp_path, monkeypatch):
+    from unet_dcnv4.data import list_image_files
+
+    seen = []
+    replace = os.replace
+
+    def spy(src, dst):
+        seen.append(os.path.basename(src))
+        listed = list_image_files(os.path.dirname(dst))
+        assert os.path.basename(src) not in listed
+        replace(src, dst)
+
+    monkeypatch.setattr(sampling.os, "replace", spy)
+    assert sample.main(_args(pipeline_dir, tmp_path / "run", 2)) == 0
+    written = [name for name in seen if ".png" in name]
+    assert len(written) == 2 and all(name.startswith(".") and name.endswith(".tmp") for name in written)
+
+
+def test_fp16_keeps_a_force_upcast_vae_in_fp32():
+    pipe = tiny_pipeline()
+    pipe.vae.register_to_config(force_upcast=True)
+    sampling.to_precision(pipe, "cpu", "fp16")
+    assert pipe.unet.dtype == torch.float16 and pipe.vae.dtype == torch.float32
+    pipe.vae.register_to_config(force_upcast=False)
+    sampling.to_precision(pipe, "cpu", "fp16")
+    assert pipe.vae.dtype == torch.float16
+    sampling.to_precision(pipe, "cpu", "bf16")
+    assert pipe.unet.dtype == pipe.vae.dtype == torch.bfloat16

@@ -1,0 +1,520 @@
+"""Comparing two arms of training runs (e.g. the DCNv4 U-Net and the conv baseline, several seeds each): the
+check that they share one experiment, sampling and FID/KID of every run, a bootstrap interval of the FID
+difference, and the report (`comparison.json`, `.md`, `.png`). `compare.py` is its command line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["EXPERIMENT_EXCLUDED", "read_run", "experiment_identity", "check_comparable", "bootstrap_fid_difference",
+           "verdict", "compare_arms", "markdown_table", "write_figure"]
+
+# TrainConfig keys that do not define the experiment: the model (what is compared), the seed (what varies
+# within an arm), bookkeeping and hardware settings. Every other key must agree between all runs, and new keys
+# are compared unless listed here. Some keys are replaced by what they resolve to: the data and VAE by their
+# fingerprints, batch size and accumulation by the global batch, max_train_steps by the steps trained.
+MODEL_KEYS = ("model_type", "model_size", "dcnv4_options", "recompute_value")
+EXPERIMENT_EXCLUDED = MODEL_KEYS + (
+    "seed", "output_dir", "resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit",
+    "log_every_steps", "latent_cache_dir", "encode_batch_size", "dataloader_num_workers", "allow_tf32",
+    "channels_last", "torch_compile", "sample_every_steps", "num_samples", "sample_inference_steps",
+    "sample_scheduler", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "data_source", "vae",
+    "vae_subfolder", "allow_resume_changes",
+)
+CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _latent_cache_index(run: Path, cfg) -> dict | None:
+    """The latent cache index the run trained on: its own folder's cache, or the configured one."""
+    candidates = [run / "latent_cache"]
+    if cfg.latent_cache_dir:
+        candidates.append(Path(cfg.latent_cache_dir))
+    for folder in candidates:
+        if (folder / "cache.json").is_file():
+            return json.loads((folder / "cache.json").read_text())
+    return None
+
+
+def read_run(run_dir: str | os.PathLike) -> dict:
+    """A training run's config, statistics, pipeline folder, checkpoints and what identifies its experiment.
+
+    Args:
+        run_dir: an --output_dir of train_ldm.py (config.yaml, train_stats.json, pipeline/, checkpoints/).
+    """
+    from .training import load_config
+
+    run = Path(run_dir)
+    for needed in ("config.yaml", "train_stats.json", "pipeline/model_index.json"):
+        if not (run / needed).is_file():
+            raise ValueError(f"run folder {str(run_dir)!r} has no {needed}; "
+                             "pass an --output_dir of a finished train_ldm.py run")
+    cfg = load_config(run / "config.yaml")
+    stats = json.loads((run / "train_stats.json").read_text())
+    checkpoints = []
+    for path in (run / "checkpoints").glob("checkpoint-*"):
+        match = CHECKPOINT_PATTERN.fullmatch(path.name)
+        if match and (path / "training_state.json").is_file():
+            state = json.loads((path / "training_state.json").read_text())
+            checkpoints.append({"step": int(match.group(1)), "path": str(path),
+                                "train_seconds": state.get("train_seconds")})
+    return {
+        "dir": str(run),
+        "config": cfg,
+        "train_stats": stats,
+        "pipeline": str(run / "pipeline"),
+        "checkpoints": sorted(checkpoints, key=lambda c: c["step"]),
+        "identity": experiment_identity(run, cfg, stats),
+    }
+
+
+def experiment_identity(run: Path, cfg, stats: dict) -> dict:
+    """Everything that defines a run's experiment except the model, as comparable values.
+
+    The data is named by the dataset fingerprint of the latents it trained on (from train_stats.json, else the
+    run's latent cache; the configured path as written only when neither exists), the VAE by a hash of the
+    pipeline's VAE weights and its scaling factor, the batch by its global size, the length by the steps
+    trained.
+    """
+    from .training import config_to_dict
+
+    identity = {k: v for k, v in config_to_dict(cfg).items() if k not in EXPERIMENT_EXCLUDED}
+    index = _latent_cache_index(run, cfg)
+    data = stats.get("data_fingerprint") or (index or {}).get("dataset_fingerprint")
+    identity["data"] = data if data else f"data_source {cfg.data_source!r} (no fingerprint recorded)"
+    vae_dir = run / "pipeline" / "vae"
+    weights = sorted(vae_dir.glob("diffusion_pytorch_model*.safetensors")) or sorted(vae_dir.glob("*.bin"))
+    vae_config = json.loads((vae_dir / "config.json").read_text()) if (vae_dir / "config.json").is_file() else {}
+    identity["vae_weights"] = _file_digest(weights[0]) if weights else None
+    identity["vae_scaling_factor"] = vae_config.get("scaling_factor")
+    identity["vae_shift_factor"] = vae_config.get("shift_factor")
+    processes = stats.get("num_processes", 1)
+    identity["global_batch"] = cfg.train_batch_size * cfg.gradient_accumulation_steps * processes
+    identity["train_steps"] = stats.get("steps")
+    return identity
+
+
+def check_comparable(arms: dict[str, list[dict]], allow: tuple[str, ...] = ()) -> list[str]:
+    """Refuse runs that differ in anything but the model between arms and the seed within an arm.
+
+    Args:
+        arms: label -> runs (`read_run` dicts).
+        allow: identity keys allowed to differ ("all" allows every key); each allowed difference is returned.
+
+    Returns:
+        One line per allowed difference. Raises ValueError naming every difference that is not allowed, and
+        every model difference within an arm.
+    """
+    from .training import config_to_dict
+
+    for label, runs in arms.items():
+        first = config_to_dict(runs[0]["config"])
+        for run in runs[1:]:
+            other = config_to_dict(run["config"])
+            changed = [k for k in MODEL_KEYS if first[k] != other[k]]
+            if changed:
+                raise ValueError(f"arm {label!r} mixes models: {runs[0]['dir']} and {run['dir']} differ in "
+                                 + ", ".join(f"{k} ({first[k]!r} vs {other[k]!r})" for k in changed))
+    runs = [run for arm in arms.values() for run in arm]
+    reference = runs[0]
+    found, allowed = [], []
+    for run in runs[1:]:
+        for key in sorted(set(reference["identity"]) | set(run["identity"])):
+            a, b = reference["identity"].get(key), run["identity"].get(key)
+            if a != b:
+                line = f"{key} ({a!r} in {reference['dir']}, {b!r} in {run['dir']})"
+                (allowed if "all" in allow or key in allow else found).append(line)
+    if found:
+        raise ValueError("runs differ in what defines the experiment: " + "; ".join(found)
+                         + ". Pass --allow_mismatch KEY (or all) to compare them anyway")
+    return allowed
+
+
+def bootstrap_fid_difference(features: dict[str, list[tuple]], resampler, num_resamples: int = 500,
+                             seed: int = 0) -> np.ndarray:
+    """Bootstrap draws of mean FID(arm a) - mean FID(arm b), resampling runs and each run's sample set.
+
+    Args:
+        features: for the two arms in order, a list per arm of `resampler.prepare(features)` of each run.
+        resampler: a `metrics.FrechetResampler` holding the reference statistics.
+        num_resamples: bootstrap draws.
+        seed: seed of the resampling.
+
+    Returns:
+        (num_resamples,) differences. Runs are resampled with replacement within an arm when it has more than one;
+        the images of each drawn run are resampled with replacement always.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xB007]))
+    a, b = list(features.values())
+    out = np.empty(num_resamples)
+    for i in range(num_resamples):
+        means = []
+        for arm in (a, b):
+            picks = rng.integers(0, len(arm), len(arm)) if len(arm) > 1 else [0]
+            fids = []
+            for r in picks:
+                n = len(arm[r][0])
+                fids.append(resampler.fid(arm[r], torch.from_numpy(rng.integers(0, n, n))))
+            means.append(np.mean(fids))
+        out[i] = means[0] - means[1]
+    return out
+
+
+def verdict(labels: list[str], ci95: tuple[float, float]) -> str:
+    """"<arm a> lower FID", "<arm b> lower FID" or "no significant difference at 95%" from the interval of a - b."""
+    if ci95[1] < 0:
+        return f"{labels[0]} lower FID"
+    if ci95[0] > 0:
+        return f"{labels[1]} lower FID"
+    return "no significant difference at 95%"
+
+
+def _arm_label(runs: list[dict]) -> str:
+    cfg = runs[0]["config"]
+    label = "DCNv4" if cfg.model_type == "dcnv4" else "conv"
+    if cfg.model_type == "dcnv4" and cfg.dcnv4_options:
+        label += " (" + ", ".join(f"{k}={v}" for k, v in sorted(cfg.dcnv4_options.items())) + ")"
+    return label
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def compare_arms(
+    arms: list[list[str]],
+    output_dir: str,
+    reference=None,
+    num_images: int | None = None,
+    sampler: str = "ddim",
+    num_inference_steps: int = 50,
+    batch_size: int = 64,
+    seed: int = 0,
+    mixed_precision: str = "no",
+    cache_dir: str | None = None,
+    fid_curve: bool = True,
+    grid_images: int = 36,
+    num_resamples: int = 500,
+    allow_mismatch: tuple[str, ...] = (),
+    overwrite: bool = False,
+    skip_corrupt: bool = False,
+) -> dict:
+    """Sample and measure every run of two arms, then write comparison.{json,md,png} to `output_dir`.
+
+    Args:
+        arms: two lists of train_ldm.py output folders (arm a, arm b; e.g. DCNv4 seeds, conv seeds).
+        output_dir: where samples and the report go (samples under `<arm>/run<i>/`, reused when their manifest
+            matches).
+        reference: image folder to measure against (default: the training data of the runs).
+        num_images: samples per run (default: the reference's size, so that FID's bias is the same for all).
+        sampler, num_inference_steps, batch_size, seed, mixed_precision: sampling; every run uses the same seeds.
+        cache_dir: reference features and converted Inception weights.
+        fid_curve: also measure the intermediate checkpoints (FID against steps and training seconds).
+        grid_images: images per grid in the figure.
+        num_resamples: bootstrap draws of the FID difference.
+        allow_mismatch: experiment keys allowed to differ between runs (see `check_comparable`).
+        overwrite: regenerate sample folders that another model or setting wrote, instead of stopping.
+        skip_corrupt: leave unreadable reference images out instead of stopping.
+
+    Returns:
+        What comparison.json holds.
+    """
+    from pipelines import LatentDiffusionPipeline
+
+    from .data import build_image_dataset
+    from .metrics import FrechetResampler, compute_fid_kid, list_images
+    from .unet import model_report
+
+    if len(arms) != 2 or not all(arms):
+        raise ValueError(f"arms must be two non-empty lists of run folders, got {arms!r}")
+    runs_by_arm: dict[str, list[dict]] = {}
+    for index, dirs in enumerate(arms):
+        runs = [read_run(d) for d in dirs]
+        label = _arm_label(runs)
+        if label in runs_by_arm:
+            label = f"{label} [{'ab'[index]}]"
+        runs_by_arm[label] = runs
+    allowed = check_comparable(runs_by_arm, allow_mismatch)
+    cfg = next(iter(runs_by_arm.values()))[0]["config"]
+    # The runs' own choice counts too: a run trained without its unreadable images is measured without them.
+    skip_corrupt = skip_corrupt or getattr(cfg, "skip_corrupt", False)
+    if reference is None:
+        reference = build_image_dataset(cfg.data_source, resolution=cfg.resolution, skip_corrupt=skip_corrupt)
+    if num_images is None:
+        # As many samples as reference images: FID is biased by the sample count, so fix it, and fix it high.
+        num_images = len(list_images(reference)) if isinstance(reference, str) else len(reference)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    os.makedirs(output_dir, exist_ok=True)
+    settings = dict(sampler=sampler, num_inference_steps=num_inference_steps, batch_size=batch_size, seed=seed,
+                    mixed_precision=mixed_precision, num_images=num_images, overwrite=overwrite)
+
+    def measure(pipe, source: str, folder: str, use_ema: bool | None) -> dict:
+        sampled = _sample(pipe, source, folder, use_ema=use_ema, device=device, **settings)
+        metrics = compute_fid_kid(sampled["paths"], reference, resolution=cfg.resolution, cache_dir=cache_dir,
+                                  device=device, return_features=True, skip_corrupt=skip_corrupt, verbose=False)
+        return {**metrics, "sampling_images_per_s": sampled["images_per_s"]}
+
+    arms_out, features = [], {}
+    reference_features = None
+    for slug, (label, runs) in zip("ab", runs_by_arm.items()):
+        results = []
+        for i, run in enumerate(runs):
+            folder = os.path.join(output_dir, slug, f"run{i}")
+            print(f"[{label}] run {i + 1}/{len(runs)}: sampling {num_images} images from {run['pipeline']}",
+                  flush=True)
+            pipe = LatentDiffusionPipeline.from_pretrained(run["pipeline"])
+            report = model_report(pipe.unet)
+            measured = measure(pipe, run["pipeline"], folder, use_ema=None)
+            reference_features = measured.pop("reference_features")
+            features.setdefault(label, []).append(measured.pop("sample_features"))
+            stats = run["train_stats"]
+            curve = []
+            if fid_curve:
+                from .training import pipeline_from_checkpoint
+
+                for checkpoint in run["checkpoints"]:
+                    if checkpoint["step"] == stats["steps"]:
+                        continue
+                    print(f"[{label}] run {i + 1}: FID at step {checkpoint['step']}", flush=True)
+                    point = measure(pipeline_from_checkpoint(checkpoint["path"]), checkpoint["path"],
+                                    os.path.join(folder, f"step-{checkpoint['step']}"), use_ema=True)
+                    curve.append({"step": checkpoint["step"], "train_seconds": checkpoint["train_seconds"],
+                                  "fid": point["fid"], "kid_mean": point["kid_mean"]})
+            curve.append({"step": stats["steps"], "train_seconds": stats.get("train_seconds"),
+                          "fid": measured["fid"], "kid_mean": measured["kid_mean"]})
+            results.append({
+                "run_dir": run["dir"],
+                "seed": run["config"].seed,
+                "fid": measured["fid"],
+                "kid_mean": measured["kid_mean"],
+                "kid_std": measured["kid_std"],
+                "parameters": report["parameters"],
+                "gflops": report["gflops"],
+                "block_out_channels": list(pipe.unet.config.block_out_channels),
+                "train_images_per_s": stats.get("images_per_s"),
+                "sampling_images_per_s": measured["sampling_images_per_s"],
+                "train_steps": stats["steps"],
+                "train_wall_time_s": stats.get("wall_time_s"),
+                "fid_curve": curve,
+                "samples": folder,
+            })
+        cfg_arm = runs[0]["config"]
+        fid_mean, fid_std = _mean_std([r["fid"] for r in results])
+        kid_mean, kid_std = _mean_std([r["kid_mean"] for r in results])
+        arms_out.append({
+            "label": label,
+            "model_type": cfg_arm.model_type,
+            "model_size": cfg_arm.model_size,
+            "dcnv4_options": dict(cfg_arm.dcnv4_options) if cfg_arm.model_type == "dcnv4" else {},
+            "match": cfg_arm.dcnv4_options.get("match") if cfg_arm.model_type == "dcnv4" else None,
+            "num_runs": len(results),
+            "fid_mean": fid_mean,
+            "fid_std": fid_std,
+            "kid_mean": kid_mean,
+            "kid_std": kid_std,
+            "parameters": results[0]["parameters"],
+            "gflops": results[0]["gflops"],
+            "block_out_channels": results[0]["block_out_channels"],
+            "train_images_per_s": _mean_std([r["train_images_per_s"] for r in results])[0],
+            "sampling_images_per_s": _mean_std([r["sampling_images_per_s"] for r in results])[0],
+            "train_steps": results[0]["train_steps"],
+            "train_wall_time_s": _mean_std([r["train_wall_time_s"] for r in results])[0],
+            "runs": results,
+            "grid": _grid(results[0]["samples"], num_images, grid_images),
+        })
+    a, b = arms_out
+    for arm in arms_out:
+        arm["parameter_ratio"] = arm["parameters"] / b["parameters"]
+        arm["gflops_ratio"] = arm["gflops"] / b["gflops"]
+
+    resampler = FrechetResampler(reference_features, device=device)
+    prepared = {label: [resampler.prepare(f) for f in fs] for label, fs in features.items()}
+    draws = bootstrap_fid_difference(prepared, resampler, num_resamples, seed)
+    observed = a["fid_mean"] - b["fid_mean"]
+    # Resampled sample sets repeat images, which raises every FID by a bias; re-centring the draws on the
+    # observed difference keeps their spread and drops that bias.
+    low, high = observed + np.quantile(draws - draws.mean(), [0.025, 0.975])
+    one_run = a["num_runs"] == 1 or b["num_runs"] == 1
+    summary = {
+        "arms": arms_out,
+        "fid_difference": {
+            "a": a["label"],
+            "b": b["label"],
+            "value": observed,
+            "ci95": [float(low), float(high)],
+            "num_resamples": num_resamples,
+            "resampled": "sample sets only (an arm has one run; seed-to-seed variation is not included)"
+                         if one_run else "runs within each arm and the sample set of each run",
+        },
+        "verdict": verdict([a["label"], b["label"]], (low, high)),
+        "budget": _budget_line(a, b),
+        "allowed_differences": allowed,
+        "sampler": sampler,
+        "num_inference_steps": num_inference_steps,
+        "num_images": num_images,
+        "seed": seed,
+        "mixed_precision": mixed_precision,
+        "reference": reference if isinstance(reference, str) else f"{cfg.data_source} at {cfg.resolution}px",
+        "num_reference": len(reference_features),
+        "resolution": cfg.resolution,
+        "inception_weights": measured["inception_weights"],
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+    with open(os.path.join(output_dir, "comparison.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    table = markdown_table(summary)
+    Path(output_dir, "comparison.md").write_text(table)
+    write_figure(summary, os.path.join(output_dir, "comparison.png"))
+    print(table)
+    return summary
+
+
+def _sample(pipe, source: str, folder: str, use_ema: bool | None, device: str, sampler: str,
+            num_inference_steps: int, batch_size: int, seed: int, mixed_precision: str, num_images: int,
+            overwrite: bool) -> dict:
+    """Sample `num_images` images of `pipe` into `folder` (reused when its manifest matches); returns
+    {"paths": exactly those images, "images_per_s": throughput of this call's sampling or of the one that wrote
+    them}."""
+    from pipelines import make_scheduler
+
+    from .sampling import generate_samples, prepare_sample_folder, sample_manifest, sample_paths, to_precision
+
+    pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    manifest = sample_manifest(pipe, source, sampler, num_inference_steps, seed, mixed_precision, use_ema=use_ema)
+    prepare_sample_folder(folder, manifest, overwrite=overwrite)
+    to_precision(pipe, device, mixed_precision)
+    labels = 0 if pipe.unet.config.num_class_embeds else None
+    # One untimed call absorbs one-time costs (kernel builds, allocator warm-up) before the timed sampling.
+    pipe(batch_size=1, num_inference_steps=1, class_labels=labels, output_type="latent")
+    stats = generate_samples(pipe, folder, num_images, seed=seed, batch_size=batch_size,
+                             num_inference_steps=num_inference_steps)
+    stats_path = Path(folder) / "sample_stats.json"
+    if stats["written"]:
+        images_per_s = stats["written"] / stats["seconds"]
+        stats_path.write_text(json.dumps({"images_per_s": images_per_s, "images": stats["written"]}))
+    elif stats_path.is_file():
+        images_per_s = json.loads(stats_path.read_text())["images_per_s"]
+    else:
+        images_per_s = None
+    return {"paths": sample_paths(folder, num_images), "images_per_s": images_per_s}
+
+
+def _grid(folder: str, num_images: int, grid_images: int) -> str:
+    from .sampling import write_grid
+
+    return write_grid(folder, num_images, grid_images)
+
+
+def _budget_line(a: dict, b: dict) -> str:
+    for arm, other in ((a, b), (b, a)):
+        if arm["match"]:
+            return (f"{arm['label']} widened to {other['label']}'s {arm['match']} (widths "
+                    f"{tuple(arm['block_out_channels'])}): parameters {arm['parameters'] / other['parameters']:.2f}x, "
+                    f"GFLOPs {arm['gflops'] / other['gflops']:.2f}x")
+    return (f"equal widths, no budget matched: {a['label']} has {a['parameter_ratio']:.2f}x the parameters and "
+            f"{a['gflops_ratio']:.2f}x the GFLOPs of {b['label']}")
+
+
+def _fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def markdown_table(summary: dict) -> str:
+    """The comparison as a markdown table, the FID difference with its interval, the verdict and the setting."""
+    precision = "fp32" if summary["mixed_precision"] == "no" else summary["mixed_precision"]
+    lines = [
+        "| arm | runs | FID | KID (x1000) | parameters (M) | params ratio | GFLOPs | GFLOPs ratio | train img/s "
+        "| sample img/s | train steps | train s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for arm in summary["arms"]:
+        lines.append(
+            f"| {arm['label']} | {arm['num_runs']} | {_fmt(arm['fid_mean'], '.2f')} +- {_fmt(arm['fid_std'], '.2f')} | "
+            f"{_fmt(arm['kid_mean'] * 1000, '.2f')} +- {_fmt(arm['kid_std'] * 1000, '.2f')} | "
+            f"{arm['parameters'] / 1e6:.3f} | {arm['parameter_ratio']:.2f} | {arm['gflops']:.3f} | "
+            f"{arm['gflops_ratio']:.2f} | {_fmt(arm['train_images_per_s'], '.1f')} | "
+            f"{_fmt(arm['sampling_images_per_s'], '.2f')} | {arm['train_steps']} | "
+            f"{_fmt(arm['train_wall_time_s'], '.0f')} |")
+    diff = summary["fid_difference"]
+    lines += [
+        "",
+        f"FID difference ({diff['a']} - {diff['b']}): {diff['value']:+.2f}, 95% interval "
+        f"[{diff['ci95'][0]:+.2f}, {diff['ci95'][1]:+.2f}] ({diff['num_resamples']} bootstrap draws over "
+        f"{diff['resampled']}).",
+        f"Verdict: {summary['verdict']}.",
+        f"Budget: {summary['budget']}.",
+        "",
+        f"Mean +- standard deviation over runs (KID of one run: mean over subsets). {summary['num_images']} samples "
+        f"per run ({summary['sampler']}, {summary['num_inference_steps']} steps, seed {summary['seed']}, {precision}) "
+        f"against {summary['num_reference']} reference images ({summary['reference']}) at {summary['resolution']}px "
+        f"on {summary['device']}; {summary['inception_weights']}.",
+    ]
+    if summary["allowed_differences"]:
+        lines.append("Allowed differences between runs: " + "; ".join(summary["allowed_differences"]) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def write_figure(summary: dict, path: str) -> None:
+    """One sample grid per arm, then FID against training step and against training seconds (mean line, band
+    from min to max over runs) where runs have intermediate checkpoints."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    arms = summary["arms"]
+    with_curve = any(len(run["fid_curve"]) > 1 for arm in arms for run in arm["runs"])
+    panels = len(arms) + 2 * int(with_curve)
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 4.8), squeeze=False)
+    for ax, arm in zip(axes[0], arms):
+        ax.imshow(Image.open(arm["grid"]))
+        ax.set_title(f"{arm['label']}\nFID {arm['fid_mean']:.2f} +- {arm['fid_std']:.2f} ({arm['num_runs']} runs)",
+                     fontsize=9)
+        ax.axis("off")
+    if with_curve:
+        for ax, key, name in ((axes[0][-2], "step", "training step"), (axes[0][-1], "train_seconds",
+                                                                           "training seconds")):
+            for arm in arms:
+                steps = sorted(set.intersection(*[{p["step"] for p in run["fid_curve"]} for run in arm["runs"]]))
+                xs, mean, low, high = [], [], [], []
+                for step in steps:
+                    points = [p for run in arm["runs"] for p in run["fid_curve"] if p["step"] == step]
+                    x = [p[key] for p in points]
+                    if any(v is None for v in x):
+                        continue
+                    fids = [p["fid"] for p in points]
+                    xs.append(np.mean(x))
+                    mean.append(np.mean(fids))
+                    low.append(min(fids))
+                    high.append(max(fids))
+                if not xs:
+                    continue
+                line = ax.plot(xs, mean, marker="o", label=arm["label"])[0]
+                if arm["num_runs"] > 1:
+                    ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2)
+            ax.set_xlabel(name)
+            ax.set_ylabel("FID")
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
