@@ -185,3 +185,70 @@ def test_hf_without_datasets_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(ImportError, match="pip install datasets"):
         build_image_dataset("someone/tiny-images")
+
+
+def _kinds(root):
+    """One image file of every kind the reader converts: alpha, palette with transparency, greyscale with alpha,
+    16-bit greyscale, CMYK, 1-bit, plain RGB and greyscale; returns the expected RGB pixels of each."""
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    alpha = np.where(np.arange(36).reshape(6, 6) % 3 == 0, 0, 255).astype(np.uint8)
+    white = np.full_like(rgb, 255)
+    over_white = np.where(alpha[..., None] == 0, white, rgb)
+    grey = rng.integers(0, 256, (6, 6), dtype=np.uint8)
+    expected = {}
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(os.path.join(root, "rgba.png"))
+    expected["rgba.png"] = over_white
+    Image.fromarray(np.dstack([grey, alpha]), "LA").save(os.path.join(root, "la.png"))
+    expected["la.png"] = np.where(alpha[..., None] == 0, 255, np.repeat(grey[..., None], 3, -1))
+    palette = Image.fromarray(rgb).quantize(8)
+    palette.info["transparency"] = 0
+    palette.save(os.path.join(root, "palette.png"), transparency=0)
+    pal_rgb = np.asarray(palette.convert("RGB"))
+    index = np.asarray(palette)
+    expected["palette.png"] = np.where(index[..., None] == 0, 255, pal_rgb)
+    sixteen = (grey.astype(np.uint16) * 257)
+    Image.fromarray(sixteen).save(os.path.join(root, "grey16.png"))
+    expected["grey16.png"] = np.repeat(grey[..., None], 3, -1)
+    Image.fromarray(rgb).convert("CMYK").save(os.path.join(root, "cmyk.tif"))
+    expected["cmyk.tif"] = np.asarray(Image.fromarray(rgb).convert("CMYK").convert("RGB"))
+    bits = Image.fromarray(grey > 127)
+    bits.save(os.path.join(root, "bits.bmp"))
+    expected["bits.bmp"] = np.repeat(np.where(grey > 127, 255, 0)[..., None], 3, -1).astype(np.uint8)
+    Image.fromarray(rgb).save(os.path.join(root, "plain.ppm"))
+    expected["plain.ppm"] = rgb
+    Image.fromarray(grey).save(os.path.join(root, "grey.gif"))
+    expected["grey.gif"] = np.repeat(grey[..., None], 3, -1)
+    return expected
+
+
+def test_one_reader_for_training_and_metrics(tmp_path):
+    from unet_dcnv4.metrics import ImageFolderForMetrics, list_images
+
+    root = str(tmp_path / "kinds")
+    expected = _kinds(root)
+    (tmp_path / "kinds" / ".hidden.png").write_bytes(b"")
+    Image.new("RGB", (6, 6)).save(tmp_path / "kinds" / ".000001.png.77.tmp", format="PNG")
+    Image.new("RGB", (6, 6)).save(tmp_path / "kinds" / "000002.png.77.tmp.png")
+    os.makedirs(tmp_path / "kinds" / ".cache")
+    Image.new("RGB", (6, 6)).save(tmp_path / "kinds" / ".cache" / "x.png")
+    files = data.list_image_files(root)
+    assert files == sorted(expected)
+    assert [os.path.relpath(p, root) for p in list_images(root)] == files
+    training = build_image_dataset(root, resolution=6, center_crop=False)
+    for_metrics = ImageFolderForMetrics(root, resolution=6)
+    for i, name in enumerate(files):
+        pixels = np.asarray(data.read_image(os.path.join(root, name)))
+        np.testing.assert_array_equal(pixels, expected[name], err_msg=name)
+        from_training = ((training[i][0].permute(1, 2, 0) + 1) * 127.5).round().numpy().astype(np.uint8)
+        np.testing.assert_array_equal(from_training, expected[name], err_msg=name)
+        np.testing.assert_array_equal(for_metrics[i].permute(1, 2, 0).numpy(), expected[name], err_msg=name)
+
+
+def test_corrupt_image_message_names_the_key(folder):
+    bad = os.path.join(folder, "broken.png")
+    with open(bad, "wb") as f:
+        f.write(b"not an image")
+    with pytest.raises(CorruptImageError, match=r"broken.png.*skip_corrupt: true"):
+        data.read_image(bad)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from unet_dcnv4.data import LatentDataset, build_image_dataset, build_latent_cache, sample_latents, vae_fingerprint
+from unet_dcnv4.data import LatentDataset, build_image_dataset, build_latent_cache, sample_latents, module_fingerprint
 from unet_dcnv4.vae import build_small_vae
 
 R = 8
@@ -76,7 +76,7 @@ def test_round_trip_and_flips(folder, tmp_path):
     with open(os.path.join(cache, "cache.json")) as f:
         index = json.load(f)
     assert index["dataset_fingerprint"] == ds.fingerprint() and index["resolution"] == R
-    assert index["vae_hash"] == vae_fingerprint(vae) and index["vae_id"] == "unshuffle"
+    assert index["vae_hash"] == module_fingerprint(vae) and index["vae_id"] == "unshuffle"
     assert index["scaling_factor_source"] == "config" and index["latent_channels"] == 12
 
 

@@ -78,7 +78,9 @@ def test_fid_helper_weights_map_onto_torch_fidelity(cache_dir):
 def test_fid_of_a_folder_against_itself_is_zero_and_against_noise_is_large(folders, cache_dir, capsys):
     smooth, noise = folders
     same = metrics.compute_fid_kid(smooth, smooth, cache_dir=cache_dir, device="cpu", batch_size=NUM_IMAGES)
-    assert "Inception weights" in capsys.readouterr().out or "inception-2015-12-05" in same["inception_weights"]
+    printed = capsys.readouterr().out
+    assert same["inception_weights"] == metrics.resolve_inception_weights(cache_dir)["source"]
+    assert f"FID/KID with {same['inception_weights']}" in printed
     assert abs(same["fid"]) < 1e-2
     assert abs(same["kid_mean"]) < 1e-2
     assert same["num_samples"] == same["num_reference"] == NUM_IMAGES and same["resolution"] == 32
@@ -144,3 +146,28 @@ def test_cli_reports_user_mistakes_in_one_line(tmp_path, capsys):
     assert metrics.main([str(tmp_path / "missing"), str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_exactly_the_listed_samples_are_measured(folders, cache_dir):
+    smooth, noise = folders
+    paths = metrics.list_images(smooth)[:10]
+    result = metrics.compute_fid_kid(paths, smooth, cache_dir=cache_dir, device="cpu", verbose=False,
+                                     return_features=True)
+    assert result["num_samples"] == 10 and result["sample_features"].shape == (10, 2048)
+    alone = metrics.compute_fid_kid(paths + metrics.list_images(noise)[:1], smooth, cache_dir=cache_dir,
+                                    device="cpu", verbose=False)
+    assert alone["num_samples"] == 11 and alone["fid"] != result["fid"]
+
+
+def test_the_resampler_gives_torch_fidelitys_fid():
+    gen = torch.Generator().manual_seed(0)
+    reference = torch.randn(300, 64, generator=gen) * torch.linspace(0.5, 2, 64)
+    for n in (40, 200):  # fewer and more samples than feature dimensions: both eigenproblems
+        samples = torch.randn(n, 64, generator=gen) + 0.3
+        expected = metrics.fid_kid_from_features(samples, reference, kid_subset_size=40)["fid"]
+        resampler = metrics.FrechetResampler(reference)
+        assert resampler.fid(resampler.prepare(samples)) == pytest.approx(expected, rel=1e-6)
+        index = torch.arange(n).flip(0)
+        assert resampler.fid(resampler.prepare(samples), index) == pytest.approx(expected, rel=1e-6)
+        repeated = torch.zeros(n, dtype=torch.long)
+        assert resampler.fid(resampler.prepare(samples), repeated) > expected

@@ -33,8 +33,12 @@ __all__ = [
     "LatentDataset",
     "build_image_dataset",
     "build_latent_cache",
+    "is_image_file",
+    "list_image_files",
+    "module_fingerprint",
+    "read_image",
     "sample_latents",
-    "vae_fingerprint",
+    "to_rgb",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -52,24 +56,54 @@ class CorruptImageError(OSError):
     """An image file that cannot be decoded; the message names the file."""
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    # Transparent pixels carry arbitrary colours; composite on white so they do not leak into training.
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of a decoded image, the one conversion for training, latent caching and metrics.
+
+    Transparency (RGBA, LA, PA, palette or greyscale with a transparent colour) is composited on white: the
+    colours under transparent pixels are arbitrary and must not reach the model or the metric. 16- and 32-bit
+    greyscale is scaled to 8 bits (PIL's own conversion would clip it), float images are read as [0, 1],
+    CMYK, YCbCr, LAB, palette, 1-bit and greyscale go through PIL's conversion to RGB.
+    """
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        scale = 257.0 if image.mode.startswith("I;16") or np.asarray(image).max() <= 65535 else 16843009.0
+        grey = (np.asarray(image, dtype=np.float64) / scale).round().clip(0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if image.mode == "F":
+        grey = (np.asarray(image, dtype=np.float64).clip(0, 1) * 255).round().astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, image).convert("RGB")
     return image.convert("RGB")
 
 
-def _open_image(path: str) -> Image.Image:
+def read_image(path: str) -> Image.Image:
+    """Decode the image file at `path` into 8-bit RGB (`to_rgb`); raises `CorruptImageError` naming the file."""
     try:
         with Image.open(path) as image:
             image.load()
-            return _to_rgb(image)
+            return to_rgb(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise CorruptImageError(
-            f"cannot read image {path}: {err}; pass skip_corrupt=True to skip unreadable files"
+            f"cannot read image {path}: {err}; set skip_corrupt: true to skip unreadable files"
         ) from err
+
+
+def is_image_file(name: str) -> bool:
+    """The one rule for which files in a folder are images: an image extension, not hidden, not a partial write."""
+    return not name.startswith(".") and ".tmp" not in name.lower() and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_image_files(root: str) -> list[str]:
+    """Paths relative to `root` of every image under it (`is_image_file`; hidden folders skipped), sorted."""
+    if not os.path.isdir(root):
+        raise ValueError(f"image folder {root!r} does not exist or is not a folder")
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [os.path.relpath(os.path.join(folder, n), root) for n in names if is_image_file(n)]
+    return sorted(files)
 
 
 class _ImageDataset(Dataset, abc.ABC):
@@ -153,13 +187,7 @@ class ImageFolderDataset(_ImageDataset):
         if not os.path.isdir(root):
             raise ValueError(f"root must be a folder of images, got {root!r}")
         self.root = root
-        files = []
-        for folder, dirs, names in os.walk(root):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in names:
-                if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                    files.append(os.path.relpath(os.path.join(folder, name), root))
-        files.sort()
+        files = list_image_files(root)
         if not files:
             raise ValueError(f"root {root!r} holds no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
 
@@ -168,7 +196,7 @@ class ImageFolderDataset(_ImageDataset):
             readable = []
             for rel in files:
                 try:
-                    _open_image(os.path.join(root, rel))
+                    read_image(os.path.join(root, rel))
                     readable.append(rel)
                 except CorruptImageError:
                     self.skipped.append(os.path.join(root, rel))
@@ -204,7 +232,7 @@ class ImageFolderDataset(_ImageDataset):
         return len(self.files)
 
     def _load(self, index: int) -> tuple[Image.Image, int]:
-        return _open_image(os.path.join(self.root, self.files[index])), self.labels[index]
+        return read_image(os.path.join(self.root, self.files[index])), self.labels[index]
 
     def _source_fingerprint(self) -> dict:
         return {"files": self._listing_hash, "classes": self.classes}
@@ -357,11 +385,11 @@ class HFImageDataset(_ImageDataset):
         try:
             value = self.data[i][self.image_column]
             if isinstance(value, dict) and value.get("path") and value.get("bytes") is None:
-                return _open_image(value["path"])
+                return read_image(value["path"])
             if not isinstance(value, Image.Image):
                 raise TypeError(f"column {self.image_column!r} holds {type(value).__name__}, not an image")
             value.load()
-            return _to_rgb(value)
+            return to_rgb(value)
         except (OSError, SyntaxError, ValueError, TypeError) as err:
             if isinstance(err, CorruptImageError):
                 raise
@@ -440,12 +468,12 @@ def build_image_dataset(
     return HFImageDataset(source, split=hf_split, **options)
 
 
-def vae_fingerprint(vae) -> str:
-    """Hash of a VAE's config (public keys) and weights: equal hashes encode alike."""
+def module_fingerprint(module) -> str:
+    """Hash of a model's config (public keys) and weights: equal hashes compute alike (a VAE, a U-Net)."""
     h = hashlib.sha256()
-    config = {k: v for k, v in dict(getattr(vae, "config", {}) or {}).items() if not k.startswith("_")}
+    config = {k: v for k, v in dict(getattr(module, "config", {}) or {}).items() if not k.startswith("_")}
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(vae.state_dict().items()):
+    for name, tensor in sorted(module.state_dict().items()):
         t = tensor.detach().cpu().contiguous().reshape(-1)
         h.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
@@ -585,7 +613,7 @@ def build_latent_cache(
         "format": _CACHE_FORMAT,
         "dataset_fingerprint": dataset.fingerprint(),
         "resolution": resolution,
-        "vae_hash": vae_fingerprint(vae),
+        "vae_hash": module_fingerprint(vae),
         "flips": bool(flips),
         "scaling_factor_option": scaling_factor,
         "num_images": len(dataset),

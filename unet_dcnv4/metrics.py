@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+from .data import IMAGE_EXTENSIONS, CorruptImageError, list_image_files, read_image, to_rgb
+
 TORCH_FIDELITY_EXTRACTOR = "inception-v3-compat"
 FID_HELPER_EXTRACTOR = "inception-v3-compat-fid-helper"
 FID_HELPER_WEIGHTS_FILE = "inception-2015-12-05-from-fid-helper-default_1.pth"
@@ -169,8 +170,9 @@ def resolve_inception_weights(cache_dir: str | None = None) -> dict:
 
 
 def _to_resolution(image: Image.Image, resolution: int) -> torch.Tensor:
-    """Centre-crop to a square, resize with the one fixed filter, return uint8 (3, R, R)."""
-    image = image.convert("RGB")
+    """Convert to RGB the one way (`to_rgb`), centre-crop to a square, resize with the one fixed filter;
+    returns uint8 (3, R, R)."""
+    image = to_rgb(image)
     w, h = image.size
     if w != h:
         side = min(w, h)
@@ -182,36 +184,45 @@ def _to_resolution(image: Image.Image, resolution: int) -> torch.Tensor:
 
 
 def list_images(folder: str) -> list[str]:
-    """Image files under `folder` (recursively), sorted by path so the order never depends on the file system."""
-    if not os.path.isdir(folder):
-        raise ValueError(f"image folder {folder!r} does not exist or is not a folder")
-    paths = []
-    for root, _, files in os.walk(folder):
-        paths += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
-    return sorted(paths)
+    """Image files under `folder` (recursively, by `unet_dcnv4.data.is_image_file`, the training data's rule),
+    sorted by path so the order never depends on the file system."""
+    return [os.path.join(folder, rel) for rel in list_image_files(folder)]
 
 
 class ImageFolderForMetrics(Dataset):
-    """The images of a folder as uint8 (3, R, R) tensors, resized the one fixed way.
+    """Image files as uint8 (3, R, R) tensors, read as training reads them and resized the one fixed way.
 
     Args:
-        folder: a folder of images (searched recursively).
+        folder: a folder of images (searched recursively), or a list of image file paths (used as given:
+            exactly these images, in this order).
         resolution: side R of the square images given to the metric.
         limit: use only the first `limit` images in path order (None: all).
+        skip_corrupt: leave out unreadable files (listed in `skipped`) instead of raising `CorruptImageError`.
     """
 
-    def __init__(self, folder: str, resolution: int, limit: int | None = None):
-        self.paths = list_images(folder)[:limit]
+    def __init__(self, folder: str | list[str], resolution: int, limit: int | None = None,
+                 skip_corrupt: bool = False):
+        paths = list(folder) if isinstance(folder, (list, tuple)) else list_images(folder)
+        self.skipped: list[str] = []
+        if skip_corrupt:
+            readable = []
+            for path in paths:
+                try:
+                    read_image(path)
+                    readable.append(path)
+                except CorruptImageError:
+                    self.skipped.append(path)
+            paths = readable
+        self.paths = paths[:limit]
         if not self.paths:
-            raise ValueError(f"image folder {folder!r} holds no {'/'.join(IMAGE_EXTENSIONS)} files")
+            raise ValueError(f"image folder {folder!r} holds no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
         self.resolution = resolution
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        with Image.open(self.paths[i]) as image:
-            return _to_resolution(image, self.resolution)
+        return _to_resolution(read_image(self.paths[i]), self.resolution)
 
 
 class DatasetForMetrics(Dataset):
@@ -249,9 +260,9 @@ def _reference_resolution(reference) -> int:
     if isinstance(reference, str):
         paths = list_images(reference)
         if not paths:
-            raise ValueError(f"image folder {reference!r} holds no {'/'.join(IMAGE_EXTENSIONS)} files")
-        with Image.open(paths[0]) as image:
-            return min(image.size)
+            raise ValueError(f"image folder {reference!r} holds no images with extensions "
+                             f"{', '.join(IMAGE_EXTENSIONS)}")
+        return min(read_image(paths[0]).size)
     item = reference[0]
     image = item[0] if isinstance(item, (tuple, list)) else item
     return min(image.shape[-2:]) if isinstance(image, torch.Tensor) else min(image.size)
@@ -265,17 +276,18 @@ def _folder_fingerprint(paths: list[str], root: str) -> str:
     return digest.hexdigest()[:12]
 
 
-def reference_cache_name(reference, resolution: int, num_images: int) -> str:
+def reference_cache_name(reference, resolution: int, num_images: int, paths: list[str] | None = None) -> str:
     """Cache name of a reference's statistics: which data, at which resolution, how many images.
 
     Args:
         reference: an image folder path, or a dataset (its `fingerprint()` names it when it has one).
         resolution: side of the images measured.
         num_images: how many reference images are used.
+        paths: for a folder, the files used (default: its first `num_images` images).
     """
     if isinstance(reference, str):
         folder = os.path.abspath(reference)
-        tag = f"{os.path.basename(folder)}-{_folder_fingerprint(list_images(folder)[:num_images], folder)}"
+        tag = f"{os.path.basename(folder)}-{_folder_fingerprint(paths or list_images(folder)[:num_images], folder)}"
     elif hasattr(reference, "fingerprint"):
         tag = f"{type(reference).__name__}-{hashlib.sha1(str(reference.fingerprint()).encode()).hexdigest()[:12]}"
     else:
@@ -286,8 +298,103 @@ def reference_cache_name(reference, resolution: int, num_images: int) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", f"ref-{tag}-{resolution}px-{num_images}")
 
 
+def inception_features(images: Dataset, weights: dict, device: str | torch.device, batch_size: int = 50,
+                       verbose: bool = False) -> torch.Tensor:
+    """Pool features (N, 2048) of torch-fidelity's Inception for a dataset of uint8 (3, R, R) images.
+
+    Args:
+        images: `ImageFolderForMetrics` or `DatasetForMetrics`.
+        weights: `resolve_inception_weights()`'s answer.
+        device: where the network runs.
+        batch_size: images per forward pass.
+        verbose: show torch-fidelity's progress bar.
+    """
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+    cuda = torch.device(device).type == "cuda"
+    extractor = create_feature_extractor(weights["feature_extractor"], ["2048"], cuda=cuda,
+                                         feature_extractor_weights_path=weights["weights_path"], verbose=verbose)
+    # Loader worker processes only pay off when a GPU waits for decoded images.
+    features = get_featuresdict_from_dataset(images, extractor, batch_size, cuda, save_cpu_ram=not cuda,
+                                             verbose=verbose)
+    return features["2048"]
+
+
+def _cached_features(path: str, compute) -> torch.Tensor:
+    """Features loaded from `path`, or computed and saved there atomically."""
+    if os.path.isfile(path):
+        return torch.load(path, map_location="cpu")
+    features = compute()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    torch.save(features, tmp)
+    os.replace(tmp, path)
+    return features
+
+
+def fid_kid_from_features(sample_features: torch.Tensor, reference_features: torch.Tensor,
+                          kid_subset_size: int = 1000, verbose: bool = False) -> dict:
+    """FID and KID of two feature sets (N, D), (M, D), computed by torch-fidelity's own functions.
+
+    Returns:
+        {"fid", "kid_mean", "kid_std"}; KID uses torch-fidelity's defaults (100 subsets, cubic kernel) with
+        subsets of min(kid_subset_size, N, M) features.
+    """
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    fid = fid_statistics_to_metric(fid_features_to_statistics(sample_features),
+                                   fid_features_to_statistics(reference_features), verbose)
+    kid = kid_features_to_metric(sample_features, reference_features, verbose=verbose,
+                                 kid_subset_size=min(kid_subset_size, len(sample_features), len(reference_features)))
+    return {"fid": float(fid["frechet_inception_distance"]),
+            "kid_mean": float(kid["kernel_inception_distance_mean"]),
+            "kid_std": float(kid["kernel_inception_distance_std"])}
+
+
+class FrechetResampler:
+    """FID of resampled sample sets against fixed reference statistics, fast enough to bootstrap.
+
+    FID = |mu_s - mu_r|^2 + tr(S_s) + tr(S_r) - 2 tr((S_r^1/2 S_s S_r^1/2)^1/2). With A = S_r^1/2 computed once
+    and Y = X A for the sample features X, the last trace is the sum of the square roots of the eigenvalues
+    of Yc^T Yc / (n - 1) (Yc: Y centred), which equal those of the n x n matrix Yc Yc^T / (n - 1): one small
+    symmetric eigenproblem per resample when n < D.
+
+    Args:
+        reference_features: (M, D) reference features.
+        device: where the linear algebra runs (float64).
+    """
+
+    def __init__(self, reference_features: torch.Tensor, device: str | torch.device = "cpu"):
+        ref = reference_features.to(device=device, dtype=torch.float64)
+        self.device = ref.device
+        self.mu = ref.mean(0)
+        sigma = torch.cov(ref.T)
+        self.trace = sigma.trace()
+        w, v = torch.linalg.eigh(sigma)
+        self.sqrt_sigma = (v * w.clamp_min(0).sqrt()) @ v.T
+
+    def prepare(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(X, X A) of one sample set, computed once for all its resamples."""
+        x = features.to(device=self.device, dtype=torch.float64)
+        return x, x @ self.sqrt_sigma
+
+    def fid(self, prepared: tuple[torch.Tensor, torch.Tensor], indices: torch.Tensor | None = None) -> float:
+        """FID of the sample set (or of its rows `indices`, drawn with replacement) against the reference."""
+        x, y = prepared
+        if indices is not None:
+            x, y = x[indices], y[indices]
+        n = len(x)
+        mu = x.mean(0)
+        xc, yc = x - mu, y - y.mean(0)
+        gram = yc @ yc.T if n <= yc.shape[1] else yc.T @ yc
+        eig = torch.linalg.eigvalsh(gram / (n - 1)).clamp_min(0)
+        value = (mu - self.mu).square().sum() + xc.square().sum() / (n - 1) + self.trace - 2 * eig.sqrt().sum()
+        return float(value)
+
+
 def compute_fid_kid(
-    samples: str | os.PathLike,
+    samples: str | os.PathLike | list[str],
     reference,
     resolution: int | None = None,
     num_reference: int | None = None,
@@ -296,40 +403,44 @@ def compute_fid_kid(
     device: str | torch.device | None = None,
     kid_subset_size: int = 1000,
     verbose: bool = True,
+    skip_corrupt: bool = False,
+    return_features: bool = False,
 ) -> dict:
-    """FID and KID of a folder of samples against a reference, with the reference's statistics cached.
+    """FID and KID of samples against a reference, with the reference's features cached.
 
     Args:
-        samples: folder of generated images (searched recursively).
+        samples: a folder of generated images (searched recursively), or a list of image files (exactly these
+            are measured).
         reference: an image folder path, or a dataset whose items are an image or (image, label) with the image a
             float tensor (3, H, W) in [-1, 1], a uint8 tensor or a PIL image.
         resolution: side R both sets are resized to (default: the reference's own, from its first image).
         num_reference: use the first N reference images (default: all).
-        cache_dir: where reference features/statistics and converted weights are cached (default:
-            torch-fidelity's `$TORCH_HOME/fidelity_cache`).
+        cache_dir: where reference features and converted weights are cached (default: torch-fidelity's
+            `$TORCH_HOME/fidelity_cache`).
         batch_size: images per Inception forward pass.
         device: "cuda" or "cpu" (default: cuda when available).
         kid_subset_size: KID subset size, lowered to the smaller set's size when that is smaller.
         verbose: print which weights are used and torch-fidelity's progress.
+        skip_corrupt: leave unreadable reference files out (reported in "skipped") instead of stopping.
+        return_features: also return "sample_features" (N, 2048) and "reference_features" (M, 2048).
 
     Returns:
         {"fid", "kid_mean", "kid_std", "num_samples", "num_reference", "resolution", "inception_weights",
-        "reference_cache_name"}.
+        "reference_cache_name", "skipped"} (plus the features when asked).
     """
-    import torch_fidelity
-
     if num_reference is not None and num_reference < 1:
         raise ValueError(f"num_reference must be at least 1, got {num_reference}")
     if resolution is not None and resolution < 16:
         raise ValueError(f"resolution must be at least 16, got {resolution}")
-    samples = os.fspath(samples)
+    if isinstance(samples, os.PathLike):
+        samples = os.fspath(samples)
     if isinstance(reference, os.PathLike):
         reference = os.fspath(reference)
     if not isinstance(reference, (str, Dataset)):
         raise TypeError(f"reference must be an image folder path or a dataset, got {type(reference).__name__}")
     resolution = resolution or _reference_resolution(reference)
     if isinstance(reference, str):
-        ref_data = ImageFolderForMetrics(reference, resolution, num_reference)
+        ref_data = ImageFolderForMetrics(reference, resolution, num_reference, skip_corrupt=skip_corrupt)
     else:
         ref_data = DatasetForMetrics(reference, resolution, num_reference)
     sample_data = ImageFolderForMetrics(samples, resolution)
@@ -337,34 +448,25 @@ def compute_fid_kid(
     weights = resolve_inception_weights(cache_dir)
     if verbose:
         print(f"FID/KID with {weights['source']}; images resized to {resolution}px (PIL bicubic)", flush=True)
-    cache_name = reference_cache_name(reference, resolution, len(ref_data))
-    use_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
-    metrics = torch_fidelity.calculate_metrics(
-        input1=sample_data,
-        input2=ref_data,
-        input2_cache_name=cache_name,
-        cache_root=cache_dir or default_cache_dir(),
-        fid=True,
-        kid=True,
-        kid_subset_size=min(kid_subset_size, len(sample_data), len(ref_data)),
-        feature_extractor=weights["feature_extractor"],
-        feature_extractor_weights_path=weights["weights_path"],
-        batch_size=batch_size,
-        cuda=use_cuda,
-        # Loader worker processes only pay off when a GPU waits for decoded images.
-        save_cpu_ram=not use_cuda,
-        verbose=verbose,
-    )
-    return {
-        "fid": float(metrics["frechet_inception_distance"]),
-        "kid_mean": float(metrics["kernel_inception_distance_mean"]),
-        "kid_std": float(metrics["kernel_inception_distance_std"]),
+    cache_name = reference_cache_name(reference, resolution, len(ref_data), getattr(ref_data, "paths", None))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cache_file = os.path.join(cache_dir or default_cache_dir(),
+                              f"{cache_name}-{weights['feature_extractor']}-features.pt")
+    ref_features = _cached_features(cache_file, lambda: inception_features(ref_data, weights, device, batch_size,
+                                                                           verbose))
+    sample_features = inception_features(sample_data, weights, device, batch_size, verbose)
+    out = fid_kid_from_features(sample_features, ref_features, kid_subset_size, verbose)
+    out.update({
         "num_samples": len(sample_data),
         "num_reference": len(ref_data),
         "resolution": resolution,
         "inception_weights": weights["source"],
         "reference_cache_name": cache_name,
-    }
+        "skipped": getattr(ref_data, "skipped", []),
+    })
+    if return_features:
+        out.update(sample_features=sample_features, reference_features=ref_features)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_reference", type=int, default=None, help="use the first N reference images")
     parser.add_argument("--cache_dir", default=None, help="statistics cache (default: torch-fidelity's)")
     parser.add_argument("--batch_size", type=int, default=50)
+    parser.add_argument("--skip_corrupt", action="store_true", help="leave unreadable reference images out")
     args = parser.parse_args(argv)
     try:
         result = compute_fid_kid(
@@ -385,8 +488,9 @@ def main(argv: list[str] | None = None) -> int:
             num_reference=args.num_reference,
             cache_dir=args.cache_dir,
             batch_size=args.batch_size,
+            skip_corrupt=args.skip_corrupt,
         )
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(
