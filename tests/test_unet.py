@@ -159,3 +159,46 @@ def test_cli_report_and_user_errors(capsys):
     assert main(["--size", "tiny", "--group_channels", "24"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: group_channels (24)") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("size, sample_size, options", [
+    ("tiny", 8, {}),
+    ("tiny", 8, {"group_channels": 8}),
+    ("S", 32, {}),
+])
+def test_matched_parameters_are_within_five_percent_of_the_conv_baseline(size, sample_size, options):
+    from unet_dcnv4.unet import matched_widths
+
+    with torch.device("meta"):
+        conv = build_unet("conv", size, sample_size)
+        dcnv4 = build_unet("dcnv4", size, sample_size, match="params", **options)
+        equal = build_unet("dcnv4", size, sample_size, **options)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(equal) < 0.8 * count(conv)
+    assert abs(count(dcnv4) / count(conv) - 1) <= 0.05
+    widths = dcnv4.config.block_out_channels
+    assert tuple(widths) == matched_widths(size, sample_size, match="params", **options)
+    assert tuple(widths) != tuple(UNET_SIZES[size]["block_out_channels"])
+    step = options.get("group_channels", 16)
+    assert all(w % step == 0 and w % UNET_SIZES[size]["norm_num_groups"] == 0 for w in widths)
+
+
+def test_matched_flops_and_the_saved_widths_reload(tmp_path):
+    conv = model_report("conv", "tiny", 8)
+    matched = build_unet("dcnv4", "tiny", 8, match="flops")
+    assert abs(model_report(matched)["gflops"] / conv["gflops"] - 1) <= 0.05
+    matched.save_pretrained(tmp_path)
+    reloaded = DCNv4UNet2DModel.from_pretrained(tmp_path)
+    assert tuple(reloaded.config.block_out_channels) == tuple(matched.config.block_out_channels)
+    assert "match" not in reloaded.config
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(match="memory"), "match must be one of"),
+    (dict(match="params", tolerance=0.0001), "no block_out_channels"),
+])
+def test_matching_errors_name_the_argument(kwargs, message):
+    from unet_dcnv4.unet import matched_widths
+
+    with pytest.raises(ValueError, match=message):
+        matched_widths("tiny", 8, **kwargs)

@@ -5,7 +5,10 @@ model sizes they share, and a parameter/GFLOPs report (`python -m unet_dcnv4.une
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
+import math
 import sys
 
 import torch
@@ -23,12 +26,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .modules import DCNv4, DCNv4Conv2d
 
-__all__ = ["DCNv4UNet2DModel", "UNET_SIZES", "REPLACEABLE", "DCNV4_OPTIONS", "MODEL_TYPES", "build_unet",
-           "model_report", "dcnv4_flops"]
+__all__ = ["DCNv4UNet2DModel", "UNET_SIZES", "REPLACEABLE", "DCNV4_OPTIONS", "MODEL_TYPES", "BUDGETS",
+           "build_unet", "matched_widths", "model_report", "dcnv4_flops"]
 
 REPLACEABLE = ("resnet", "conv_in", "conv_out", "downsample", "upsample")
 MODEL_TYPES = ("dcnv4", "conv")
-DCNV4_OPTIONS = ("replace", "group_channels", "offset_scale", "dw_kernel_size", "remove_center")
+# `match` is not a model field: build_unet resolves it into block_out_channels, which the saved config records.
+DCNV4_OPTIONS = ("replace", "group_channels", "offset_scale", "dw_kernel_size", "remove_center", "match")
+# What a matched-budget DCNv4 U-Net is widened to equal: the conv baseline's parameter count or its GFLOPs.
+BUDGETS = ("params", "flops")
+BUDGET_TOLERANCE = 0.05
 
 # UNet2DModel keyword arguments shared by the DCNv4 model and its conv baseline. `tiny` is for CPU
 # tests and the quickstart (8x8 or 16x16 latents); S, M, B are for GPU runs on 32x32x4 latents.
@@ -213,12 +220,119 @@ def build_unet(
     unknown = sorted(set(dcnv4_options) - set(DCNV4_OPTIONS))
     if unknown:
         raise ValueError(f"unknown DCNv4 options {unknown}; allowed: {list(DCNV4_OPTIONS)}")
+    dcnv4_options = dict(dcnv4_options)
+    match = dcnv4_options.pop("match", None)
     kwargs = dict(UNET_SIZES[size], sample_size=sample_size, in_channels=in_channels,
                   out_channels=in_channels if out_channels is None else out_channels,
                   num_class_embeds=num_class_embeds)
     if model_type == "conv":
         return UNet2DModel(**kwargs)
+    if match is not None:
+        kwargs["block_out_channels"] = matched_widths(size, sample_size, in_channels, out_channels, num_class_embeds,
+                                                      match=match, **dcnv4_options)
     return DCNv4UNet2DModel(**kwargs, **dcnv4_options)
+
+
+def _budget(model_type: str, kwargs: dict, options: dict, match: str) -> float:
+    """Parameters (counted on the meta device, no memory) or GFLOPs of one model configuration."""
+    if match == "params":
+        with torch.device("meta"):
+            model = UNet2DModel(**kwargs) if model_type == "conv" else DCNv4UNet2DModel(**kwargs, **options)
+        return float(sum(p.numel() for p in model.parameters()))
+    model = UNet2DModel(**kwargs) if model_type == "conv" else DCNv4UNet2DModel(**kwargs, **options)
+    return model_report(model)["gflops"]
+
+
+def matched_widths(
+    size: str,
+    sample_size: int,
+    in_channels: int = 4,
+    out_channels: int | None = None,
+    num_class_embeds: int | None = None,
+    match: str = "params",
+    tolerance: float = BUDGET_TOLERANCE,
+    **dcnv4_options,
+) -> tuple[int, ...]:
+    """`block_out_channels` that give the DCNv4 U-Net the conv baseline's budget, within `tolerance`.
+
+    Every width of the size's `block_out_channels` is scaled by one factor and rounded to a multiple of
+    both `group_channels` and the GroupNorm group count, so the layers stay valid; the factor is found by
+    bisection (the budget grows with it) and the closest of the candidates around the crossing wins.
+
+    Args:
+        size, sample_size, in_channels, out_channels, num_class_embeds: the models' shape, as for `build_unet`.
+        match: "params" (parameter count) or "flops" (GFLOPs of one forward pass at `sample_size`, as
+            `model_report` counts them).
+        tolerance: the largest accepted relative difference to the conv baseline's budget.
+        **dcnv4_options: the DCNv4 fields of the model being widened (group_channels, replace, ...).
+
+    Returns:
+        The widths, one per level. Raises ValueError when no width within `tolerance` exists on the grid.
+    """
+    if match not in BUDGETS:
+        raise ValueError(f"match must be one of {list(BUDGETS)} or None, got {match!r}")
+    if not 0 < tolerance < 1:
+        raise ValueError(f"tolerance must be in (0, 1), got {tolerance!r}")
+    if size not in UNET_SIZES:
+        raise ValueError(f"size must be one of {list(UNET_SIZES)}, got {size!r}")
+    unknown = sorted(set(dcnv4_options) - set(DCNV4_OPTIONS) | ({"match"} & set(dcnv4_options)))
+    if unknown:
+        raise ValueError(f"unknown DCNv4 options {unknown}; allowed: {list(DCNV4_OPTIONS[:-1])}")
+    key = json.dumps([size, sample_size, in_channels, out_channels, num_class_embeds, match, tolerance,
+                      sorted((k, list(v) if isinstance(v, tuple) else v) for k, v in dcnv4_options.items())])
+    return _matched_widths(key)
+
+
+@functools.lru_cache(maxsize=64)
+def _matched_widths(key: str) -> tuple[int, ...]:
+    size, sample_size, in_channels, out_channels, num_class_embeds, match, tolerance, options = json.loads(key)
+    options = dict(options)
+    base = dict(UNET_SIZES[size], sample_size=sample_size, in_channels=in_channels,
+                out_channels=in_channels if out_channels is None else out_channels, num_class_embeds=num_class_embeds)
+    target = _budget("conv", base, {}, match)
+    group_channels = options.get("group_channels", 16)
+    step = math.lcm(int(group_channels), int(base["norm_num_groups"]))
+
+    def widths(factor: float) -> tuple[int, ...]:
+        return tuple(max(step, round(w * factor / step) * step) for w in base["block_out_channels"])
+
+    measured: dict[tuple[int, ...], float] = {}
+
+    def measure(w: tuple[int, ...]) -> float:
+        if w not in measured:
+            measured[w] = _budget("dcnv4", dict(base, block_out_channels=w), options, match) / target
+        return measured[w]
+
+    def ratio(factor: float) -> float:
+        return measure(widths(factor))
+
+    low, high = 0.25, 1.0
+    while ratio(high) < 1:
+        low, high = high, high * 2
+        if high > 64:
+            raise ValueError(f"no width reaches the conv baseline's {match}: the DCNv4 options {options} keep it "
+                             "below at 64x the widths")
+    for _ in range(12):
+        mid = (low + high) / 2
+        low, high = (mid, high) if ratio(mid) < 1 else (low, mid)
+    best = min(measured, key=lambda w: abs(measured[w] - 1))
+    # One common factor moves every level at once; where its grid steps over the target, move the levels
+    # independently by one step around the closest candidate.
+    for _ in range(4):
+        if abs(measured[best] - 1) <= tolerance:
+            break
+        for deltas in itertools.product((-step, 0, step), repeat=len(best)):
+            w = tuple(a + d for a, d in zip(best, deltas))
+            if min(w) >= step:
+                measure(w)
+        previous, best = best, min(measured, key=lambda w: abs(measured[w] - 1))
+        if best == previous:
+            break
+    if abs(measured[best] - 1) > tolerance:
+        raise ValueError(
+            f"no block_out_channels on the grid of multiples of {step} give the conv baseline's {match} within "
+            f"{tolerance:.0%} (closest {best}: {measured[best]:.3f}x); use a smaller group_channels for a finer grid")
+    return best
 
 
 def dcnv4_flops(module: DCNv4, output: torch.Tensor) -> int:
