@@ -454,7 +454,7 @@ def error_line(err: Exception) -> str:
     """The one-line message of an input error; an unreadable image names the key that skips it."""
     text = " ".join(str(err).split())
     if isinstance(err, CorruptImageError) and "--set skip_corrupt=true" not in text:
-        text += " (set skip_corrupt: true, --set skip_corrupt=true, to skip unreadable images)"
+        text += " (--set skip_corrupt=true)"
     return text
 
 

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     except (ValueError, FileNotFoundError, CorruptImageError) as err:
         text = " ".join(str(err).split())
         if isinstance(err, CorruptImageError):
-            text += " (train_vae.py: pass --skip_corrupt to skip unreadable images)"
+            text += " (--skip_corrupt)"
         print(f"train_vae.py: error: {text}", file=sys.stderr)
         sys.exit(2)
 

@@ -14,7 +14,7 @@
 # first and put the checkout on PYTHONPATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA="${DATA:-../shared/data/twemoji64/images}"
+DATA="${DATA:-.data/twemoji64/images}"
 RUNS="${RUNS:-outputs}"
 VAE_STEPS="${VAE_STEPS:-3000}"
 PRECISION="${PRECISION:-bf16}"
