@@ -274,10 +274,13 @@ def train(cfg: TrainConfig) -> dict:
     accelerator.register_for_checkpointing(rng)
 
     global_step = 0
+    # Seconds spent in optimisation steps since step 0, over every resume: the x axis of FID against time.
+    train_seconds = 0.0
     if resume_dir is not None:
         accelerator.print(f"Resuming from {resume_dir}")
         model_device = next(unwrapped.parameters()).device
-        global_step = load_checkpoint(accelerator, resume_dir, model_device, ema)["step"]
+        resumed = load_checkpoint(accelerator, resume_dir, model_device, ema)
+        global_step, train_seconds = resumed["step"], resumed.get("train_seconds") or 0.0
         apply_resume_changes(changes, cfg, optimizer, lr_scheduler, ema)
     elif cfg.resume_from_checkpoint == "latest":
         accelerator.print(f"No complete checkpoint in {checkpoints_dir}; starting a new run")
@@ -289,10 +292,12 @@ def train(cfg: TrainConfig) -> dict:
                  "shift_factor": shift_factor, "latent_shape": list(latents.latent_shape),
                  "num_classes": latents.num_classes, "custom_objects": custom_objects,
                  "train_scheduler_config": dict(noise_scheduler.config), "num_processes": accelerator.num_processes,
-                 "skipped_images": skipped_images, "resume_changes": history, "random_streams": RANDOM_STREAMS}
+                 "skipped_images": skipped_images, "resume_changes": history, "random_streams": RANDOM_STREAMS,
+                 "data_fingerprint": latents.index["dataset_fingerprint"], "vae_hash": latents.index["vae_hash"]}
 
     def checkpoint(step: int) -> Path:
-        return save_checkpoint(accelerator, checkpoints_dir, step, cfg, dict(run_state, step=step),
+        return save_checkpoint(accelerator, checkpoints_dir, step, cfg,
+                               dict(run_state, step=step, train_seconds=train_seconds),
                                total_limit=cfg.checkpoints_total_limit)
 
     def sampling_pipeline():
@@ -369,6 +374,7 @@ def train(cfg: TrainConfig) -> dict:
         global_step += 1
         steps_this_run += 1
         step_seconds = time.perf_counter() - step_start
+        train_seconds += step_seconds
         if steps_this_run > 1:
             # The first step of a process pays for warm-up (allocations, compilation): not timed.
             timed_steps, timed_seconds = timed_steps + 1, timed_seconds + step_seconds
@@ -393,6 +399,9 @@ def train(cfg: TrainConfig) -> dict:
         "final_loss": last_loss,
         "parameters": num_parameters,
         "wall_time_s": time.perf_counter() - wall_start,
+        "train_seconds": train_seconds,
+        "data_fingerprint": run_state["data_fingerprint"],
+        "vae_hash": run_state["vae_hash"],
         "peak_memory_mb": peak_memory_mb(device),
         "peak_memory_kind": "cuda_allocated" if device.type == "cuda" else "cpu_max_rss",
         "skipped_steps": skipped_steps,

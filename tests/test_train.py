@@ -99,6 +99,11 @@ def test_dcnv4_run_writes_everything(straight_run):
     assert stats["steps"] == 6 and stats["model_type"] == "dcnv4"
     assert np.isfinite(stats["final_loss"]) and stats["images_per_s"] > 0 and stats["parameters"] > 0
     assert stats["wall_time_s"] > 0 and stats["peak_memory_mb"] > 0
+    assert 0 < stats["train_seconds"] < stats["wall_time_s"]
+    states = [json.loads((straight_run / "checkpoints" / f"checkpoint-{s}" / "training_state.json").read_text())
+              for s in (3, 6)]
+    assert 0 < states[0]["train_seconds"] < states[1]["train_seconds"] == stats["train_seconds"]
+    assert states[0]["data_fingerprint"] == stats["data_fingerprint"] and len(stats["data_fingerprint"]) == 32
     assert load_config(straight_run / "config.yaml").gradient_accumulation_steps == 2
     assert [s for s, _ in training.list_checkpoints(straight_run / "checkpoints")] == [3, 6]
     assert (straight_run / "checkpoints" / "checkpoint-6" / "config.yaml").is_file()
@@ -129,8 +134,11 @@ def test_pipeline_from_checkpoint(straight_run):
 def test_resume_is_exact(assets, straight_run, tmp_path):
     common = dict(gradient_accumulation_steps=2, sample_every_steps=6, num_samples=4, sample_inference_steps=2)
     assert train_ldm.main(args(assets, tmp_path, 3, **common)) == 0
+    first = json.loads((tmp_path / "train_stats.json").read_text())["train_seconds"]
     assert train_ldm.main(args(assets, tmp_path, 6, **common) + ["--resume_from_checkpoint", "latest"]) == 0
     assert_same(weights(straight_run / "checkpoints" / "checkpoint-6"), weights(tmp_path / "checkpoints" / "checkpoint-6"))
+    # Training seconds carry over a resume: the resumed run counts from where the first one stopped.
+    assert json.loads((tmp_path / "train_stats.json").read_text())["train_seconds"] > first
 
 
 @pytest.mark.filterwarnings("ignore:A saved_tensors_hooks context:FutureWarning")
