@@ -105,6 +105,10 @@ def test_dcnv4_run_writes_everything(straight_run):
     assert 0 < states[0]["train_seconds"] < states[1]["train_seconds"] == stats["train_seconds"]
     assert states[0]["data_fingerprint"] == stats["data_fingerprint"] and len(stats["data_fingerprint"]) == 32
     assert load_config(straight_run / "config.yaml").gradient_accumulation_steps == 2
+    # What ran is recorded: the op's implementation in the run's config and in the saved model's config.
+    assert "dcnv4_impl: auto" in (straight_run / "config.yaml").read_text()
+    unet_config = json.loads((straight_run / "pipeline" / "unet" / "config.json").read_text())
+    assert (unet_config["impl"], unet_config["cuda_backward"]) == ("auto", "atomic")
     assert [s for s, _ in training.list_checkpoints(straight_run / "checkpoints")] == [3, 6]
     assert (straight_run / "checkpoints" / "checkpoint-6" / "config.yaml").is_file()
     grid = Image.open(straight_run / "samples" / "step-0000006.png")
@@ -369,9 +373,13 @@ def test_config_layers_and_errors(tmp_path):
     for bad, needle in [({"nope": 1}, "valid keys: output_dir"), ({"mixed_precision": "fp8"}, "mixed_precision"),
                         ({"model_type": "foo"}, "model_type"), ({"seed": "x"}, "seed"),
                         ({"max_train_steps": 0}, "max_train_steps"), ({"model_size": "huge"}, "model_size"),
-                        ({"dcnv4_options": {"bad": 1}}, "dcnv4_options")]:
+                        ({"dcnv4_options": {"bad": 1}}, "dcnv4_options"), ({"dcnv4_impl": "cuda"}, "dcnv4_impl"),
+                        ({"dcnv4_cuda_backward": "fast"}, "dcnv4_cuda_backward")]:
         with pytest.raises(ValueError, match=needle):
             load_config(None, bad)
+    cfg = load_config(None, ["dcnv4_impl=reference", "dcnv4_cuda_backward=tiled", "dcnv4_options={group_channels: 8}"])
+    assert training.unet_options(cfg) == {"group_channels": 8, "impl": "reference", "cuda_backward": "tiled"}
+    assert training.unet_options(load_config(None, ["model_type=conv", "dcnv4_impl=reference"])) == {}
     for name in ("ldm_default", "ldm_tiny_cpu", "twemoji64_dcnv4", "twemoji64_conv"):
         load_config(REPO / "configs" / f"{name}.yaml")
     dcnv4, conv = (load_config(REPO / "configs" / f"twemoji64_{m}.yaml") for m in ("dcnv4", "conv"))

@@ -83,6 +83,35 @@ def test_save_pretrained_from_pretrained_is_bit_identical(tmp_path, num_class_em
         assert torch.equal(model(x, t, class_labels=labels).sample, loaded(x, t, class_labels=labels).sample)
 
 
+def test_impl_and_cuda_backward_are_saved_and_run(tmp_path, monkeypatch):
+    """The saved config says which implementation ran; with impl="reference" the compiled op is never called."""
+    import json
+
+    from unet_dcnv4 import ops
+
+    model = build_unet("dcnv4", "tiny", 8, impl="reference", cuda_backward="tiled").eval()
+    assert all((m.impl, m.cuda_backward) == ("reference", "tiled")
+               for m in model.modules() if isinstance(m, DCNv4Conv2d))
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["impl"], saved["cuda_backward"]) == ("reference", "tiled")
+    loaded = DCNv4UNet2DModel.from_pretrained(tmp_path).eval()
+
+    def no_kernel():
+        raise AssertionError("the compiled op was called")
+
+    monkeypatch.setattr(ops, "load_extension", no_kernel)
+    x, t, _ = _inputs(model)
+    with torch.no_grad():
+        assert torch.isfinite(loaded(x, t).sample).all()
+    # A config saved before these fields existed loads with the defaults.
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in saved.items()
+                                                      if k not in ("impl", "cuda_backward")}))
+    old = DCNv4UNet2DModel.from_pretrained(tmp_path)
+    assert (old.config.impl, old.config.cuda_backward) == ("auto", "atomic")
+    assert old.down_blocks[0].resnets[0].conv1.impl == "auto"
+
+
 def test_pipeline_folder_with_the_dcnv4_unet_loads(tmp_path):
     model = build_unet("dcnv4", "tiny", 8).eval()
     DDPMPipeline(unet=model, scheduler=DDPMScheduler(num_train_timesteps=10)).save_pretrained(tmp_path)
@@ -135,6 +164,7 @@ def test_autocast_forward_backward(dtype):
     (lambda: build_unet("dcnv4", "tiny", 8, replace="resnet"), "replace must be a list of conv names"),
     (lambda: build_unet("dcnv4", "tiny", 8, group_channels=24), r"group_channels \(24\) must divide.*allowed"),
     (lambda: model_report("dcnv4"), "size is required"),
+    (lambda: build_unet("dcnv4", "tiny", 8, impl="cuda"), r"impl must be one of .*got 'cuda'"),
 ])
 def test_bad_configuration_raises_value_error(call, match):
     with pytest.raises(ValueError, match=match):

@@ -25,7 +25,7 @@ MODEL_KEYS = ("model_type", "model_size", "dcnv4_options", "recompute_value")
 EXPERIMENT_EXCLUDED = MODEL_KEYS + (
     "seed", "output_dir", "resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit",
     "log_every_steps", "latent_cache_dir", "encode_batch_size", "dataloader_num_workers", "allow_tf32",
-    "channels_last", "torch_compile", "sample_every_steps", "num_samples", "sample_inference_steps",
+    "channels_last", "torch_compile", "dcnv4_impl", "dcnv4_cuda_backward", "sample_every_steps", "num_samples", "sample_inference_steps",
     "sample_scheduler", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "data_source", "vae",
     "vae_subfolder", "allow_resume_changes",
 )

@@ -121,6 +121,8 @@ class TrainConfig:
     channels_last: bool = True
     torch_compile: bool = False
     recompute_value: bool = False  # DCNv4 only: recompute value_proj in the backward, less activation memory
+    dcnv4_impl: str = "auto"  # DCNv4 only: the op's implementation, one of unet_dcnv4.ops.IMPLS
+    dcnv4_cuda_backward: str = "atomic"  # DCNv4 only: the CUDA backward kernel, one of unet_dcnv4.ops.CUDA_BACKWARDS
 
     # Sample grids from the EMA weights during training.
     sample_every_steps: int = 250  # 0 disables
@@ -180,6 +182,10 @@ def validate_config(cfg: TrainConfig) -> None:
     if unknown:
         raise ValueError(f"config key 'dcnv4_options' has unknown keys {unknown}; valid: {', '.join(DCNV4_OPTIONS)}")
     choice("mixed_precision", MIXED_PRECISIONS)
+    from .ops import CUDA_BACKWARDS, IMPLS
+
+    choice("dcnv4_impl", IMPLS)
+    choice("dcnv4_cuda_backward", CUDA_BACKWARDS)
     choice("prediction_type", PREDICTION_TYPES)
     choice("beta_schedule", BETA_SCHEDULES)
     choice("lr_scheduler", LR_SCHEDULERS)
@@ -595,5 +601,8 @@ def pipeline_from_checkpoint(checkpoint_dir: str | os.PathLike, use_ema: bool = 
 
 
 def unet_options(cfg: TrainConfig) -> dict:
-    """Keyword arguments for `build_unet` beyond the shape: the DCNv4 options (the conv baseline takes none)."""
-    return dict(cfg.dcnv4_options) if cfg.model_type == "dcnv4" else {}
+    """Keyword arguments for `build_unet` beyond the shape: the DCNv4 options and the op's implementation and CUDA
+    backward kernel (the conv baseline takes none)."""
+    if cfg.model_type != "dcnv4":
+        return {}
+    return dict(cfg.dcnv4_options, impl=cfg.dcnv4_impl, cuda_backward=cfg.dcnv4_cuda_backward)

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .modules import DCNv4, DCNv4Conv2d
+from .ops import check_impl
 
 __all__ = ["DCNv4UNet2DModel", "UNET_SIZES", "REPLACEABLE", "DCNV4_OPTIONS", "MODEL_TYPES", "BUDGETS",
            "build_unet", "matched_widths", "model_report", "dcnv4_flops"]
@@ -100,6 +101,10 @@ class DCNv4UNet2DModel(UNet2DModel):
         offset_scale: DCNv4's offset scale.
         dw_kernel_size: depthwise conv kernel in the offset/mask branch, None for none.
         remove_center: drop the centre tap of each DCNv4.
+        impl: which implementation of the op every DCNv4 layer runs, one of `unet_dcnv4.ops.IMPLS` (see `dcnv4`).
+        cuda_backward: the CUDA backward kernel of every DCNv4 layer, one of `unet_dcnv4.ops.CUDA_BACKWARDS`.
+            Both are recorded in the saved config, so it says what ran; configs saved without them load with the
+            defaults.
     """
 
     @register_to_config
@@ -138,8 +143,11 @@ class DCNv4UNet2DModel(UNet2DModel):
         offset_scale: float = 1.0,
         dw_kernel_size: int | None = None,
         remove_center: bool = False,
+        impl: str = "auto",
+        cuda_backward: str = "atomic",
     ):
         replace = _check_replace(replace)
+        check_impl(impl, cuda_backward)
         _check_group_channels(group_channels, block_out_channels)
         super().__init__(
             sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
@@ -156,7 +164,7 @@ class DCNv4UNet2DModel(UNet2DModel):
             num_train_timesteps=num_train_timesteps,
         )
         options = dict(group_channels=group_channels, offset_scale=offset_scale, dw_kernel_size=dw_kernel_size,
-                       remove_center=remove_center)
+                       remove_center=remove_center, impl=impl, cuda_backward=cuda_backward)
 
         def swap(conv: nn.Module) -> nn.Module:
             if not isinstance(conv, nn.Conv2d) or conv.kernel_size == (1, 1):
@@ -199,6 +207,8 @@ def build_unet(
     in_channels: int = 4,
     out_channels: int | None = None,
     num_class_embeds: int | None = None,
+    impl: str = "auto",
+    cuda_backward: str = "atomic",
     **dcnv4_options,
 ) -> UNet2DModel:
     """A U-Net of a named size: the DCNv4 model or its conv baseline with the identical configuration.
@@ -209,8 +219,10 @@ def build_unet(
         sample_size: the latent height/width.
         in_channels: latent channels in; out_channels defaults to it.
         num_class_embeds: number of classes for a class-conditional model, None for unconditional.
+        impl, cuda_backward: which implementation of the op and which CUDA backward kernel the DCNv4 layers run
+            (`DCNv4UNet2DModel`); they change what runs, not the model, so `match` ignores them.
         **dcnv4_options: DCNv4 fields (`DCNV4_OPTIONS`: replace, group_channels, offset_scale,
-            dw_kernel_size, remove_center). Accepted and ignored for "conv", so that one call site
+            dw_kernel_size, remove_center, match). Accepted and ignored for "conv", so that one call site
             builds both models of a comparison.
     """
     if model_type not in MODEL_TYPES:
@@ -225,12 +237,13 @@ def build_unet(
     kwargs = dict(UNET_SIZES[size], sample_size=sample_size, in_channels=in_channels,
                   out_channels=in_channels if out_channels is None else out_channels,
                   num_class_embeds=num_class_embeds)
+    check_impl(impl, cuda_backward)
     if model_type == "conv":
         return UNet2DModel(**kwargs)
     if match is not None:
         kwargs["block_out_channels"] = matched_widths(size, sample_size, in_channels, out_channels, num_class_embeds,
                                                       match=match, **dcnv4_options)
-    return DCNv4UNet2DModel(**kwargs, **dcnv4_options)
+    return DCNv4UNet2DModel(**kwargs, **dcnv4_options, impl=impl, cuda_backward=cuda_backward)
 
 
 def _budget(model_type: str, kwargs: dict, options: dict, match: str) -> float:
