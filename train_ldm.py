@@ -19,18 +19,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from unet_dcnv4 import config
 from unet_dcnv4.data import CorruptImageError
+from unet_dcnv4.progress import progress as progress_bar
 from unet_dcnv4.training import (
-    RANDOM_STREAMS, EpochSampler, NoiseGenerator, TrainConfig, config_to_dict, config_to_yaml, load_checkpoint, load_config,
-    parse_overrides, read_checkpoint_state, resolve_resume_checkpoint, resume_changes, save_checkpoint, unet_options,
+    RANDOM_STREAMS, EpochSampler, NoiseGenerator, TrainConfig, config_to_dict, config_to_yaml, load_checkpoint,
+    read_checkpoint_state, resolve_resume_checkpoint, resume_changes, save_checkpoint, unet_options, validate_config,
 )
 from unet_dcnv4.vae import VAELoadError
 
 # The flags with the names the diffusers training scripts use; any other key goes through --set key=value.
-NAMED_FLAGS = ("output_dir", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit",
-               "resume_from_checkpoint", "seed", "mixed_precision", "gradient_accumulation_steps")
+NAMED_FLAGS = {"output_dir": None, "max_train_steps": None, "checkpointing_steps": None,
+               "checkpoints_total_limit": None, "resume_from_checkpoint": "'latest' or a checkpoint folder",
+               "seed": None, "mixed_precision": "no, fp16 or bf16", "gradient_accumulation_steps": None}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -40,22 +42,8 @@ class NonFiniteLossError(RuntimeError):
 def parse_args(argv: list[str] | None) -> tuple[TrainConfig, bool]:
     """Resolves the config from the command line; returns (config, dry_run). Raises ValueError on bad keys/values."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="YAML file of config keys over the defaults (configs/*.yaml)")
-    parser.add_argument("--output_dir", default=None)
-    parser.add_argument("--max_train_steps", type=int, default=None)
-    parser.add_argument("--checkpointing_steps", type=int, default=None)
-    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
-    parser.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--mixed_precision", default=None, help="no, fp16 or bf16")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=None)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config key (value read as YAML); repeatable")
-    parser.add_argument("--dry_run", action="store_true", help="print the resolved config and stop")
-    args = parser.parse_args(argv)
-    overrides = parse_overrides(args.overrides)
-    overrides.update({k: getattr(args, k) for k in NAMED_FLAGS if getattr(args, k) is not None})
-    return load_config(args.config, overrides), args.dry_run
+    config.add_arguments(parser, TrainConfig, NAMED_FLAGS)
+    return config.resolve_arguments(parser.parse_args(argv), TrainConfig, NAMED_FLAGS, validate_config)
 
 
 def build_accelerator(cfg: TrainConfig):
@@ -329,7 +317,7 @@ def train(cfg: TrainConfig) -> dict:
             epoch, skip = epoch + 1, 0
 
     accelerator.init_trackers("train_ldm", config=_hparams(cfg))
-    progress = tqdm(total=cfg.max_train_steps, initial=global_step, desc="train", disable=not is_main)
+    progress = progress_bar(total=cfg.max_train_steps, initial=global_step, desc="train", disable=not is_main)
     data = batches(global_step * cfg.gradient_accumulation_steps)
     images_per_step = global_batch * cfg.gradient_accumulation_steps
     steps_this_run, timed_steps, timed_seconds, skipped_steps = 0, 0, 0.0, 0

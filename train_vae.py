@@ -1,7 +1,8 @@
 """Train a small AutoencoderKL with accelerate on the built-in photographs or an image folder.
 
 Run with no arguments for a quick CPU run on the built-in data; `accelerate launch train_vae.py ...` for
-several GPUs. Writes <output_dir>/vae (save_pretrained), reconstructions.png, metrics.json, checkpoints/.
+several GPUs. Writes <output_dir>/config.yaml, vae (save_pretrained), reconstructions.png, metrics.json,
+checkpoints/. Options: dataclass defaults, then `--config FILE`, then `--set key=value`, then the named flags.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import dataclasses
 import os
 import sys
 
+from unet_dcnv4 import config
 from unet_dcnv4.data import CorruptImageError
-from unet_dcnv4.vae import VAETrainConfig, train_vae
+from unet_dcnv4.vae import VAETrainConfig, train_vae, validate_vae_config
 
-_HELP = {
-    "output_dir": "folder for vae/, checkpoints/, reconstructions.png and metrics.json",
+# Every field is a named flag; these say what it means.
+FLAGS = {
+    "output_dir": "folder for config.yaml, vae/, checkpoints/, reconstructions.png and metrics.json",
     "data": "'builtin' (scikit-image photographs, no download) or a folder of images (searched recursively)",
     "resolution": "image side in pixels",
     "builtin_size": "number of crops of the built-in data",
@@ -38,32 +41,28 @@ _HELP = {
     "log_every": "steps between loss updates on the progress bar",
     "skip_corrupt": "skip unreadable images (listed in the log and metrics.json) instead of stopping",
 }
+assert set(FLAGS) == {f.name for f in dataclasses.fields(VAETrainConfig)}
 
 
-def parse_args(argv: list[str] | None = None) -> VAETrainConfig:
-    """Flags named after `VAETrainConfig`'s fields, same defaults."""
+def parse_args(argv: list[str] | None = None) -> tuple[VAETrainConfig, bool]:
+    """Resolves the config from the command line; returns (config, dry_run). Raises ValueError on bad keys/values."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for field in dataclasses.fields(VAETrainConfig):
-        default = field.default
-        if isinstance(default, bool):
-            # `type=bool` would read "--flag false" as True.
-            parser.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, default=default,
-                                help=_HELP[field.name])
-            continue
-        kind = type(default) if default is not None else str
-        choices = {"mixed_precision": ["no", "fp16", "bf16"], "loss": ["l1", "l2"]}.get(field.name)
-        parser.add_argument(f"--{field.name}", type=kind, default=default, choices=choices, help=_HELP[field.name])
+    config.add_arguments(parser, VAETrainConfig, FLAGS)
     args = parser.parse_args(argv)
-    if args.data != "builtin" and not os.path.isdir(args.data):
-        parser.error(f"--data must be 'builtin' or a folder of images, got {args.data!r}")
-    return VAETrainConfig(**vars(args))
+    cfg, dry_run = config.resolve_arguments(args, VAETrainConfig, FLAGS, validate_vae_config)
+    if cfg.data != "builtin" and not os.path.isdir(cfg.data):
+        parser.error(f"--data must be 'builtin' or a folder of images, got {cfg.data!r}")
+    return cfg, dry_run
 
 
 def main(argv: list[str] | None = None) -> dict:
-    config = parse_args(argv)
-    try:
-        return train_vae(config)
     # A user's mistakes (a bad option, a missing checkpoint, an unreadable image): one line, exit 2.
+    try:
+        cfg, dry_run = parse_args(argv)
+        if dry_run:
+            print(config.to_yaml(cfg), end="")
+            return {}
+        return train_vae(cfg)
     except (ValueError, FileNotFoundError, CorruptImageError) as err:
         text = " ".join(str(err).split())
         if isinstance(err, CorruptImageError):

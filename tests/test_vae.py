@@ -102,11 +102,39 @@ def test_train_vae_script_and_resume(folder, tmp_path):
     first_half = ["--max_train_steps", "2", "--checkpointing_steps", "2"]
     train_vae.main(TINY + ["--data", folder, "--output_dir", resumed] + first_half)
     assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["checkpoint-2"]
+    # Saved like train_ldm's checkpoints: complete only with its state file, the resolved config inside, and an
+    # unfinished save (a `.tmp` folder, here one whose weights are missing) is never resumed from.
+    saved = os.path.join(resumed, "checkpoints", "checkpoint-2")
+    assert json.load(open(os.path.join(saved, "training_state.json"))) == {"step": 2}
+    assert "max_train_steps: 2" in open(os.path.join(saved, "config.yaml")).read()
+    assert "max_train_steps: 2" in open(os.path.join(resumed, "config.yaml")).read()
+    unfinished = os.path.join(resumed, "checkpoints", "checkpoint-3.tmp")
+    shutil.copytree(saved, unfinished)
+    os.remove(os.path.join(unfinished, "model.safetensors"))
     second_half = ["--max_train_steps", "4", "--resume_from_checkpoint", "latest"]
     train_vae.main(TINY + ["--data", folder, "--output_dir", resumed] + second_half)
     a, b = _weights(straight), _weights(resumed)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_train_vae_config_file_overrides_and_dry_run(tmp_path, capsys):
+    (tmp_path / "vae.yaml").write_text("resolution: 16\nloss: l2\n")
+    out = str(tmp_path / "out")
+    argv = ["--config", str(tmp_path / "vae.yaml"), "--set", "seed=3", "--set", "loss=l1", "--batch_size", "2",
+            "--output_dir", out, "--dry_run"]
+    assert train_vae.main(argv) == {}
+    printed = capsys.readouterr().out
+    assert all(line in printed.splitlines() for line in ("resolution: 16", "loss: l1", "seed: 3", "batch_size: 2"))
+    assert not os.path.exists(out)
+    for argv, needle in [(["--set", "nope=1"], "unknown config key 'nope'"),
+                         (["--set", "loss=l3"], "config key 'loss' must be one of l1, l2, got 'l3'"),
+                         (["--mixed_precision", "fp8"], "config key 'mixed_precision' must be one of"),
+                         (["--max_train_steps", "0"], "config key 'max_train_steps' must be >= 1, got 0")]:
+        with pytest.raises(SystemExit) as exit_info:
+            train_vae.main(argv + ["--output_dir", out, "--dry_run"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and needle in err[0], err
 
 
 def test_train_vae_cli_errors(tmp_path, capsys):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +24,10 @@ MODEL_KEYS = ("model_type", "model_size", "dcnv4_options", "recompute_value")
 EXPERIMENT_EXCLUDED = MODEL_KEYS + (
     "seed", "output_dir", "resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit",
     "log_every_steps", "latent_cache_dir", "encode_batch_size", "dataloader_num_workers", "allow_tf32",
-    "channels_last", "torch_compile", "dcnv4_impl", "dcnv4_cuda_backward", "sample_every_steps", "num_samples", "sample_inference_steps",
-    "sample_scheduler", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "data_source", "vae",
-    "vae_subfolder", "allow_resume_changes",
+    "channels_last", "torch_compile", "dcnv4_impl", "dcnv4_cuda_backward", "sample_every_steps", "num_samples",
+    "sample_inference_steps", "sample_scheduler", "train_batch_size", "gradient_accumulation_steps",
+    "max_train_steps", "data_source", "vae", "vae_subfolder", "allow_resume_changes",
 )
-CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
 
 
 def _file_digest(path: Path) -> str:
@@ -57,6 +55,7 @@ def read_run(run_dir: str | os.PathLike) -> dict:
     Args:
         run_dir: an --output_dir of train_ldm.py (config.yaml, train_stats.json, pipeline/, checkpoints/).
     """
+    from .checkpoints import STATE_FILE, list_checkpoints
     from .training import load_config
 
     run = Path(run_dir)
@@ -67,18 +66,15 @@ def read_run(run_dir: str | os.PathLike) -> dict:
     cfg = load_config(run / "config.yaml")
     stats = json.loads((run / "train_stats.json").read_text())
     checkpoints = []
-    for path in (run / "checkpoints").glob("checkpoint-*"):
-        match = CHECKPOINT_PATTERN.fullmatch(path.name)
-        if match and (path / "training_state.json").is_file():
-            state = json.loads((path / "training_state.json").read_text())
-            checkpoints.append({"step": int(match.group(1)), "path": str(path),
-                                "train_seconds": state.get("train_seconds")})
+    for step, path in list_checkpoints(run / "checkpoints"):
+        state = json.loads((path / STATE_FILE).read_text())
+        checkpoints.append({"step": step, "path": str(path), "train_seconds": state.get("train_seconds")})
     return {
         "dir": str(run),
         "config": cfg,
         "train_stats": stats,
         "pipeline": str(run / "pipeline"),
-        "checkpoints": sorted(checkpoints, key=lambda c: c["step"]),
+        "checkpoints": checkpoints,
         "identity": experiment_identity(run, cfg, stats),
     }
 

@@ -22,7 +22,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
-from tqdm.auto import tqdm
+
+from ._checks import positive_int
+from .progress import progress
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -38,6 +40,7 @@ __all__ = [
     "module_fingerprint",
     "read_image",
     "sample_latents",
+    "latent_scaling_factor",
     "to_rgb",
 ]
 
@@ -112,8 +115,7 @@ class _ImageDataset(Dataset, abc.ABC):
     kind = "base"
 
     def __init__(self, resolution: int, center_crop: bool, random_crop: bool, hflip: bool):
-        if not isinstance(resolution, int) or resolution <= 0:
-            raise ValueError(f"resolution must be a positive int, got {resolution!r}")
+        positive_int("resolution", resolution)
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_crop = random_crop
@@ -264,8 +266,7 @@ class BuiltinImageDataset(_ImageDataset):
 
     def __init__(self, resolution: int = 64, size: int = 1024, seed: int = 0, hflip: bool = False):
         super().__init__(resolution, center_crop=True, random_crop=False, hflip=hflip)
-        if not isinstance(size, int) or size <= 0:
-            raise ValueError(f"builtin_size must be a positive int, got {size!r}")
+        positive_int("builtin_size", size)
         self.size = size
         self.seed = seed
         rng = np.random.default_rng(seed)
@@ -530,7 +531,7 @@ def _encode_share(dataset, vae, indices, flips, batch_size, num_workers, shard_s
             v.clear()
 
     with torch.no_grad():
-        for images, labels in tqdm(loader, desc=f"encoding latents (rank {rank})", disable=not show):
+        for images, labels in progress(loader, desc=f"encoding latents (rank {rank})", disable=not show):
             if images.ndim != 4 or images.shape[1] != 3:
                 raise ValueError(f"dataset images must be (3, H, W), got a batch of shape {tuple(images.shape)}")
             x = images.to(device=device, dtype=dtype)
@@ -668,9 +669,7 @@ def build_latent_cache(
             factor, shift = _config_scale(vae)
             source = "config"
         elif scaling_factor is None or scaling_factor == "config":
-            mean = total[0] / total[2]
-            var = total[1] / total[2] - mean**2
-            factor, shift, source = 1.0 / math.sqrt(max(var, 1e-12)), 0.0, "measured"
+            factor, shift, source = latent_scaling_factor(*total), 0.0, "measured"
         else:
             factor, shift, source = float(scaling_factor), 0.0, "given"
 
@@ -739,6 +738,19 @@ class LatentDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {"mean": self.mean[i], "std": self.std[i], "class_labels": int(self.labels[i])}
+
+
+def latent_scaling_factor(sum_mean: float, sum_second_moment: float, count: float) -> float:
+    """1 / std of latents sampled from diagonal Gaussian posteriors N(m, s^2), from sums over every element:
+    the sampled latents' variance is E[m^2 + s^2] - E[m]^2.
+
+    Args:
+        sum_mean: the sum of the posterior means m.
+        sum_second_moment: the sum of m^2 + s^2.
+        count: the number of elements summed.
+    """
+    var = sum_second_moment / count - (sum_mean / count) ** 2
+    return 1.0 / math.sqrt(max(var, 1e-12))
 
 
 def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ._checks import positive_int
 from .data import IMAGE_EXTENSIONS, CorruptImageError, list_image_files, read_image, to_rgb
 
 TORCH_FIDELITY_EXTRACTOR = "inception-v3-compat"
@@ -428,8 +429,8 @@ def compute_fid_kid(
         {"fid", "kid_mean", "kid_std", "num_samples", "num_reference", "resolution", "inception_weights",
         "reference_cache_name", "skipped"} (plus the features when asked).
     """
-    if num_reference is not None and num_reference < 1:
-        raise ValueError(f"num_reference must be at least 1, got {num_reference}")
+    if num_reference is not None:
+        positive_int("num_reference", num_reference)
     if resolution is not None and resolution < 16:
         raise ValueError(f"resolution must be at least 16, got {resolution}")
     if isinstance(samples, os.PathLike):

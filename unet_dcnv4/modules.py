@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from ._checks import positive_int
 from .ops import check_impl, dcnv4
 from .ops.reference import output_size, pair
 
@@ -43,13 +44,11 @@ def resolve_groups(channels: int, groups: int | None, group_channels: int | None
 
     Raises ValueError when the channels do not split evenly or the two arguments disagree.
     """
-    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-        raise ValueError(f"channels must be a positive int, got {channels!r}")
+    positive_int("channels", channels)
     if groups is None and group_channels is None:
         group_channels = 16
     if group_channels is not None:
-        if isinstance(group_channels, bool) or not isinstance(group_channels, int) or group_channels < 1:
-            raise ValueError(f"group_channels must be a positive int, got {group_channels!r}")
+        positive_int("group_channels", group_channels)
         if channels % group_channels:
             raise ValueError(f"channels ({channels}) must be divisible by group_channels ({group_channels}); "
                              f"allowed group_channels for {channels} channels: "
@@ -59,8 +58,7 @@ def resolve_groups(channels: int, groups: int | None, group_channels: int | None
             raise ValueError(f"groups ({groups}) and group_channels ({group_channels}) disagree: "
                              f"groups * group_channels must equal channels ({channels})")
         return resolved
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    positive_int("groups", groups)
     if channels % groups:
         raise ValueError(f"channels ({channels}) must be divisible by groups ({groups})")
     return groups
@@ -118,9 +116,8 @@ class DCNv4(nn.Module):
         self.group_channels = channels // self.group
         self.in_channels = channels if in_channels is None else in_channels
         self.out_channels = channels if out_channels is None else out_channels
-        for name, v in (("in_channels", self.in_channels), ("out_channels", self.out_channels)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        positive_int("in_channels", self.in_channels)
+        positive_int("out_channels", self.out_channels)
         self.kernel_size = pair(kernel_size, "kernel_size")
         self.stride = pair(stride, "stride")
         self.padding = pair(padding, "padding")
@@ -279,9 +276,8 @@ class DCNv4Conv2d(DCNv4):
         impl: str = "auto",
         cuda_backward: str = "atomic",
     ):
-        for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        positive_int("in_channels", in_channels)
+        positive_int("out_channels", out_channels)
         if channels is None:
             fits = isinstance(group_channels, int) and group_channels > 0 and out_channels % group_channels == 0
             channels = out_channels if fits else in_channels

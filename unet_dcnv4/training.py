@@ -1,6 +1,7 @@
-"""Training configuration and the reusable parts of `train_ldm.py`: the config dataclass and its YAML/CLI
-loading, the run's seeded random streams (data order, noise) that resume exactly, atomic checkpoints and the
-checks that a resume continues the same run, and a pipeline from a checkpoint.
+"""Training configuration and the reusable parts of `train_ldm.py`: the config dataclass and its validation (loaded
+with the toolkit of `config.py`), the run's seeded random streams (data order, noise) that resume exactly,
+checkpoints (`checkpoints.py`) with the config inside and the checks that a resume continues the same run, and a
+pipeline from a checkpoint.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
+
+from . import checkpoints, config
 
 __all__ = [
     "TrainConfig", "load_config", "validate_config", "config_to_dict", "config_to_yaml", "parse_overrides",
@@ -29,16 +31,17 @@ __all__ = [
     "RANDOM_STREAMS", "FAULT_ENV", "FAULT_POINTS",
 ]
 
-CHECKPOINT_PREFIX = "checkpoint-"
-CHECKPOINT_STATE_FILE = "training_state.json"
-CHECKPOINT_CONFIG_FILE = "config.yaml"
+CHECKPOINT_STATE_FILE = checkpoints.STATE_FILE
+CHECKPOINT_CONFIG_FILE = config.CONFIG_FILE
+# One home each: the config toolkit and the checkpoint toolkit shared with train_vae.
+config_to_dict, config_to_yaml, parse_overrides = config.to_dict, config.to_yaml, config.parse_overrides
+CHECKPOINT_PREFIX, FAULT_ENV, FAULT_POINTS = checkpoints.CHECKPOINT_PREFIX, checkpoints.FAULT_ENV, checkpoints.FAULT_POINTS
+list_checkpoints, latest_checkpoint = checkpoints.list_checkpoints, checkpoints.latest_checkpoint
+resolve_resume_checkpoint, prune_checkpoints = checkpoints.resolve_resume_checkpoint, checkpoints.prune_checkpoints
 
-MODEL_TYPES = ("dcnv4", "conv")
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-SAMPLE_SCHEDULERS = ("ddim", "dpmsolver++", "euler")
 # Fields that change the model or its checkpointed state: a resumed run must keep them.
 ARCHITECTURE_KEYS = ("model_type", "model_size", "dcnv4_options", "class_conditional",
                      "use_ema", "data_source", "resolution", "vae", "vae_subfolder")
@@ -52,10 +55,6 @@ EXACT_RESUME_KEYS = ("seed", "flips", "skip_corrupt", "train_batch_size", "gradi
 # The version of the way a run derives its data order and noise from its seed, recorded in every checkpoint:
 # checkpoints without it come from `seed + epoch` orders, which a resume cannot continue exactly.
 RANDOM_STREAMS = 1
-# Test hook: the environment variable and the points of `save_checkpoint` where it kills the process.
-FAULT_ENV = "UNET_DCNV4_FAULT_AT"
-FAULT_POINTS = ("after_save_state", "after_config", "after_state_file", "between_renames", "after_rename",
-                "while_deleting")
 
 
 @dataclass
@@ -131,71 +130,29 @@ class TrainConfig:
     sample_scheduler: str = "ddim"
 
 
-def _field_types() -> dict[str, tuple[type, ...]]:
-    """The accepted Python types of every field, from the dataclass annotations."""
-    hints = typing.get_type_hints(TrainConfig)
-    out = {}
-    for f in dataclasses.fields(TrainConfig):
-        hint = hints[f.name]
-        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-            out[f.name] = tuple(typing.get_args(hint))
-        else:
-            out[f.name] = (typing.get_origin(hint) or hint,)
-    return out
-
-
-def _coerce(key: str, value, accepted: tuple[type, ...]):
-    """Returns value as one of the accepted types or raises a ValueError naming the key."""
-    if value is None and type(None) in accepted:
-        return None
-    if isinstance(value, bool):
-        if bool in accepted:
-            return value
-    elif float in accepted and isinstance(value, (int, float)):
-        return float(value)
-    elif isinstance(value, accepted):
-        return value
-    names = " or ".join("null" if t is type(None) else t.__name__ for t in accepted)
-    raise ValueError(f"config key '{key}' must be {names}, got {value!r}")
-
-
 def validate_config(cfg: TrainConfig) -> None:
     """Checks the types and ranges of every field; raises ValueError naming the key, the value and what was expected."""
+    from pipelines import SAMPLERS
 
-    def choice(key, options):
-        value = getattr(cfg, key)
-        if value not in options:
-            raise ValueError(f"config key '{key}' must be one of {', '.join(options)}, got {value!r}")
+    from .ops import CUDA_BACKWARDS, IMPLS
+    from .sampling import PRECISIONS
+    from .unet import DCNV4_OPTIONS, MODEL_TYPES, UNET_SIZES
 
-    def at_least(key, low):
-        value = getattr(cfg, key)
-        if value is not None and value < low:
-            raise ValueError(f"config key '{key}' must be >= {low}, got {value!r}")
-
-    for key, accepted in _field_types().items():
-        setattr(cfg, key, _coerce(key, getattr(cfg, key), accepted))
-    choice("model_type", MODEL_TYPES)
-    from .unet import DCNV4_OPTIONS, UNET_SIZES
-
-    choice("model_size", tuple(UNET_SIZES))
+    config.coerce_fields(cfg)
+    for key, options in (("model_type", MODEL_TYPES), ("model_size", UNET_SIZES), ("mixed_precision", PRECISIONS),
+                         ("dcnv4_impl", IMPLS), ("dcnv4_cuda_backward", CUDA_BACKWARDS),
+                         ("prediction_type", PREDICTION_TYPES), ("beta_schedule", BETA_SCHEDULES),
+                         ("lr_scheduler", LR_SCHEDULERS), ("sample_scheduler", SAMPLERS)):
+        config.choice(cfg, key, options)
     unknown = sorted(set(cfg.dcnv4_options) - set(DCNV4_OPTIONS))
     if unknown:
         raise ValueError(f"config key 'dcnv4_options' has unknown keys {unknown}; valid: {', '.join(DCNV4_OPTIONS)}")
-    choice("mixed_precision", MIXED_PRECISIONS)
-    from .ops import CUDA_BACKWARDS, IMPLS
-
-    choice("dcnv4_impl", IMPLS)
-    choice("dcnv4_cuda_backward", CUDA_BACKWARDS)
-    choice("prediction_type", PREDICTION_TYPES)
-    choice("beta_schedule", BETA_SCHEDULES)
-    choice("lr_scheduler", LR_SCHEDULERS)
-    choice("sample_scheduler", SAMPLE_SCHEDULERS)
     for key in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "log_every_steps", "resolution",
                 "num_train_timesteps", "train_batch_size", "gradient_accumulation_steps", "num_samples",
                 "sample_inference_steps", "encode_batch_size"):
-        at_least(key, 1)
+        config.at_least(cfg, key, 1)
     for key in ("seed", "lr_warmup_steps", "sample_every_steps", "dataloader_num_workers", "adam_weight_decay"):
-        at_least(key, 0)
+        config.at_least(cfg, key, 0)
     for key in ("learning_rate", "max_grad_norm", "adam_epsilon", "ema_inv_gamma", "ema_power"):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"config key '{key}' must be > 0, got {getattr(cfg, key)!r}")
@@ -209,34 +166,8 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ValueError("config key 'output_dir' must be a non-empty path, got ''")
 
 
-def _apply(cfg: TrainConfig, values: dict, origin: str) -> None:
-    valid = [f.name for f in dataclasses.fields(TrainConfig)]
-    for key, value in values.items():
-        if key not in valid:
-            raise ValueError(f"unknown config key '{key}' in {origin}; valid keys: {', '.join(valid)}")
-        setattr(cfg, key, value)
-
-
-def parse_overrides(items: typing.Iterable[str]) -> dict:
-    """Parses ["key=value", ...] into a dict; each value is read as YAML (numbers, booleans, null, lists, dicts).
-
-    Args:
-        items: strings of the form "key=value".
-    """
-    out = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"override must look like key=value, got {item!r}")
-        try:
-            out[key.strip()] = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as err:
-            raise ValueError(f"override {item!r} has a value that is not valid YAML: {err.problem}") from err
-    return out
-
-
 def load_config(path: str | os.PathLike | None = None, overrides: dict | typing.Iterable[str] = ()) -> TrainConfig:
-    """Resolves a TrainConfig: dataclass defaults, then the YAML file, then the overrides.
+    """Resolves a TrainConfig: dataclass defaults, then the YAML file, then the overrides (`config.resolve`).
 
     Args:
         path: a YAML file holding a mapping of config keys (a small diff over the defaults), or None.
@@ -246,158 +177,27 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | typing.
         The validated TrainConfig. Raises ValueError for unknown keys or invalid values, FileNotFoundError for a
         missing file.
     """
-    cfg = TrainConfig()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"config file {str(path)!r} is not valid YAML: {err}") from err
-        if not isinstance(values, dict):
-            raise ValueError(f"config file {str(path)!r} must hold a mapping of keys, got {type(values).__name__}")
-        _apply(cfg, values, str(path))
-    if not isinstance(overrides, dict):
-        overrides = parse_overrides(overrides)
-    _apply(cfg, overrides, "the overrides")
-    validate_config(cfg)
-    return cfg
-
-
-def config_to_dict(cfg: TrainConfig) -> dict:
-    """The config as a plain dict (YAML/JSON-serialisable)."""
-    return dataclasses.asdict(cfg)
-
-
-def config_to_yaml(cfg: TrainConfig) -> str:
-    """The config as YAML text, keys in declaration order."""
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-def list_checkpoints(checkpoints_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints in a folder as (step, path), oldest first; unfinished `.tmp` folders are skipped.
-
-    A `checkpoint-<step>.old` folder counts for its step when `checkpoint-<step>` is missing: a save of the same
-    step killed between its two renames leaves the previous checkpoint there (see `save_checkpoint`).
-    """
-    root = Path(checkpoints_dir)
-    if not root.is_dir():
-        return []
-    found = {}
-    for entry in root.iterdir():
-        match = re.fullmatch(re.escape(CHECKPOINT_PREFIX) + r"(\d+)(\.old)?", entry.name)
-        if match and entry.is_dir() and (entry / CHECKPOINT_STATE_FILE).is_file():
-            step = int(match.group(1))
-            if match.group(2) is None or step not in found:
-                found[step] = entry
-    return sorted(found.items())
-
-
-def latest_checkpoint(checkpoints_dir: str | os.PathLike) -> Path | None:
-    """The complete checkpoint with the highest step, or None."""
-    found = list_checkpoints(checkpoints_dir)
-    return found[-1][1] if found else None
-
-
-def resolve_resume_checkpoint(value: str | None, checkpoints_dir: str | os.PathLike) -> Path | None:
-    """Maps `resume_from_checkpoint` to a checkpoint folder.
-
-    Args:
-        value: None (start fresh), "latest" (the newest complete checkpoint, None when there is none) or a path.
-        checkpoints_dir: the run's checkpoints folder, searched for "latest".
-    """
-    if value is None:
-        return None
-    if value == "latest":
-        return latest_checkpoint(checkpoints_dir)
-    path = Path(value)
-    if not (path / CHECKPOINT_STATE_FILE).is_file():
-        raise ValueError(f"resume_from_checkpoint {value!r} is not a complete checkpoint folder "
-                         f"(expected 'latest' or a folder holding {CHECKPOINT_STATE_FILE})")
-    return path
-
-
-def _fault_point(name: str) -> None:
-    """Kills this process at `name` when the environment variable FAULT_ENV says so: a test hook showing that a
-    kill anywhere in `save_checkpoint` loses nothing."""
-    assert name in FAULT_POINTS
-    if os.environ.get(FAULT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _delete_checkpoint(path: Path) -> None:
-    # The state file goes first: a deletion killed half-way leaves a folder that list_checkpoints no longer counts.
-    (path / CHECKPOINT_STATE_FILE).unlink(missing_ok=True)
-    _fault_point("while_deleting")
-    shutil.rmtree(path)
-
-
-def prune_checkpoints(checkpoints_dir: str | os.PathLike, total_limit: int | None) -> list[Path]:
-    """Deletes the oldest complete checkpoints so that at most `total_limit` remain; returns the deleted ones."""
-    if total_limit is None:
-        return []
-    found = list_checkpoints(checkpoints_dir)
-    doomed = [path for _, path in found[:max(0, len(found) - total_limit)]]
-    for path in doomed:
-        _delete_checkpoint(path)
-    return doomed
+    return config.resolve(TrainConfig, path, overrides, validate_config)
 
 
 def save_checkpoint(accelerator, checkpoints_dir: str | os.PathLike, step: int, cfg: TrainConfig, state: dict,
                     total_limit: int | None = None) -> Path:
-    """Saves the accelerator state atomically to `<checkpoints_dir>/checkpoint-<step>`; call on every process.
-
-    Everything is written to `checkpoint-<step>.tmp` first and renamed once complete, so an interrupted save
-    never leaves a folder that `latest_checkpoint` would pick. After a successful save the oldest complete
-    checkpoints beyond `total_limit` are deleted. A kill at any point leaves the newest complete checkpoint
-    findable by `list_checkpoints` (the `FAULT_POINTS` are where the tests kill it).
+    """`checkpoints.save_checkpoint` with the resolved config stored as config.yaml in the checkpoint; call on
+    every process.
 
     Args:
         accelerator: the run's `accelerate.Accelerator` (models, optimizer and custom objects registered).
         checkpoints_dir: the run's checkpoints folder.
         step: the optimizer step the state belongs to.
-        cfg: the resolved config, stored as config.yaml in the checkpoint.
+        cfg: the resolved config.
         state: JSON-serialisable facts the run needs to resume or rebuild its pipeline (step, VAE, latents).
         total_limit: how many complete checkpoints to keep, None for all.
 
     Returns:
         The final checkpoint folder.
     """
-    root = Path(checkpoints_dir)
-    final = root / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = root / f"{CHECKPOINT_PREFIX}{step}.tmp"
-    old = root / f"{CHECKPOINT_PREFIX}{step}.old"
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        # Left over from a save that was interrupted; its content is unusable.
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _fault_point("after_save_state")
-        (tmp / CHECKPOINT_CONFIG_FILE).write_text(config_to_yaml(cfg))
-        _fault_point("after_config")
-        # Written last: list_checkpoints only counts folders that hold it.
-        (tmp / CHECKPOINT_STATE_FILE).write_text(json.dumps(state, indent=2))
-        _fault_point("after_state_file")
-        # A checkpoint of the same step (saved again after a resume) is moved aside, not deleted, until the
-        # new one is in place: killed between the two renames, list_checkpoints finds the `.old` one.
-        if final.exists():
-            if old.exists():
-                _delete_checkpoint(old)
-            os.replace(final, old)
-            _fault_point("between_renames")
-        os.replace(tmp, final)
-        _fault_point("after_rename")
-        if old.exists():
-            _delete_checkpoint(old)
-        prune_checkpoints(root, total_limit)
-    accelerator.wait_for_everyone()
-    return final
+    return checkpoints.save_checkpoint(accelerator, checkpoints_dir, step, state,
+                                       {CHECKPOINT_CONFIG_FILE: config_to_yaml(cfg)}, total_limit)
 
 
 def read_checkpoint_state(checkpoint_dir: str | os.PathLike) -> tuple[TrainConfig, dict]:
@@ -407,11 +207,7 @@ def read_checkpoint_state(checkpoint_dir: str | os.PathLike) -> tuple[TrainConfi
     if not state_file.is_file():
         raise ValueError(f"checkpoint_dir {str(checkpoint_dir)!r} is not a complete checkpoint "
                          f"(no {CHECKPOINT_STATE_FILE})")
-    values = yaml.safe_load((checkpoint_dir / CHECKPOINT_CONFIG_FILE).read_text()) or {}
-    cfg = TrainConfig()
-    _apply(cfg, values, str(checkpoint_dir / CHECKPOINT_CONFIG_FILE))
-    validate_config(cfg)
-    return cfg, json.loads(state_file.read_text())
+    return load_config(checkpoint_dir / CHECKPOINT_CONFIG_FILE), json.loads(state_file.read_text())
 
 
 def resume_changes(old_cfg: TrainConfig, cfg: TrainConfig, old_state: dict, num_processes: int) -> dict:

@@ -24,6 +24,7 @@ from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ._checks import positive_int
 from .modules import DCNv4, DCNv4Conv2d
 from .ops import check_impl
 
@@ -77,8 +78,7 @@ def _check_replace(replace) -> tuple[str, ...]:
 
 
 def _check_group_channels(group_channels, block_out_channels) -> None:
-    if isinstance(group_channels, bool) or not isinstance(group_channels, int) or group_channels < 1:
-        raise ValueError(f"group_channels must be a positive int, got {group_channels!r}")
+    positive_int("group_channels", group_channels)
     widths = tuple(block_out_channels)
     if any(w % group_channels for w in widths):
         common = [d for d in range(1, min(widths) + 1) if all(w % d == 0 for w in widths)]

@@ -7,12 +7,10 @@ built-in photographs and caches the result, giving the embedded default a VAE wi
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -23,12 +21,16 @@ from dataclasses import dataclass
 import torch
 from diffusers import AutoencoderKL
 
+from . import checkpoints, config
+from ._checks import positive_int
 from .training import derive_seed
 
 __all__ = [
     "BUILTIN_VAE_CONFIG",
     "VAELoadError",
     "VAETrainConfig",
+    "LOSSES",
+    "validate_vae_config",
     "build_small_vae",
     "builtin_vae",
     "default_cache_root",
@@ -126,8 +128,7 @@ def small_vae_config(
         raise ValueError(f"downsample_factor must be a power of two >= 1, got {downsample_factor!r}")
     if not isinstance(base_channels, int) or base_channels < 8 or base_channels % 8:
         raise ValueError(f"base_channels must be a positive multiple of 8, got {base_channels!r}")
-    if not isinstance(latent_channels, int) or latent_channels < 1:
-        raise ValueError(f"latent_channels must be a positive int, got {latent_channels!r}")
+    positive_int("latent_channels", latent_channels)
     blocks = int(math.log2(downsample_factor)) + 1
     channels = tuple(base_channels * min(2**i, 4) for i in range(blocks))
     return {
@@ -175,6 +176,25 @@ class VAETrainConfig:
     layers_per_block: int = 1
     log_every: int = 50
     skip_corrupt: bool = False
+
+
+LOSSES = ("l1", "l2")
+
+
+def validate_vae_config(cfg: VAETrainConfig) -> None:
+    """Checks the types and ranges of every field; raises ValueError naming the key, the value and what was expected."""
+    from .sampling import PRECISIONS
+
+    config.coerce_fields(cfg)
+    config.choice(cfg, "loss", LOSSES)
+    config.choice(cfg, "mixed_precision", PRECISIONS)
+    for key in ("resolution", "builtin_size", "batch_size", "max_train_steps", "downsample_factor", "latent_channels",
+                "base_channels", "layers_per_block", "log_every"):
+        config.at_least(cfg, key, 1)
+    for key in ("num_holdout", "lr_warmup_steps", "checkpointing_steps", "seed", "kl_weight", "max_grad_norm"):
+        config.at_least(cfg, key, 0)
+    if cfg.learning_rate <= 0:
+        raise ValueError(f"config key 'learning_rate' must be > 0, got {cfg.learning_rate!r}")
 
 
 class _Progress:
@@ -229,6 +249,8 @@ def _psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def measure_scaling_factor(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 64) -> float:
     """1 / std of the sampled latents of `images` (B, 3, H, W) in [-1, 1], from the posterior moments."""
+    from .data import latent_scaling_factor
+
     device = next(vae.parameters()).device
     s1 = s2 = count = 0.0
     with torch.no_grad():
@@ -238,25 +260,16 @@ def measure_scaling_factor(vae: AutoencoderKL, images: torch.Tensor, batch_size:
             s1 += m.sum().item()
             s2 += (m**2 + s**2).sum().item()
             count += m.numel()
-    var = s2 / count - (s1 / count) ** 2
-    return 1.0 / math.sqrt(max(var, 1e-12))
+    return latent_scaling_factor(s1, s2, count)
 
 
-def _latest_checkpoint(output_dir: str) -> str | None:
-    found = []
-    for path in glob.glob(os.path.join(output_dir, "checkpoints", "checkpoint-*")):
-        match = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(path))
-        if match and os.path.isdir(path):
-            found.append((int(match.group(1)), path))
-    return max(found)[1] if found else None
+def train_vae(cfg: VAETrainConfig) -> dict:
+    """Train a small `AutoencoderKL` with accelerate; writes into `cfg.output_dir`.
 
-
-def train_vae(config: VAETrainConfig) -> dict:
-    """Train a small `AutoencoderKL` with accelerate; writes into `config.output_dir`.
-
-    Writes `vae/` (save_pretrained, with the measured `scaling_factor` in its config),
-    `checkpoints/checkpoint-<step>/` (accelerate state, written to a temporary folder then renamed),
-    `reconstructions.png` (held-out images over their reconstructions) and `metrics.json`.
+    Writes `config.yaml` (the resolved config), `vae/` (save_pretrained, with the measured `scaling_factor` in its
+    config), `checkpoints/checkpoint-<step>/` (accelerate state, saved by `checkpoints.save_checkpoint`: a kill at
+    any point leaves the newest complete checkpoint), `reconstructions.png` (held-out images over their
+    reconstructions) and `metrics.json`.
 
     Returns:
         The metrics: held-out reconstruction PSNR (dB, from the posterior mean), scaling factor,
@@ -266,38 +279,37 @@ def train_vae(config: VAETrainConfig) -> dict:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
     from torchvision.utils import save_image
-    from tqdm.auto import tqdm
 
     from .data import build_image_dataset
+    from .progress import progress as progress_bar
 
-    if config.loss not in ("l1", "l2"):
-        raise ValueError(f"loss must be 'l1' or 'l2', got {config.loss!r}")
-    for name in ("max_train_steps", "batch_size", "resolution"):
-        if getattr(config, name) <= 0:
-            raise ValueError(f"{name} must be positive, got {getattr(config, name)!r}")
+    validate_vae_config(cfg)
     start_time = time.time()
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, project_dir=config.output_dir)
-    set_seed(config.seed)
-    dataset = build_image_dataset(config.data, resolution=config.resolution, builtin_size=config.builtin_size,
-                                  skip_corrupt=config.skip_corrupt)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, project_dir=cfg.output_dir)
+    accelerator.print(config.to_yaml(cfg), end="")
+    if accelerator.is_main_process:
+        config.save_config(cfg, cfg.output_dir)
+    set_seed(cfg.seed)
+    dataset = build_image_dataset(cfg.data, resolution=cfg.resolution, builtin_size=cfg.builtin_size,
+                                  skip_corrupt=cfg.skip_corrupt)
     skipped = list(getattr(dataset, "skipped", []))
     if skipped:
         accelerator.print(f"skip_corrupt: skipped {len(skipped)} unreadable image(s): {', '.join(skipped)}")
     n = len(dataset)
-    holdout = min(config.num_holdout, n // 10)
+    holdout = min(cfg.num_holdout, n // 10)
     if n - holdout < 1 or holdout < 1:
-        raise ValueError(f"data must hold at least 10 images to hold some out, got {n} in {config.data!r}")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(config.seed, "holdout"))).tolist()
+        raise ValueError(f"data must hold at least 10 images to hold some out, got {n} in {cfg.data!r}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "holdout"))).tolist()
     train_ids, holdout_ids = order[holdout:], order[:holdout]
 
     vae = build_small_vae(
-        resolution=config.resolution, downsample_factor=config.downsample_factor,
-        latent_channels=config.latent_channels, base_channels=config.base_channels,
-        layers_per_block=config.layers_per_block,
+        resolution=cfg.resolution, downsample_factor=cfg.downsample_factor,
+        latent_channels=cfg.latent_channels, base_channels=cfg.base_channels,
+        layers_per_block=cfg.layers_per_block,
     )
     model = _VAEWithPosterior(vae)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
-    scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.lr_warmup_steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.lr_warmup_steps)
     # Not prepared: accelerate steps a prepared scheduler once per process per step (it assumes a data loader
     # sharded into fewer steps), which would warm up N times too fast on N processes. Every process reads its
     # share of each global batch here, so the scheduler steps once per optimisation step.
@@ -305,48 +317,46 @@ def train_vae(config: VAETrainConfig) -> dict:
     progress = _Progress()
     accelerator.register_for_checkpointing(scheduler, progress)
 
-    resume = config.resume_from_checkpoint
-    if resume == "latest":
-        resume = _latest_checkpoint(config.output_dir)
-        if resume is None:
-            accelerator.print(f"no checkpoint under {config.output_dir}/checkpoints; starting from scratch")
-    if resume:
-        if not os.path.isdir(resume):
-            raise ValueError(f"resume_from_checkpoint must be 'latest' or a checkpoint folder, got {resume!r}")
-        accelerator.load_state(resume)
+    checkpoints_dir = os.path.join(cfg.output_dir, "checkpoints")
+    resume = checkpoints.resolve_resume_checkpoint(cfg.resume_from_checkpoint, checkpoints_dir)
+    if resume is None and cfg.resume_from_checkpoint == "latest":
+        accelerator.print(f"no checkpoint under {checkpoints_dir}; starting from scratch")
+    if resume is not None:
+        accelerator.load_state(str(resume))
         accelerator.print(f"resumed from {resume} at step {progress.step}")
 
     world, rank = accelerator.num_processes, accelerator.process_index
-    global_batch = config.batch_size * world
-    pixels = 3 * config.resolution**2
-    bar = tqdm(total=config.max_train_steps, initial=progress.step, desc="train_vae",
-               disable=not accelerator.is_local_main_process)
+    global_batch = cfg.batch_size * world
+    pixels = 3 * cfg.resolution**2
+    bar = progress_bar(total=cfg.max_train_steps, initial=progress.step, desc="train_vae",
+                       disable=not accelerator.is_local_main_process)
     model.train()
-    while progress.step < config.max_train_steps:
+    while progress.step < cfg.max_train_steps:
         step = progress.step
-        ids = _batch_indices(config.seed, len(train_ids), step, global_batch)
-        ids = ids[rank * config.batch_size : (rank + 1) * config.batch_size]
+        ids = _batch_indices(cfg.seed, len(train_ids), step, global_batch)
+        ids = ids[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
         x = torch.stack([dataset[train_ids[i]][0] for i in ids])  # (B, 3, R, R)
-        flip = torch.rand(len(ids), generator=_step_generator(config.seed, "flip", step, rank)) < 0.5
+        flip = torch.rand(len(ids), generator=_step_generator(cfg.seed, "flip", step, rank)) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x).to(accelerator.device)
         with accelerator.autocast():
-            recon, kl = model(x, _step_generator(config.seed, "posterior", step, rank))
+            recon, kl = model(x, _step_generator(cfg.seed, "posterior", step, rank))
         recon = recon.float()
-        rec = (recon - x).abs().mean() if config.loss == "l1" else (recon - x).pow(2).mean()
+        rec = (recon - x).abs().mean() if cfg.loss == "l1" else (recon - x).pow(2).mean()
         # KL summed over the latent, per image pixel: the weighting of the latent-diffusion VAEs.
-        loss = rec + config.kl_weight * kl.float().mean() / pixels
+        loss = rec + cfg.kl_weight * kl.float().mean() / pixels
         accelerator.backward(loss)
-        if config.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        if cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         progress.step += 1
         bar.update(1)
-        if progress.step % config.log_every == 0 or progress.step == config.max_train_steps:
+        if progress.step % cfg.log_every == 0 or progress.step == cfg.max_train_steps:
             bar.set_postfix(loss=f"{loss.item():.4f}", rec=f"{rec.item():.4f}", kl=f"{kl.mean().item():.1f}")
-        if config.checkpointing_steps > 0 and progress.step % config.checkpointing_steps == 0:
-            _save_checkpoint(accelerator, config.output_dir, progress.step)
+        if cfg.checkpointing_steps > 0 and progress.step % cfg.checkpointing_steps == 0:
+            checkpoints.save_checkpoint(accelerator, checkpoints_dir, progress.step, {"step": progress.step},
+                                        {config.CONFIG_FILE: config.to_yaml(cfg)})
     bar.close()
 
     metrics = {}
@@ -364,10 +374,10 @@ def train_vae(config: VAETrainConfig) -> dict:
         train_sample = torch.stack([dataset[train_ids[i]][0] for i in range(min(512, len(train_ids)))])
         factor = measure_scaling_factor(vae, train_sample)
         vae.register_to_config(scaling_factor=factor)
-        vae.save_pretrained(os.path.join(config.output_dir, "vae"))
+        vae.save_pretrained(os.path.join(cfg.output_dir, "vae"))
         shown = min(8, len(held))
         grid = torch.cat([held[:shown], recon[:shown]])
-        save_image(grid * 0.5 + 0.5, os.path.join(config.output_dir, "reconstructions.png"), nrow=shown)
+        save_image(grid * 0.5 + 0.5, os.path.join(cfg.output_dir, "reconstructions.png"), nrow=shown)
         metrics = {
             "psnr_db": round(psnr.mean().item(), 3),
             "num_holdout": len(held),
@@ -380,33 +390,17 @@ def train_vae(config: VAETrainConfig) -> dict:
             "learning_rate": scheduler.get_last_lr()[0],
             "skipped_images": skipped,
             "num_skipped_images": len(skipped),
-            "config": dataclasses.asdict(config),
+            "config": config.to_dict(cfg),
         }
-        with open(os.path.join(config.output_dir, "metrics.json"), "w") as f:
+        with open(os.path.join(cfg.output_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=1)
         accelerator.print(
             f"held-out reconstruction PSNR {metrics['psnr_db']:.2f} dB on {len(held)} images; "
-            f"scaling factor {factor:.4f}; {metrics['seconds']} s; VAE saved to {config.output_dir}/vae"
+            f"scaling factor {factor:.4f}; {metrics['seconds']} s; VAE saved to {cfg.output_dir}/vae"
         )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
-
-
-def _save_checkpoint(accelerator, output_dir: str, step: int) -> None:
-    """Save the accelerate state as checkpoints/checkpoint-<step>, whole or not at all."""
-    root = os.path.join(output_dir, "checkpoints")
-    final = os.path.join(root, f"checkpoint-{step}")
-    tmp = os.path.join(root, f".tmp-checkpoint-{step}")
-    if accelerator.is_main_process:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    accelerator.wait_for_everyone()
 
 
 def default_cache_root() -> str:

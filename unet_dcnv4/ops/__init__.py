@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import positive_int
 from .reference import dcnv4_reference, output_size, pair
 
 __all__ = ["dcnv4", "dcnv4_reference", "output_size", "load_extension", "check_impl", "IMPLS", "CUDA_BACKWARDS"]
@@ -62,8 +63,7 @@ def _check_inputs(value, offset_mask, kernel_size, stride, padding, dilation, gr
             raise ValueError(f"{name} must be positive, got {v}")
     if min(p) < 0:
         raise ValueError(f"padding must be non-negative, got {p}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    positive_int("groups", groups)
     if not isinstance(remove_center, bool):
         raise TypeError(f"remove_center must be a bool, got {remove_center!r}")
     if not isinstance(offset_scale, (int, float)) or isinstance(offset_scale, bool):
