@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_cuda import BWD_TOL, CASES, FWD_TOL, call_args, make_case, rel_err
+from op_cases import BWD_TOL, CASES, FWD_TOL, call_args, make_case, rel_err
 from unet_dcnv4.ops import dcnv4_reference
 from unet_dcnv4.ops._build import CSRC, find_nvcc
 
