@@ -18,7 +18,7 @@ from diffusers.utils.logging import disable_progress_bar
 
 from pipelines import SAMPLERS, make_scheduler
 from unet_dcnv4.sampling import (
-    IMAGES_DIR, PRECISIONS, generate_samples, load_pipeline, prepare_sample_folder, sample_manifest, to_precision,
+    CLASS_MIXES, IMAGES_DIR, PRECISIONS, generate_samples, load_pipeline, prepare_sample_folder, sample_manifest, to_precision,
     write_grid, write_npz,
 )
 
@@ -45,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mixed_precision", choices=sorted(PRECISIONS), default="no",
                         help="dtype of the unet and VAE (an fp16 VAE whose config sets force_upcast stays fp32)")
     parser.add_argument("--class_labels", default=None,
-                        help="classes to cycle through, e.g. '3' or '1,4' (default: all classes)")
+                        help="classes to cycle through, e.g. '3' or '1,4' (default: the --class_mix)")
+    parser.add_argument("--class_mix", choices=CLASS_MIXES, default="data",
+                        help="without --class_labels: the training set's class frequencies (data) or every class "
+                             "equally often (uniform)")
+    parser.add_argument("--guidance_scale", type=float, default=1.0,
+                        help="classifier-free guidance scale (1: none; needs a model trained with label dropout)")
     parser.add_argument("--npz", action="store_true", help="also write samples.npz (uint8 (N, H, W, 3), key arr_0)")
     parser.add_argument("--no_ema", action="store_true", help="for a checkpoint, use the raw (not EMA) unet weights")
     parser.add_argument("--grid_images", type=int, default=64, help="images in grid.png")
@@ -71,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         is_checkpoint = not os.path.isfile(os.path.join(args.source, "model_index.json"))
         manifest = sample_manifest(pipe, args.source, args.sampler, args.num_inference_steps, args.seed,
                                    args.mixed_precision, use_ema=(not args.no_ema) if is_checkpoint else None,
-                                   class_labels=class_labels)
+                                   class_labels=class_labels, guidance_scale=args.guidance_scale,
+                                   class_mix=args.class_mix)
         to_precision(pipe, accelerator.device, args.mixed_precision)
         if accelerator.is_main_process:
             prepare_sample_folder(args.output_dir, manifest, overwrite=args.overwrite)
@@ -86,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             class_labels=class_labels,
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
+            guidance_scale=args.guidance_scale,
+            class_mix=args.class_mix,
         )
     except (ValueError, TypeError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

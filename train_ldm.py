@@ -27,6 +27,7 @@ from unet_dcnv4.training import (
     RANDOM_STREAMS, EpochSampler, NoiseGenerator, TrainConfig, config_to_dict, config_to_yaml, load_checkpoint,
     read_checkpoint_state, resolve_resume_checkpoint, resume_changes, save_checkpoint, unet_options, validate_config,
 )
+from unet_dcnv4.training import class_embeddings, null_class_label
 from unet_dcnv4.vae import VAELoadError
 
 # The flags with the names the diffusers training scripts use; any other key goes through --set key=value.
@@ -111,11 +112,12 @@ def build_model(cfg: TrainConfig, latent_shape: tuple[int, int, int], num_classe
     if h != w:
         raise ValueError(f"latents must be square, got latent_shape {latent_shape}")
     return build_unet(cfg.model_type, cfg.model_size, sample_size=h, in_channels=c,
-                      num_class_embeds=num_classes if cfg.class_conditional else None, **unet_options(cfg))
+                      num_class_embeds=class_embeddings(cfg, num_classes), **unet_options(cfg))
 
 
 def compute_loss(model, noise_scheduler, batch: dict, generator: torch.Generator, prediction_type: str,
-                 class_conditional: bool) -> torch.Tensor:
+                 class_conditional: bool, null_label: int | None = None,
+                 class_dropout_prob: float = 0.0) -> torch.Tensor:
     """The denoising loss of one micro-batch.
 
     Args:
@@ -125,6 +127,8 @@ def compute_loss(model, noise_scheduler, batch: dict, generator: torch.Generator
         generator: draws the latent sample, the timesteps and the diffusion noise (its state is checkpointed).
         prediction_type: "epsilon" or "v_prediction".
         class_conditional: pass the class labels to the model.
+        null_label: the null class of label dropout, None for none.
+        class_dropout_prob: probability that a label is replaced by `null_label` (drawn from `generator`).
 
     Returns:
         The scalar fp32 MSE between the model output and its target.
@@ -138,6 +142,9 @@ def compute_loss(model, noise_scheduler, batch: dict, generator: torch.Generator
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)  # (B, c, h, w)
     target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
     labels = batch["class_labels"] if class_conditional else None
+    if labels is not None and null_label is not None:
+        drop = torch.rand(labels.shape, generator=generator, device=labels.device) < class_dropout_prob
+        labels = torch.where(drop, torch.full_like(labels, null_label), labels)  # (B,)
     pred = model(noisy, timesteps, class_labels=labels).sample  # (B, c, h, w)
     return F.mse_loss(pred.float(), target.float())
 
@@ -281,7 +288,11 @@ def train(cfg: TrainConfig) -> dict:
                  "num_classes": latents.num_classes, "custom_objects": custom_objects,
                  "train_scheduler_config": dict(noise_scheduler.config), "num_processes": accelerator.num_processes,
                  "skipped_images": skipped_images, "resume_changes": history, "random_streams": RANDOM_STREAMS,
-                 "data_fingerprint": latents.index["dataset_fingerprint"], "vae_hash": latents.index["vae_hash"]}
+                 "data_fingerprint": latents.index["dataset_fingerprint"], "vae_hash": latents.index["vae_hash"],
+                 # Images per class (flipped copies not counted twice): the class mix of samples for FID.
+                 "class_counts": (torch.bincount(latents.labels, minlength=latents.num_classes)
+                                  // (2 if latents.flips else 1)).tolist() if cfg.class_conditional else None}
+    null_label = null_class_label(cfg, latents.num_classes)
 
     def checkpoint(step: int) -> Path:
         return save_checkpoint(accelerator, checkpoints_dir, step, cfg,
@@ -290,7 +301,8 @@ def train(cfg: TrainConfig) -> dict:
 
     def sampling_pipeline():
         return LatentDiffusionPipeline(unet=unwrapped, vae=vae,
-                                       scheduler=make_scheduler(cfg.sample_scheduler, noise_scheduler.config))
+                                       scheduler=make_scheduler(cfg.sample_scheduler, noise_scheduler.config),
+                                       null_class_label=null_label, class_counts=run_state["class_counts"])
 
     def sample(step: int) -> None:
         if is_main:
@@ -335,7 +347,7 @@ def train(cfg: TrainConfig) -> dict:
             # Gradients are all-reduced only on the last micro-batch of the step.
             with nullcontext() if last_micro else accelerator.no_sync(model):
                 loss = compute_loss(model, noise_scheduler, batch, rng.generator, cfg.prediction_type,
-                                    cfg.class_conditional)
+                                    cfg.class_conditional, null_label, cfg.class_dropout_prob)
                 accelerator.backward(loss / cfg.gradient_accumulation_steps)
             micro_losses.append(loss.detach())
         step_loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()

@@ -65,7 +65,8 @@ def make_scheduler(name, train_scheduler_config):
 
 
 class LatentDiffusionPipeline(DiffusionPipeline):
-    """Unconditional or class-conditional latent diffusion.
+    """Unconditional or class-conditional latent diffusion, with classifier-free guidance for models trained with
+    label dropout.
 
     Args:
         unet: a `UNet2DModel` (or `DCNv4UNet2DModel`) predicting noise (or v) on latents of shape
@@ -73,13 +74,37 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         vae: an `AutoencoderKL`; latents are divided by `vae.config.scaling_factor` (and shifted by
             `vae.config.shift_factor` where the VAE has one) before decoding, the inverse of how they were encoded.
         scheduler: any diffusers scheduler sharing the training noise schedule (see `make_scheduler`).
+        null_class_label: the class embedding trained as "no class" (label dropout), the unet's last; None when the
+            model has none (then guidance is refused).
+        class_counts: images per class in the training set (the default class mix of samples for FID), or None.
     """
 
     model_cpu_offload_seq = "unet->vae"
 
-    def __init__(self, unet, vae, scheduler):
+    def __init__(self, unet, vae, scheduler, null_class_label: int | None = None, class_counts: list[int] | None = None):
         super().__init__()
+        num_classes = unet.config.num_class_embeds
+        if null_class_label is not None and (num_classes is None or null_class_label != num_classes - 1):
+            last = None if num_classes is None else num_classes - 1
+            raise ValueError(f"null_class_label must be the unet's last class embedding ({last}), got {null_class_label}")
+        if class_counts is not None and len(class_counts) != self._real_classes(unet, null_class_label):
+            raise ValueError(f"class_counts must hold one count per class "
+                             f"({self._real_classes(unet, null_class_label)}), got {len(class_counts)}")
         self.register_modules(unet=unet, vae=vae, scheduler=scheduler)
+        self.register_to_config(null_class_label=null_class_label,
+                                class_counts=None if class_counts is None else [int(c) for c in class_counts])
+
+    @staticmethod
+    def _real_classes(unet, null_class_label) -> int | None:
+        num_classes = unet.config.num_class_embeds
+        if num_classes is None:
+            return None
+        return num_classes - (null_class_label is not None)
+
+    @property
+    def num_classes(self) -> int | None:
+        """The classes a sample can be asked for (the null class of classifier-free guidance excluded)."""
+        return self._real_classes(self.unet, self.config.null_class_label)
 
     def save_pretrained(self, save_directory, **kwargs):
         """Save like any diffusers pipeline, plus a copy of this file named in `model_index.json`."""
@@ -104,7 +129,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         return loaded
 
     def _class_label_tensor(self, class_labels, batch_size: int) -> torch.Tensor | None:
-        num_classes = self.unet.config.num_class_embeds
+        num_classes = self.num_classes
         if num_classes is None:
             if class_labels is not None:
                 raise ValueError("class_labels were given, but the unet is unconditional (num_class_embeds is None)")
@@ -127,6 +152,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_inference_steps: int = 50,
         class_labels: int | list[int] | torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
         output_type: str = "pil",
         return_dict: bool = True,
     ):
@@ -138,6 +164,9 @@ class LatentDiffusionPipeline(DiffusionPipeline):
                 own generator); CPU generators give the same noise on every device.
             num_inference_steps: denoising steps.
             class_labels: for a class-conditional unet, one label for all images or B labels; None otherwise.
+            guidance_scale: classifier-free guidance scale s: the prediction is uncond + s * (cond - uncond), the
+                conditional and null-class predictions from one batched unet call. 1.0 is plain conditional
+                sampling (one unet call at the batch size). Needs a model trained with label dropout.
             output_type: "pil" (list of PIL images), "np" (float array (B, H, W, 3) in [0, 1]) or "latent"
                 (the final latents (B, C, h, w), still scaled, not decoded).
             return_dict: return an `ImagePipelineOutput` rather than a tuple.
@@ -152,8 +181,16 @@ class LatentDiffusionPipeline(DiffusionPipeline):
                              f"got a list of {len(generator)}")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
+        guided = guidance_scale != 1.0
+        if guided and self.config.null_class_label is None:
+            raise ValueError(f"guidance_scale {guidance_scale} needs a class-conditional model trained with label "
+                             "dropout (class_dropout_prob > 0, which adds the null class); this one has no null class")
         device = self._execution_device
         labels = self._class_label_tensor(class_labels, batch_size)
+        if guided:
+            labels = torch.cat([labels, torch.full_like(labels, self.config.null_class_label)])  # (2B,)
 
         # 1. Initial noise, kept in fp32 so that the scheduler's arithmetic does not depend on the model's dtype.
         size = self.unet.config.sample_size
@@ -168,7 +205,12 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         # 3. Denoising loop.
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = self.scheduler.scale_model_input(latents, t).to(self.unet.dtype)
+            if guided:
+                model_input = torch.cat([model_input, model_input])  # (2B, C, h, w): conditional, then null class
             model_output = self.unet(model_input, t, class_labels=labels).sample
+            if guided:
+                cond, uncond = model_output.float().chunk(2)
+                model_output = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(model_output.float(), t, latents, generator=generator).prev_sample
 
         if output_type == "latent":

@@ -14,8 +14,10 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DMod
 from pipelines import SAMPLERS, LatentDiffusionPipeline, make_scheduler
 
 
-def tiny_pipeline(num_class_embeds=None, sampler="ddim", seed=0) -> LatentDiffusionPipeline:
-    """A pipeline small enough for CPU tests: 8x8x4 latents decoded to 16x16 RGB."""
+def tiny_pipeline(num_class_embeds=None, sampler="ddim", seed=0, null_class=False,
+                  class_counts=None) -> LatentDiffusionPipeline:
+    """A pipeline small enough for CPU tests: 8x8x4 latents decoded to 16x16 RGB. With `null_class`, the unet has
+    one more class embedding, the null class of classifier-free guidance."""
     torch.manual_seed(seed)
     unet = UNet2DModel(
         sample_size=8,
@@ -26,7 +28,7 @@ def tiny_pipeline(num_class_embeds=None, sampler="ddim", seed=0) -> LatentDiffus
         down_block_types=("DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D"),
         norm_num_groups=8,
-        num_class_embeds=num_class_embeds,
+        num_class_embeds=None if num_class_embeds is None else num_class_embeds + int(null_class),
     )
     vae = AutoencoderKL(
         in_channels=3,
@@ -40,7 +42,8 @@ def tiny_pipeline(num_class_embeds=None, sampler="ddim", seed=0) -> LatentDiffus
         scaling_factor=0.5,
     )
     scheduler = make_scheduler(sampler, DDPMScheduler(num_train_timesteps=100))
-    pipe = LatentDiffusionPipeline(unet.eval(), vae.eval(), scheduler)
+    pipe = LatentDiffusionPipeline(unet.eval(), vae.eval(), scheduler,
+                                   null_class_label=num_class_embeds if null_class else None, class_counts=class_counts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -255,3 +258,55 @@ def test_a_folder_without_the_package_says_to_install_it(tmp_path):
     out = load_in_fresh_process(["--without-package", tmp_path / "conv"], cwd=tmp_path)
     assert out.strip() == ("ImportError: this latent diffusion pipeline needs the unet_dcnv4 package, which is "
                            "not installed: pip install the unet_dcnv4 checkout or wheel")
+
+
+def test_guidance_is_one_batched_call_combining_conditional_and_null_predictions():
+    pipe = tiny_pipeline(num_class_embeds=3, null_class=True)
+    torch.nn.init.normal_(pipe.unet.class_embedding.weight)  # classes that differ, so the combination shows
+    calls = []
+    hook = pipe.unet.register_forward_hook(lambda module, args, kwargs, out: calls.append(
+        (args[0].shape[0], kwargs["class_labels"].tolist())), with_kwargs=True)
+    plain = _run(pipe, class_labels=[0, 2], output_type="latent", num_inference_steps=2)
+    assert calls == [(2, [0, 2])] * 2
+    calls.clear()
+    guided = _run(pipe, class_labels=[0, 2], output_type="latent", num_inference_steps=2, guidance_scale=4.0)
+    assert calls == [(4, [0, 2, 3, 3])] * 2
+    hook.remove()
+    assert not torch.allclose(plain, guided)
+
+    # One step by hand: the scheduler steps with uncond + s * (cond - uncond).
+    from diffusers.utils.torch_utils import randn_tensor
+
+    guided = _run(pipe, class_labels=[0, 2], output_type="latent", num_inference_steps=1, guidance_scale=4.0)
+    x = randn_tensor((2, 4, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    x = x * pipe.scheduler.init_noise_sigma
+    pipe.scheduler.set_timesteps(1)
+    t = pipe.scheduler.timesteps[0]
+    with torch.no_grad():
+        cond = pipe.unet(x, t, class_labels=torch.tensor([0, 2])).sample
+        uncond = pipe.unet(x, t, class_labels=torch.tensor([3, 3])).sample
+    expected = pipe.scheduler.step(uncond + 4.0 * (cond - uncond), t, x).prev_sample
+    torch.testing.assert_close(guided, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_guidance_needs_the_null_class_and_the_null_class_is_not_a_class():
+    pipe = tiny_pipeline(num_class_embeds=3)
+    with pytest.raises(ValueError, match="guidance_scale 4.0 needs a class-conditional model trained with label"):
+        _run(pipe, class_labels=0, guidance_scale=4.0)
+    guided = tiny_pipeline(num_class_embeds=3, null_class=True)
+    assert guided.num_classes == 3 and guided.unet.config.num_class_embeds == 4
+    with pytest.raises(ValueError, match=r"lie in \[0, 3\)"):
+        _run(guided, class_labels=3)
+    with pytest.raises(ValueError, match="guidance_scale must be a number >= 0"):
+        _run(guided, class_labels=0, guidance_scale=-1.0)
+    with pytest.raises(ValueError, match="null_class_label must be the unet's last class embedding"):
+        LatentDiffusionPipeline(guided.unet, guided.vae, guided.scheduler, null_class_label=1)
+
+
+def test_null_class_and_class_counts_survive_save_and_load(tmp_path):
+    pipe = tiny_pipeline(num_class_embeds=3, null_class=True, class_counts=[5, 1, 2])
+    pipe.save_pretrained(tmp_path)
+    for loaded in (LatentDiffusionPipeline.from_pretrained(tmp_path),
+                   DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)):
+        assert loaded.config.null_class_label == 3 and list(loaded.config.class_counts) == [5, 1, 2]
+        assert loaded.num_classes == 3

@@ -258,7 +258,9 @@ def test_conv_run_and_total_limit(assets, tmp_path):
     stats = json.loads((tmp_path / "train_stats.json").read_text())
     assert stats["model_type"] == "conv" and stats["steps"] == 4
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipeline", trust_remote_code=True)
-    assert type(pipe.unet) is UNet2DModel and pipe.unet.config.num_class_embeds == 2
+    # Two classes and the null class of label dropout (class_dropout_prob 0.1 by default); 8 images per class.
+    assert type(pipe.unet) is UNet2DModel and pipe.unet.config.num_class_embeds == 3 and pipe.num_classes == 2
+    assert pipe.config.null_class_label == 2 and list(pipe.config.class_counts) == [8, 8]
     assert pipe.scheduler.config.prediction_type == "v_prediction"
 
 

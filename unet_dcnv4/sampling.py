@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 __all__ = [
-    "IMAGES_DIR", "MANIFEST_FILE", "PRECISIONS", "SampleFolderMismatch", "class_label_for", "image_path",
+    "CLASS_MIXES", "IMAGES_DIR", "MANIFEST_FILE", "PRECISIONS", "SampleFolderMismatch", "class_counts_for",
+    "class_label_for", "image_path",
     "index_seed", "load_pipeline", "pipeline_fingerprint", "prepare_sample_folder", "sample_manifest",
     "sample_paths", "generate_samples", "to_precision", "write_grid", "write_npz",
 ]
@@ -39,13 +40,38 @@ def image_path(output_dir: str, index: int) -> str:
     return os.path.join(output_dir, IMAGES_DIR, f"{index:06d}.png")
 
 
-def class_label_for(index: int, class_labels: list[int] | None, num_classes: int | None) -> int | None:
-    """The class of image `index`: cycles through `class_labels`, or through all classes when none are given."""
+CLASS_MIXES = ("data", "uniform")
+
+
+def class_label_for(index: int, class_labels: list[int] | None, num_classes: int | None, seed: int = 0,
+                    class_counts: list[int] | None = None) -> int | None:
+    """The class of image `index`, a function of (seed, index) alone.
+
+    Args:
+        index: the image's index.
+        class_labels: classes to cycle through; when given, they decide.
+        num_classes: the classes of the model (None: unconditional, no class).
+        seed: the sampling seed.
+        class_counts: images per class in the training data: the class is drawn with these frequencies from a
+            stream of (seed, index). None cycles through all classes (a uniform mix).
+    """
     if num_classes is None:
         return None
     if class_labels:
         return class_labels[index % len(class_labels)]
-    return index % num_classes
+    if class_counts is None:
+        return index % num_classes
+    u = np.random.default_rng(np.random.SeedSequence([seed, index, 0xC1A55])).random()
+    cumulative = np.cumsum(class_counts, dtype=np.float64)
+    return int(np.searchsorted(cumulative / cumulative[-1], u, side="right"))
+
+
+def class_counts_for(pipe, class_mix: str) -> list[int] | None:
+    """The class frequencies samples follow: the training set's ("data", when the pipeline records them) or
+    none ("uniform")."""
+    if class_mix not in CLASS_MIXES:
+        raise ValueError(f"class_mix must be one of {CLASS_MIXES}, got {class_mix!r}")
+    return getattr(pipe.config, "class_counts", None) if class_mix == "data" else None
 
 
 def load_pipeline(source: str, use_ema: bool = True):
@@ -94,7 +120,7 @@ def pipeline_fingerprint(pipe) -> str:
 
 def sample_manifest(pipe, source: str, sampler: str, num_inference_steps: int, seed: int, precision: str,
                     use_ema: bool | None, class_labels: list[int] | None = None,
-                    guidance_scale: float | None = None) -> dict:
+                    guidance_scale: float = 1.0, class_mix: str = "data") -> dict:
     """What identifies a folder of samples: the model (source and weights) and every sampling setting.
 
     Args:
@@ -104,7 +130,8 @@ def sample_manifest(pipe, source: str, sampler: str, num_inference_steps: int, s
         use_ema: EMA weights (a checkpoint source), or None for a pipeline folder (whose weights are what
             training saved there, EMA by default).
         class_labels: the classes cycled through (None: all, or an unconditional model).
-        guidance_scale: classifier-free guidance scale, None for none.
+        guidance_scale: classifier-free guidance scale (1.0: none).
+        class_mix: "data" or "uniform" (see `class_label_for`); recorded as what it resolves to for this pipeline.
     """
     return {
         "source": os.path.abspath(source),
@@ -115,7 +142,9 @@ def sample_manifest(pipe, source: str, sampler: str, num_inference_steps: int, s
         "seed": int(seed),
         "precision": precision,
         "class_labels": class_labels,
-        "guidance_scale": guidance_scale,
+        "class_mix": None if pipe.num_classes is None or class_labels else
+        ("data" if class_counts_for(pipe, class_mix) is not None else "uniform"),
+        "guidance_scale": float(guidance_scale),
     }
 
 
@@ -173,6 +202,8 @@ def generate_samples(
     class_labels: list[int] | None = None,
     rank: int = 0,
     world_size: int = 1,
+    guidance_scale: float = 1.0,
+    class_mix: str = "data",
 ) -> dict:
     """Write this process's share of images 0..num_images-1 to `<output_dir>/images/`, skipping existing files.
 
@@ -185,8 +216,11 @@ def generate_samples(
         seed: run seed; image i draws all its noise from a CPU generator seeded with `index_seed(seed, i)`.
         batch_size: images per pipeline call.
         num_inference_steps: sampler steps.
-        class_labels: classes to cycle through for a class-conditional model (default: all classes).
+        class_labels: classes to cycle through for a class-conditional model (default: the class mix).
         rank, world_size: this process writes the indices i with i % world_size == rank.
+        guidance_scale: classifier-free guidance scale (1.0: none).
+        class_mix: without class_labels, "data" follows the training set's class frequencies (when the pipeline
+            records them), "uniform" cycles through the classes.
 
     Returns:
         {"written": images written now, "skipped": images found already written, "seconds": sampling time}.
@@ -195,7 +229,8 @@ def generate_samples(
         raise ValueError(f"num_images must be non-negative, got {num_images}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    num_classes = pipe.unet.config.num_class_embeds
+    num_classes = pipe.num_classes
+    class_counts = class_counts_for(pipe, class_mix)
     if class_labels and num_classes is None:
         raise ValueError(f"class_labels {class_labels} were given, but the model is unconditional")
     if class_labels and not all(0 <= c < num_classes for c in class_labels):
@@ -207,12 +242,13 @@ def generate_samples(
     for first in range(0, len(todo), batch_size):
         indices = todo[first : first + batch_size]
         generators = [torch.Generator("cpu").manual_seed(index_seed(seed, i)) for i in indices]
-        labels = [class_label_for(i, class_labels, num_classes) for i in indices]
+        labels = [class_label_for(i, class_labels, num_classes, seed, class_counts) for i in indices]
         images = pipe(
             batch_size=len(indices),
             generator=generators,
             num_inference_steps=num_inference_steps,
             class_labels=None if num_classes is None else labels,
+            guidance_scale=guidance_scale,
             output_type="np",
         ).images
         for index, image in zip(indices, images):

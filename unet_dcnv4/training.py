@@ -27,7 +27,8 @@ __all__ = [
     "TrainConfig", "load_config", "validate_config", "config_to_dict", "config_to_yaml", "parse_overrides",
     "list_checkpoints", "latest_checkpoint", "resolve_resume_checkpoint", "prune_checkpoints", "save_checkpoint",
     "read_checkpoint_state", "load_checkpoint", "resume_changes", "derive_seed", "EpochSampler", "NoiseGenerator",
-    "pipeline_from_checkpoint", "unet_options", "CHECKPOINT_PREFIX", "ARCHITECTURE_KEYS", "EXACT_RESUME_KEYS",
+    "pipeline_from_checkpoint", "unet_options", "null_class_label", "class_embeddings", "CHECKPOINT_PREFIX",
+    "ARCHITECTURE_KEYS", "EXACT_RESUME_KEYS",
     "RANDOM_STREAMS", "FAULT_ENV", "FAULT_POINTS",
 ]
 
@@ -43,7 +44,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 # Fields that change the model or its checkpointed state: a resumed run must keep them.
-ARCHITECTURE_KEYS = ("model_type", "model_size", "dcnv4_options", "class_conditional",
+ARCHITECTURE_KEYS = ("model_type", "model_size", "dcnv4_options", "class_conditional", "class_dropout_prob",
                      "use_ema", "data_source", "resolution", "vae", "vae_subfolder")
 # Fields a resumed run keeps unless `allow_resume_changes` is set: they change the objective, the data order or
 # the random streams, or they are restored from the checkpoint (optimizer and EMA hyperparameters), so that a
@@ -75,6 +76,9 @@ class TrainConfig:
     data_source: str = "builtin"
     resolution: int = 32
     class_conditional: bool = False
+    # Label dropout: with class_conditional, each label becomes the null class (one more class embedding) with
+    # this probability, which is what classifier-free guidance needs at sampling. 0: no null class.
+    class_dropout_prob: float = 0.1
     flips: bool = True
     skip_corrupt: bool = False  # skip unreadable images (listed in the log and train_stats.json) instead of stopping
     vae: str | None = None  # path or hub id of an AutoencoderKL; None uses the built-in small VAE
@@ -156,7 +160,7 @@ def validate_config(cfg: TrainConfig) -> None:
     for key in ("learning_rate", "max_grad_norm", "adam_epsilon", "ema_inv_gamma", "ema_power"):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"config key '{key}' must be > 0, got {getattr(cfg, key)!r}")
-    for key in ("adam_beta1", "adam_beta2", "ema_max_decay"):
+    for key in ("adam_beta1", "adam_beta2", "ema_max_decay", "class_dropout_prob"):
         if not 0 <= getattr(cfg, key) < 1:
             raise ValueError(f"config key '{key}' must be in [0, 1), got {getattr(cfg, key)!r}")
     if not 0 < cfg.beta_start < cfg.beta_end < 1:
@@ -375,8 +379,7 @@ def pipeline_from_checkpoint(checkpoint_dir: str | os.PathLike, use_ema: bool = 
     cfg, state = read_checkpoint_state(checkpoint_dir)
     unet = build_unet(cfg.model_type, cfg.model_size, sample_size=state["latent_shape"][1],
                       in_channels=state["latent_shape"][0],
-                      num_class_embeds=state["num_classes"] if cfg.class_conditional else None,
-                      **unet_options(cfg))
+                      num_class_embeds=class_embeddings(cfg, state["num_classes"]), **unet_options(cfg))
     unet.load_state_dict(_strip_wrapper_prefixes(load_file(checkpoint_dir / "model.safetensors")))
     if use_ema:
         if "ema" not in state["custom_objects"]:
@@ -392,8 +395,22 @@ def pipeline_from_checkpoint(checkpoint_dir: str | os.PathLike, use_ema: bool = 
     vae = load_vae(state["vae"], subfolder=state.get("vae_subfolder"))
     vae.register_to_config(scaling_factor=state["scaling_factor"])
     scheduler = make_scheduler(cfg.sample_scheduler, state["train_scheduler_config"])
-    pipe = LatentDiffusionPipeline(unet=unet.eval(), vae=vae.eval(), scheduler=scheduler)
+    pipe = LatentDiffusionPipeline(unet=unet.eval(), vae=vae.eval(), scheduler=scheduler,
+                                   null_class_label=null_class_label(cfg, state["num_classes"]),
+                                   class_counts=state.get("class_counts"))
     return pipe
+
+
+def null_class_label(cfg: TrainConfig, num_classes: int) -> int | None:
+    """The class embedding trained as "no class" by label dropout (the one after the data's classes), or None."""
+    return num_classes if cfg.class_conditional and cfg.class_dropout_prob > 0 else None
+
+
+def class_embeddings(cfg: TrainConfig, num_classes: int) -> int | None:
+    """`num_class_embeds` of the U-Net: the data's classes plus the null class of label dropout, None if unconditional."""
+    if not cfg.class_conditional:
+        return None
+    return num_classes + int(null_class_label(cfg, num_classes) is not None)
 
 
 def unet_options(cfg: TrainConfig) -> dict:
