@@ -14,7 +14,7 @@ import time
 
 from pipelines import SAMPLERS
 from unet_dcnv4.comparison import compare_arms
-from unet_dcnv4.sampling import PRECISIONS
+from unet_dcnv4.sampling import CLASS_MIXES, PRECISIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--a", nargs="+", default=None, metavar="RUN", help="the runs of arm a (e.g. DCNv4 seeds)")
     parser.add_argument("--b", nargs="+", default=None, metavar="RUN", help="the runs of arm b (e.g. conv seeds)")
     parser.add_argument("--output_dir", required=True, help="where samples and comparison.{json,md,png} go")
+    parser.add_argument("--samples_dir", default=None,
+                        help="where each run's samples go, reused when their manifest matches (default: "
+                             "OUTPUT_DIR/samples; comparisons that share runs can share it)")
     parser.add_argument("--reference", default=None,
                         help="image folder to measure against (default: the training data)")
     parser.add_argument("--num_images", type=int, default=None,
@@ -32,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every run")
     parser.add_argument("--mixed_precision", choices=sorted(PRECISIONS), default="no")
+    parser.add_argument("--guidance_scale", type=float, default=1.0,
+                        help="classifier-free guidance scale of class-conditional runs (1: none)")
+    parser.add_argument("--class_mix", choices=CLASS_MIXES, default="data",
+                        help="class mix of the samples: the training set's frequencies (data) or uniform")
     parser.add_argument("--cache_dir", default=None, help="FID reference features cache (default: torch-fidelity's)")
     parser.add_argument("--no_fid_curve", action="store_true", help="skip FID at the intermediate checkpoints")
     parser.add_argument("--grid_images", type=int, default=36, help="images per grid in the figure")
@@ -63,12 +70,12 @@ def main(argv: list[str] | None = None) -> int:
             value = getattr(args, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be at least 1, got {value}")
-        compare_arms(arms, args.output_dir, reference=args.reference, num_images=args.num_images,
+        compare_arms(arms, args.output_dir, samples_dir=args.samples_dir, reference=args.reference, num_images=args.num_images,
                      sampler=args.sampler, num_inference_steps=args.num_inference_steps, batch_size=args.batch_size,
                      seed=args.seed, mixed_precision=args.mixed_precision, cache_dir=args.cache_dir,
                      fid_curve=not args.no_fid_curve, grid_images=args.grid_images, num_resamples=args.bootstrap,
                      allow_mismatch=tuple(args.allow_mismatch), overwrite=args.overwrite,
-                     skip_corrupt=args.skip_corrupt)
+                     skip_corrupt=args.skip_corrupt, guidance_scale=args.guidance_scale, class_mix=args.class_mix)
     except (ValueError, TypeError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

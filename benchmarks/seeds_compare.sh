@@ -51,7 +51,7 @@ runs() { for seed in $SEEDS; do echo "$RUNS/$1/seed$seed"; done; }
 for arm in dcnv4 dcnv4_matched; do
   step "compare $arm against conv"
   # shellcheck disable=SC2046
-  python compare.py --a $(runs "$arm") --b $(runs conv) --output_dir "$RUNS/comparison_$arm" \
+  python compare.py --a $(runs "$arm") --b $(runs conv) --output_dir "$RUNS/comparison_$arm" --samples_dir "$RUNS/samples" \
     --num_images "$NUM_IMAGES" --num_inference_steps "$SAMPLE_STEPS" > "$RUNS/comparison_$arm.log" 2>&1 \
     || { tail -20 "$RUNS/comparison_$arm.log"; exit 1; }
 done

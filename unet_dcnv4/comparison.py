@@ -198,6 +198,7 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 def compare_arms(
     arms: list[list[str]],
     output_dir: str,
+    samples_dir: str | None = None,
     reference=None,
     num_images: int | None = None,
     sampler: str = "ddim",
@@ -212,13 +213,16 @@ def compare_arms(
     allow_mismatch: tuple[str, ...] = (),
     overwrite: bool = False,
     skip_corrupt: bool = False,
+    guidance_scale: float = 1.0,
+    class_mix: str = "data",
 ) -> dict:
     """Sample and measure every run of two arms, then write comparison.{json,md,png} to `output_dir`.
 
     Args:
         arms: two lists of train_ldm.py output folders (arm a, arm b; e.g. DCNv4 seeds, conv seeds).
-        output_dir: where samples and the report go (samples under `<arm>/run<i>/`, reused when their manifest
-            matches).
+        output_dir: where the report goes.
+        samples_dir: where each run's samples go, in a folder named by the run and reused when its manifest
+            matches (default `<output_dir>/samples`; comparisons sharing a baseline can share it).
         reference: image folder to measure against (default: the training data of the runs).
         num_images: samples per run (default: the reference's size, so that FID's bias is the same for all).
         sampler, num_inference_steps, batch_size, seed, mixed_precision: sampling; every run uses the same seeds.
@@ -229,6 +233,8 @@ def compare_arms(
         allow_mismatch: experiment keys allowed to differ between runs (see `check_comparable`).
         overwrite: regenerate sample folders that another model or setting wrote, instead of stopping.
         skip_corrupt: leave unreadable reference images out instead of stopping.
+        guidance_scale: classifier-free guidance scale for class-conditional runs (1.0: none).
+        class_mix: class mix of the samples of class-conditional runs, "data" or "uniform".
 
     Returns:
         What comparison.json holds.
@@ -260,20 +266,25 @@ def compare_arms(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     os.makedirs(output_dir, exist_ok=True)
     settings = dict(sampler=sampler, num_inference_steps=num_inference_steps, batch_size=batch_size, seed=seed,
-                    mixed_precision=mixed_precision, num_images=num_images, overwrite=overwrite)
+                    mixed_precision=mixed_precision, num_images=num_images, overwrite=overwrite,
+                    guidance_scale=guidance_scale, class_mix=class_mix)
 
     def measure(pipe, source: str, folder: str, use_ema: bool | None) -> dict:
         sampled = _sample(pipe, source, folder, use_ema=use_ema, device=device, **settings)
         metrics = compute_fid_kid(sampled["paths"], reference, resolution=cfg.resolution, cache_dir=cache_dir,
                                   device=device, return_features=True, skip_corrupt=skip_corrupt, verbose=False)
-        return {**metrics, "sampling_images_per_s": sampled["images_per_s"]}
+        return {**metrics, "sampling_images_per_s": sampled["images_per_s"], "class_mix": sampled["class_mix"]}
 
     arms_out, features = [], {}
     reference_features = None
-    for slug, (label, runs) in zip("ab", runs_by_arm.items()):
+    for label, runs in runs_by_arm.items():
         results = []
         for i, run in enumerate(runs):
-            folder = os.path.join(output_dir, slug, f"run{i}")
+            # Named by the run, not by its place in this comparison: comparisons that share a samples folder
+            # (and a baseline) reuse each other's samples; the manifest says whether they may.
+            name = Path(run["dir"]).resolve()
+            digest = hashlib.sha256(str(name).encode()).hexdigest()[:8]
+            folder = os.path.join(samples_dir or os.path.join(output_dir, "samples"), f"{name.name}-{digest}")
             print(f"[{label}] run {i + 1}/{len(runs)}: sampling {num_images} images from {run['pipeline']}",
                   flush=True)
             pipe = LatentDiffusionPipeline.from_pretrained(run["pipeline"])
@@ -368,6 +379,8 @@ def compare_arms(
         "num_images": num_images,
         "seed": seed,
         "mixed_precision": mixed_precision,
+        "guidance_scale": guidance_scale,
+        "class_mix": measured["class_mix"],
         "reference": reference if isinstance(reference, str) else f"{cfg.data_source} at {cfg.resolution}px",
         "num_reference": len(reference_features),
         "resolution": cfg.resolution,
@@ -385,24 +398,26 @@ def compare_arms(
 
 def _sample(pipe, source: str, folder: str, use_ema: bool | None, device: str, sampler: str,
             num_inference_steps: int, batch_size: int, seed: int, mixed_precision: str, num_images: int,
-            overwrite: bool) -> dict:
+            overwrite: bool, guidance_scale: float, class_mix: str) -> dict:
     """Sample `num_images` images of `pipe` into `folder` (reused when its manifest matches); returns
     {"paths": exactly those images, "images_per_s": throughput of this call's sampling or of the one that wrote
-    them}."""
+    them, "class_mix": the class mix the samples follow (None: unconditional)}."""
     from pipelines import make_scheduler
 
     from .sampling import generate_samples, prepare_sample_folder, sample_manifest, sample_paths, to_precision
 
     pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    manifest = sample_manifest(pipe, source, sampler, num_inference_steps, seed, mixed_precision, use_ema=use_ema)
+    manifest = sample_manifest(pipe, source, sampler, num_inference_steps, seed, mixed_precision, use_ema=use_ema,
+                               guidance_scale=guidance_scale, class_mix=class_mix)
     prepare_sample_folder(folder, manifest, overwrite=overwrite)
     to_precision(pipe, device, mixed_precision)
     labels = 0 if pipe.unet.config.num_class_embeds else None
     # One untimed call absorbs one-time costs (kernel builds, allocator warm-up) before the timed sampling.
     pipe(batch_size=1, num_inference_steps=1, class_labels=labels, output_type="latent")
     stats = generate_samples(pipe, folder, num_images, seed=seed, batch_size=batch_size,
-                             num_inference_steps=num_inference_steps)
+                             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                             class_mix=class_mix)
     stats_path = Path(folder) / "sample_stats.json"
     if stats["written"]:
         images_per_s = stats["written"] / stats["seconds"]
@@ -411,7 +426,8 @@ def _sample(pipe, source: str, folder: str, use_ema: bool | None, device: str, s
         images_per_s = json.loads(stats_path.read_text())["images_per_s"]
     else:
         images_per_s = None
-    return {"paths": sample_paths(folder, num_images), "images_per_s": images_per_s}
+    return {"paths": sample_paths(folder, num_images), "images_per_s": images_per_s,
+            "class_mix": manifest["class_mix"]}
 
 
 def _grid(folder: str, num_images: int, grid_images: int) -> str:
@@ -460,7 +476,9 @@ def markdown_table(summary: dict) -> str:
         f"Budget: {summary['budget']}.",
         "",
         f"Mean +- standard deviation over runs (KID of one run: mean over subsets). {summary['num_images']} samples "
-        f"per run ({summary['sampler']}, {summary['num_inference_steps']} steps, seed {summary['seed']}, {precision}) "
+        f"per run ({summary['sampler']}, {summary['num_inference_steps']} steps, seed {summary['seed']}, {precision}"
+        + (f", guidance scale {summary['guidance_scale']:g}, class mix {summary['class_mix']}"
+           if summary["class_mix"] else "") + ") "
         f"against {summary['num_reference']} reference images ({summary['reference']}) at {summary['resolution']}px "
         f"on {summary['device']}; {summary['inception_weights']}.",
     ]
