@@ -101,6 +101,15 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             return None
         return num_classes - (null_class_label is not None)
 
+    def check_guidance_scale(self, guidance_scale: float) -> None:
+        """Raise ValueError unless this pipeline can sample with `guidance_scale` (1.0 always; other scales need
+        the null class of a model trained with label dropout)."""
+        if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
+        if guidance_scale != 1.0 and self.config.null_class_label is None:
+            raise ValueError(f"guidance_scale {guidance_scale} needs a class-conditional model trained with label "
+                             "dropout (class_dropout_prob > 0, which adds the null class); this one has no null class")
+
     @property
     def num_classes(self) -> int | None:
         """The classes a sample can be asked for (the null class of classifier-free guidance excluded)."""
@@ -181,12 +190,8 @@ class LatentDiffusionPipeline(DiffusionPipeline):
                              f"got a list of {len(generator)}")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
-        if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
+        self.check_guidance_scale(guidance_scale)
         guided = guidance_scale != 1.0
-        if guided and self.config.null_class_label is None:
-            raise ValueError(f"guidance_scale {guidance_scale} needs a class-conditional model trained with label "
-                             "dropout (class_dropout_prob > 0, which adds the null class); this one has no null class")
         device = self._execution_device
         labels = self._class_label_tensor(class_labels, batch_size)
         if guided:

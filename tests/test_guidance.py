@@ -111,3 +111,14 @@ def test_guidance_pulls_samples_towards_their_class(tmp_path):
 
     unguided, guided = colour_error(1.0), colour_error(4.0)
     assert guided < unguided, (guided, unguided)
+
+
+def test_the_imagenet256_configs_resolve():
+    from unet_dcnv4.training import load_config
+
+    dcnv4, conv = (load_config(REPO / "configs" / f"imagenet256_{m}.yaml") for m in ("dcnv4", "conv"))
+    assert (dcnv4.resolution, dcnv4.class_conditional, dcnv4.class_dropout_prob) == (256, True, 0.1)
+    assert dcnv4.vae == "stabilityai/sd-vae-ft-ema" and dcnv4.mixed_precision == "bf16"
+    assert {k: v for k, v in vars(dcnv4).items() if k not in ("model_type", "output_dir")} == \
+           {k: v for k, v in vars(conv).items() if k not in ("model_type", "output_dir")}
+    assert train_ldm.main(["--config", str(REPO / "configs" / "imagenet256_dcnv4.yaml"), "--dry_run"]) == 0

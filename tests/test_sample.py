@@ -184,3 +184,29 @@ def test_fp16_keeps_a_force_upcast_vae_in_fp32():
     assert pipe.vae.dtype == torch.float16
     sampling.to_precision(pipe, "cpu", "bf16")
     assert pipe.unet.dtype == pipe.vae.dtype == torch.bfloat16
+
+
+def test_guidance_is_recorded_and_refused_without_a_null_class(pipeline_dir, tmp_path, capsys):
+    assert sample.main(_args(pipeline_dir, tmp_path / "g", 2, "--guidance_scale", "2")) == 2
+    err = capsys.readouterr().err
+    assert "needs a class-conditional model trained with label dropout" in err and err.count("\n") == 1
+    guided = tmp_path / "guided_pipeline"
+    tiny_pipeline(num_class_embeds=3, null_class=True).save_pretrained(guided)
+    assert sample.main([str(guided), *_args(pipeline_dir, tmp_path / "g", 2, "--guidance_scale", "2")[1:]]) == 0
+    assert json.loads((tmp_path / "g" / "manifest.json").read_text())["guidance_scale"] == 2.0
+
+
+def test_class_mix_follows_the_training_frequencies_or_is_uniform():
+    pipe = tiny_pipeline(num_class_embeds=3, class_counts=[8, 0, 2])
+    counts = sampling.class_counts_for(pipe, "data")
+    labels = [sampling.class_label_for(i, None, 3, seed=0, class_counts=counts) for i in range(2000)]
+    assert labels.count(1) == 0 and 0.75 < labels.count(0) / 2000 < 0.85
+    assert labels == [sampling.class_label_for(i, None, 3, seed=0, class_counts=counts) for i in range(2000)]
+    assert sampling.class_counts_for(pipe, "uniform") is None
+    assert [sampling.class_label_for(i, None, 3) for i in range(6)] == [0, 1, 2, 0, 1, 2]
+    manifest = sampling.sample_manifest(pipe, "x", "ddim", 2, 0, "no", None, class_mix="data")
+    assert manifest["class_mix"] == "data"
+    assert sampling.sample_manifest(tiny_pipeline(num_class_embeds=3), "x", "ddim", 2, 0, "no", None)["class_mix"] \
+        == "uniform"
+    with pytest.raises(ValueError, match="class_mix must be one of"):
+        sampling.class_counts_for(pipe, "balanced")

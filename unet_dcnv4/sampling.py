@@ -123,6 +123,8 @@ def sample_manifest(pipe, source: str, sampler: str, num_inference_steps: int, s
                     guidance_scale: float = 1.0, class_mix: str = "data") -> dict:
     """What identifies a folder of samples: the model (source and weights) and every sampling setting.
 
+    Raises ValueError when the pipeline cannot sample with `guidance_scale`, before any folder is touched.
+
     Args:
         pipe: the pipeline that samples (its weights are hashed).
         source: the pipeline or checkpoint folder it came from (recorded as an absolute path).
@@ -133,6 +135,7 @@ def sample_manifest(pipe, source: str, sampler: str, num_inference_steps: int, s
         guidance_scale: classifier-free guidance scale (1.0: none).
         class_mix: "data" or "uniform" (see `class_label_for`); recorded as what it resolves to for this pipeline.
     """
+    pipe.check_guidance_scale(guidance_scale)
     return {
         "source": os.path.abspath(source),
         "weights": pipeline_fingerprint(pipe),
