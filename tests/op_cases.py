@@ -1,9 +1,10 @@
-"""Op cases and dtype tolerances shared by the kernel tests (test_cuda.py on a GPU, test_cuda_emulated.py on the
-CPU through the emulator): each case and tolerance is written once here."""
+"""Op cases, dtype tolerances and a recorder of the op's calls shared by the op tests (test_ops.py, test_cuda.py on a
+GPU, test_cuda_emulated.py on the CPU through the emulator, test_modules.py): each is written once here."""
 
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from unet_dcnv4.ops import output_size
 from unet_dcnv4.ops.reference import pair
@@ -72,3 +73,17 @@ CASES = {
     # clip, and corners past the region's margin.
     "28x28_tiles": dict(N=2, H=28, W=28, G=1, D=16),
 }
+
+
+class OpLog(TorchDispatchMode):
+    """Records the calls of the compiled op, forward and backward, as (name, arguments after the tensors)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "unet_dcnv4":
+            tensors = 3 if "backward" in func.name() else 2
+            self.calls.append((func.name().split("::")[-1], args[tensors:]))
+        return func(*args, **(kwargs or {}))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_pipeline import tiny_pipeline
+from pipeline_cases import tiny_pipeline
 from unet_dcnv4 import comparison
 from unet_dcnv4.metrics import resolve_inception_weights
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_ops import OpLog
+from op_cases import OpLog
 from unet_dcnv4.modules import DCNv4, DCNv4Conv2d
 from unet_dcnv4.ops import dcnv4_reference
 

@@ -1,5 +1,6 @@
-"""The DCNv4 operator on the CPU: reference against a naive loop, kernels against the reference,
-gradients, torch.library registration, torch.compile, the build, and input validation."""
+"""The DCNv4 operator: reference against a naive loop, kernels against the reference, gradients, torch.library
+registration, torch.compile, the build, and input validation. Checks that take the `device` fixture run on the CPU
+and, where a GPU is visible, on CUDA (test_cuda.py holds the GPU-only checks)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from op_cases import OpLog
 from unet_dcnv4.ops import dcnv4, dcnv4_reference, load_extension, output_size
 from unet_dcnv4.ops.reference import pair, sampling_points
 
@@ -21,20 +22,6 @@ from unet_dcnv4.ops.reference import pair, sampling_points
 def _kernels():
     """Every test here exercises the compiled op unless it asks for the reference itself."""
     load_extension()
-
-
-class OpLog(TorchDispatchMode):
-    """Records the calls of the compiled op, forward and backward, as (name, arguments after the tensors)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "unet_dcnv4":
-            tensors = 3 if "backward" in func.name() else 2
-            self.calls.append((func.name().split("::")[-1], args[tensors:]))
-        return func(*args, **(kwargs or {}))
 
 
 def make_inputs(N, H, W, G, D, kernel_size=3, stride=1, padding=1, dilation=1, remove_center=False,
@@ -174,24 +161,25 @@ def test_kernel_forward_backward_matches_reference(shape, dtype):
     assert torch.all(grads[1][..., used:K] == 0)
 
 
-def test_padding_channels_get_zero_gradient():
+def test_padding_channels_get_zero_gradient(device):
     value, offset_mask, args = run_case(SHAPES[1], torch.float32)
-    offset_mask.requires_grad_(True)
+    value, offset_mask = value.to(device), offset_mask.to(device).requires_grad_(True)
     dcnv4(value, offset_mask, *args).square().sum().backward()
     assert torch.all(offset_mask.grad[..., -5:] == 0)
     assert offset_mask.grad[..., :-5].abs().sum() > 0
 
 
-def test_offsets_far_outside_give_zero():
+def test_offsets_far_outside_give_zero(device):
     value, offset_mask, args = run_case(SHAPES[0], torch.float32)
     offset_mask[..., : 2 * 9] = 1e6
     offset_mask[..., 27: 27 + 2 * 9] = -1e6
-    out = dcnv4(value, offset_mask, *args)
+    out = dcnv4(value.to(device), offset_mask.to(device), *args)
     assert torch.all(out == 0)
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs(device):
     value, offset_mask, args = run_case(SHAPES[0], torch.float64)
+    value, offset_mask = value.to(device), offset_mask.to(device)
     value_nc = value.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)  # (N, H, W, C) view of NCHW memory
     wide = torch.cat([offset_mask, offset_mask], dim=-1)[..., ::2]  # strided last dim
     wide.copy_(offset_mask)
@@ -200,15 +188,16 @@ def test_non_contiguous_inputs():
                                rtol=1e-10, atol=1e-10)
 
 
-def test_gradcheck_float64():
+def test_gradcheck_float64(device):
     value, offset_mask, args = run_case((1, 5, 4, 2, 3, 3, 1, 1, 1, False, 2, 1.3, 0.8), torch.float64, seed=5)
-    value.requires_grad_(True)
-    offset_mask.requires_grad_(True)
+    value = value.to(device).requires_grad_(True)
+    offset_mask = offset_mask.to(device).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda v, om: dcnv4(v, om, *args), (value, offset_mask), eps=1e-6, atol=1e-6)
 
 
-def test_opcheck():
+def test_opcheck(device):
     value, offset_mask, args = run_case(SHAPES[0], torch.float32)
+    value, offset_mask = value.to(device), offset_mask.to(device)
     k, s, p, d, G, scale, rc = args
     op_args = (value, offset_mask, list(pair(k, "k")), list(pair(s, "s")), list(pair(p, "p")), list(pair(d, "d")),
                G, scale, rc)
@@ -216,7 +205,7 @@ def test_opcheck():
     value.requires_grad_(True)
     offset_mask.requires_grad_(True)
     torch.library.opcheck(torch.ops.unet_dcnv4.dcnv4_forward.default, op_args)
-    grad = torch.randn(value.shape[0], value.shape[1], value.shape[2], value.shape[3])
+    grad = torch.randn(value.shape, device=device)
     torch.library.opcheck(torch.ops.unet_dcnv4.dcnv4_backward.default, (grad, value.detach(), offset_mask.detach(),
                                                                         *op_args[2:]))
     # The backward-kernel argument, given: fake kernels, autograd and schema take it too.
@@ -225,9 +214,10 @@ def test_opcheck():
                                                                         *op_args[2:], "tiled"))
 
 
-def test_torch_compile_fullgraph():
+def test_torch_compile_fullgraph(device):
     value, offset_mask, args = run_case(SHAPES[0], torch.float32)
-    weight = torch.randn(value.shape[-1], value.shape[-1])
+    value, offset_mask = value.to(device), offset_mask.to(device)
+    weight = torch.randn(value.shape[-1], value.shape[-1], device=device)
 
     def f(v, om):
         return torch.relu(dcnv4(v @ weight, om, *args)).sum(dim=-1)

@@ -2,88 +2,45 @@
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers import DDPMScheduler, DiffusionPipeline
 
+from pipeline_cases import load_in_fresh_process, run_pipeline, save_for_fresh_load, tiny_pipeline
 from pipelines import SAMPLERS, LatentDiffusionPipeline, make_scheduler
-
-
-def tiny_pipeline(num_class_embeds=None, sampler="ddim", seed=0, null_class=False,
-                  class_counts=None) -> LatentDiffusionPipeline:
-    """A pipeline small enough for CPU tests: 8x8x4 latents decoded to 16x16 RGB. With `null_class`, the unet has
-    one more class embedding, the null class of classifier-free guidance."""
-    torch.manual_seed(seed)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-        num_class_embeds=None if num_class_embeds is None else num_class_embeds + int(null_class),
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-        scaling_factor=0.5,
-    )
-    scheduler = make_scheduler(sampler, DDPMScheduler(num_train_timesteps=100))
-    pipe = LatentDiffusionPipeline(unet.eval(), vae.eval(), scheduler,
-                                   null_class_label=num_class_embeds if null_class else None, class_counts=class_counts)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _run(pipe, **kwargs):
-    kwargs.setdefault("generator", torch.Generator().manual_seed(0))
-    kwargs.setdefault("num_inference_steps", 3)
-    kwargs.setdefault("batch_size", 2)
-    return pipe(**kwargs).images
 
 
 def test_output_types_and_shapes():
     pipe = tiny_pipeline()
-    images = _run(pipe, output_type="np")
+    images = run_pipeline(pipe, output_type="np")
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.float32
     assert images.min() >= 0 and images.max() <= 1
-    latents = _run(pipe, output_type="latent")
+    latents = run_pipeline(pipe, output_type="latent")
     assert latents.shape == (2, 4, 8, 8)
-    pil = _run(pipe, output_type="pil")
+    pil = run_pipeline(pipe, output_type="pil")
     assert len(pil) == 2 and pil[0].size == (16, 16)
     as_tuple = pipe(batch_size=2, num_inference_steps=3, output_type="np", return_dict=False)
     assert isinstance(as_tuple, tuple) and as_tuple[0].shape == (2, 16, 16, 3)
     with pytest.raises(ValueError, match="output_type"):
-        _run(pipe, output_type="tensor")
+        run_pipeline(pipe, output_type="tensor")
 
 
 def test_latents_are_unscaled_before_decoding():
     pipe = tiny_pipeline()
-    latents = _run(pipe, output_type="latent")
+    latents = run_pipeline(pipe, output_type="latent")
     with torch.no_grad():
         expected = pipe.vae.decode(latents / 0.5).sample
     expected = (expected / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-    np.testing.assert_allclose(_run(pipe, output_type="np"), expected, atol=1e-6)
+    np.testing.assert_allclose(run_pipeline(pipe, output_type="np"), expected, atol=1e-6)
 
 
 def test_fixed_generator_is_deterministic_and_seed_matters():
     pipe = tiny_pipeline()
-    a = _run(pipe, output_type="np")
-    b = _run(pipe, output_type="np")
-    c = _run(pipe, output_type="np", generator=torch.Generator().manual_seed(1))
+    a = run_pipeline(pipe, output_type="np")
+    b = run_pipeline(pipe, output_type="np")
+    c = run_pipeline(pipe, output_type="np", generator=torch.Generator().manual_seed(1))
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - c).max() > 1e-3
 
@@ -91,8 +48,8 @@ def test_fixed_generator_is_deterministic_and_seed_matters():
 def test_per_image_generators_make_images_independent_of_the_batch():
     pipe = tiny_pipeline()
     gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
-    together = _run(pipe, batch_size=3, generator=gens([5, 6, 7]), output_type="np")
-    alone = _run(pipe, batch_size=1, generator=gens([6]), output_type="np")
+    together = run_pipeline(pipe, batch_size=3, generator=gens([5, 6, 7]), output_type="np")
+    alone = run_pipeline(pipe, batch_size=1, generator=gens([6]), output_type="np")
     np.testing.assert_allclose(together[1:2], alone, atol=1e-5)
 
 
@@ -104,9 +61,9 @@ def test_each_sampler_runs_and_keeps_the_training_schedule(sampler):
     assert scheduler.config.prediction_type == "v_prediction"
     assert scheduler.config.beta_schedule == "squaredcos_cap_v2"
     pipe = tiny_pipeline(sampler=sampler)
-    images = _run(pipe, output_type="np", num_inference_steps=4)
+    images = run_pipeline(pipe, output_type="np", num_inference_steps=4)
     assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
-    np.testing.assert_array_equal(images, _run(pipe, output_type="np", num_inference_steps=4))
+    np.testing.assert_array_equal(images, run_pipeline(pipe, output_type="np", num_inference_steps=4))
 
 
 def test_samplers_never_clip_latents():
@@ -131,33 +88,33 @@ def test_make_scheduler_rejects_unknown_names():
 
 def test_class_labels():
     pipe = tiny_pipeline(num_class_embeds=3)
-    a = _run(pipe, output_type="np", class_labels=[0, 2])
-    b = _run(pipe, output_type="np", class_labels=[1, 1])
-    same = _run(pipe, output_type="np", class_labels=1)
+    a = run_pipeline(pipe, output_type="np", class_labels=[0, 2])
+    b = run_pipeline(pipe, output_type="np", class_labels=[1, 1])
+    same = run_pipeline(pipe, output_type="np", class_labels=1)
     assert np.abs(a - b).max() > 1e-4
     np.testing.assert_array_equal(b, same)
     with pytest.raises(ValueError, match="class_labels are required"):
-        _run(pipe, output_type="np")
+        run_pipeline(pipe, output_type="np")
     with pytest.raises(ValueError, match=r"lie in \[0, 3\)"):
-        _run(pipe, output_type="np", class_labels=[0, 3])
+        run_pipeline(pipe, output_type="np", class_labels=[0, 3])
     with pytest.raises(ValueError, match="unconditional"):
-        _run(tiny_pipeline(), output_type="np", class_labels=[0, 1])
+        run_pipeline(tiny_pipeline(), output_type="np", class_labels=[0, 1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision(dtype):
     pipe = tiny_pipeline()
-    reference = _run(pipe, output_type="np")
+    reference = run_pipeline(pipe, output_type="np")
     pipe.to(dtype)
     assert pipe.unet.dtype == dtype and pipe.vae.dtype == dtype
-    images = _run(pipe, output_type="np")
+    images = run_pipeline(pipe, output_type="np")
     assert images.dtype == np.float32 and np.isfinite(images).all()
     assert np.abs(images - reference).max() < 0.1
 
 
 def test_save_and_load_with_diffusion_pipeline(tmp_path):
     pipe = tiny_pipeline(num_class_embeds=3, sampler="dpmsolver++")
-    expected = _run(pipe, output_type="np", class_labels=[0, 2])
+    expected = run_pipeline(pipe, output_type="np", class_labels=[0, 2])
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline_latent_diffusion", "LatentDiffusionPipeline"]
@@ -167,12 +124,12 @@ def test_save_and_load_with_diffusion_pipeline(tmp_path):
     assert type(loaded).__name__ == "LatentDiffusionPipeline"
     assert type(loaded.scheduler).__name__ == "DPMSolverMultistepScheduler"
     loaded.set_progress_bar_config(disable=True)
-    np.testing.assert_array_equal(_run(loaded, output_type="np", class_labels=[0, 2]), expected)
+    np.testing.assert_array_equal(run_pipeline(loaded, output_type="np", class_labels=[0, 2]), expected)
 
     direct = LatentDiffusionPipeline.from_pretrained(tmp_path)
     assert type(direct) is LatentDiffusionPipeline
     direct.set_progress_bar_config(disable=True)
-    np.testing.assert_array_equal(_run(direct, output_type="np", class_labels=[0, 2]), expected)
+    np.testing.assert_array_equal(run_pipeline(direct, output_type="np", class_labels=[0, 2]), expected)
 
 
 def test_dcnv4_unet_round_trips_through_the_pipeline_folder(tmp_path):
@@ -181,62 +138,14 @@ def test_dcnv4_unet_round_trips_through_the_pipeline_folder(tmp_path):
     pipe = tiny_pipeline()
     torch.manual_seed(0)
     pipe.register_modules(unet=build_unet("dcnv4", "tiny", sample_size=8).eval())
-    expected = _run(pipe, output_type="np", num_inference_steps=2)
+    expected = run_pipeline(pipe, output_type="np", num_inference_steps=2)
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["unet"] == ["unet_dcnv4.unet", "DCNv4UNet2DModel"]
     loaded = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)
     assert isinstance(loaded.unet, DCNv4UNet2DModel)
     loaded.set_progress_bar_config(disable=True)
-    np.testing.assert_array_equal(_run(loaded, output_type="np", num_inference_steps=2), expected)
-
-
-# Loads saved pipeline folders in a process that has imported nothing of this project, as a user's script
-# would, and compares each one's images with those the saving process made. Prints the module each U-Net
-# class came from and where unet_dcnv4 was imported from.
-FRESH_LOAD = """
-import sys
-import numpy as np
-import torch
-from diffusers import DiffusionPipeline
-assert not [m for m in sys.modules if m.split(".")[0] in ("unet_dcnv4", "pipelines")], "imported beforehand"
-if sys.argv[1] == "--without-package":
-    class NotInstalled:  # what the import system says when the package is not installed
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "unet_dcnv4":
-                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-    sys.meta_path.insert(0, NotInstalled())
-    try:
-        DiffusionPipeline.from_pretrained(sys.argv[2], trust_remote_code=True)
-    except ImportError as err:
-        print("ImportError:", err)
-    sys.exit(0)
-for folder in sys.argv[1:]:
-    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
-    pipe.set_progress_bar_config(disable=True)
-    images = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
-                  output_type="np").images
-    np.testing.assert_array_equal(images, np.load(folder + "/expected.npy"))
-    print(type(pipe).__name__, type(pipe.unet).__module__, type(pipe.unet).__name__)
-print("unet_dcnv4 from", sys.modules["unet_dcnv4"].__file__)
-"""
-
-
-def load_in_fresh_process(args, cwd, env=None) -> str:
-    """Run FRESH_LOAD with `args` in a new interpreter; returns its stdout (asserting it succeeded).
-    Remote code goes to a module cache under cwd, not the user's."""
-    env = dict(os.environ if env is None else env, HF_HOME=str(Path(cwd) / "hf_home"), HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-c", FRESH_LOAD, *map(str, args)], capture_output=True, text=True,
-                            cwd=cwd, env=env, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
-
-
-def save_for_fresh_load(pipe, folder) -> None:
-    """save_pretrained, plus the images FRESH_LOAD expects from the folder."""
-    images = _run(pipe, output_type="np", num_inference_steps=2)
-    pipe.save_pretrained(folder)
-    np.save(Path(folder) / "expected.npy", images)
+    np.testing.assert_array_equal(run_pipeline(loaded, output_type="np", num_inference_steps=2), expected)
 
 
 def test_saved_folders_load_in_a_fresh_process(tmp_path):
@@ -266,10 +175,10 @@ def test_guidance_is_one_batched_call_combining_conditional_and_null_predictions
     calls = []
     hook = pipe.unet.register_forward_hook(lambda module, args, kwargs, out: calls.append(
         (args[0].shape[0], kwargs["class_labels"].tolist())), with_kwargs=True)
-    plain = _run(pipe, class_labels=[0, 2], output_type="latent", num_inference_steps=2)
+    plain = run_pipeline(pipe, class_labels=[0, 2], output_type="latent", num_inference_steps=2)
     assert calls == [(2, [0, 2])] * 2
     calls.clear()
-    guided = _run(pipe, class_labels=[0, 2], output_type="latent", num_inference_steps=2, guidance_scale=4.0)
+    guided = run_pipeline(pipe, class_labels=[0, 2], output_type="latent", num_inference_steps=2, guidance_scale=4.0)
     assert calls == [(4, [0, 2, 3, 3])] * 2
     hook.remove()
     assert not torch.allclose(plain, guided)
@@ -277,7 +186,7 @@ def test_guidance_is_one_batched_call_combining_conditional_and_null_predictions
     # One step by hand: the scheduler steps with uncond + s * (cond - uncond).
     from diffusers.utils.torch_utils import randn_tensor
 
-    guided = _run(pipe, class_labels=[0, 2], output_type="latent", num_inference_steps=1, guidance_scale=4.0)
+    guided = run_pipeline(pipe, class_labels=[0, 2], output_type="latent", num_inference_steps=1, guidance_scale=4.0)
     x = randn_tensor((2, 4, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.float32)
     x = x * pipe.scheduler.init_noise_sigma
     pipe.scheduler.set_timesteps(1)
@@ -292,13 +201,13 @@ def test_guidance_is_one_batched_call_combining_conditional_and_null_predictions
 def test_guidance_needs_the_null_class_and_the_null_class_is_not_a_class():
     pipe = tiny_pipeline(num_class_embeds=3)
     with pytest.raises(ValueError, match="guidance_scale 4.0 needs a class-conditional model trained with label"):
-        _run(pipe, class_labels=0, guidance_scale=4.0)
+        run_pipeline(pipe, class_labels=0, guidance_scale=4.0)
     guided = tiny_pipeline(num_class_embeds=3, null_class=True)
     assert guided.num_classes == 3 and guided.unet.config.num_class_embeds == 4
     with pytest.raises(ValueError, match=r"lie in \[0, 3\)"):
-        _run(guided, class_labels=3)
+        run_pipeline(guided, class_labels=3)
     with pytest.raises(ValueError, match="guidance_scale must be a number >= 0"):
-        _run(guided, class_labels=0, guidance_scale=-1.0)
+        run_pipeline(guided, class_labels=0, guidance_scale=-1.0)
     with pytest.raises(ValueError, match="null_class_label must be the unet's last class embedding"):
         LatentDiffusionPipeline(guided.unet, guided.vae, guided.scheduler, null_class_label=1)
 

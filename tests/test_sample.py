@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_pipeline import tiny_pipeline
+from pipeline_cases import tiny_pipeline
 from unet_dcnv4 import sampling
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from test_pipeline import load_in_fresh_process
+from pipeline_cases import load_in_fresh_process
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the wheel is not built from: version control, build outputs, caches, runs and data.
@@ -33,7 +33,7 @@ import pipelines
 import unet_dcnv4
 from unet_dcnv4.ops import _build, dcnv4, dcnv4_reference
 from unet_dcnv4.unet import build_unet
-from test_pipeline import save_for_fresh_load, tiny_pipeline
+from pipeline_cases import save_for_fresh_load, tiny_pipeline
 for where in (unet_dcnv4.__file__, pipelines.__file__, _build.CSRC):
     assert str(where).startswith(site), f"{where} is not in the wheel's folder {site}"
 
