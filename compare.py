@@ -13,6 +13,7 @@ import sys
 import time
 
 from pipelines import SAMPLERS
+from unet_dcnv4._checks import positive_int
 from unet_dcnv4.comparison import compare_arms
 from unet_dcnv4.sampling import CLASS_MIXES, PRECISIONS
 
@@ -67,9 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         if not all(arms):
             raise ValueError("give two positional run folders, or both --a RUN... and --b RUN...")
         for name in ("num_images", "num_inference_steps", "batch_size", "grid_images", "bootstrap"):
-            value = getattr(args, name)
-            if value is not None and value < 1:
-                raise ValueError(f"--{name} must be at least 1, got {value}")
+            if getattr(args, name) is not None:
+                positive_int(f"--{name}", getattr(args, name))
         compare_arms(arms, args.output_dir, samples_dir=args.samples_dir, reference=args.reference, num_images=args.num_images,
                      sampler=args.sampler, num_inference_steps=args.num_inference_steps, batch_size=args.batch_size,
                      seed=args.seed, mixed_precision=args.mixed_precision, cache_dir=args.cache_dir,

@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from diffusers.utils.logging import disable_progress_bar
 
 from pipelines import SAMPLERS, make_scheduler
+from unet_dcnv4._checks import positive_int
 from unet_dcnv4.sampling import (
     CLASS_MIXES, IMAGES_DIR, PRECISIONS, generate_samples, load_pipeline, prepare_sample_folder, sample_manifest, to_precision,
     write_grid, write_npz,
@@ -65,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     # Loading bars from every process would bury the one-line messages this script prints.
     disable_progress_bar()
     try:
-        for name in ("num_images", "num_inference_steps", "batch_size", "grid_images"):
-            if getattr(args, name) < (0 if name == "num_images" else 1):
-                raise ValueError(f"--{name} must be at least {0 if name == 'num_images' else 1}, "
-                                 f"got {getattr(args, name)}")
+        if args.num_images < 0:
+            raise ValueError(f"--num_images must be non-negative, got {args.num_images}")
+        for name in ("num_inference_steps", "batch_size", "grid_images"):
+            positive_int(f"--{name}", getattr(args, name))
         class_labels = parse_class_labels(args.class_labels)
         pipe = load_pipeline(args.source, use_ema=not args.no_ema)
         pipe.scheduler = make_scheduler(args.sampler, pipe.scheduler.config)

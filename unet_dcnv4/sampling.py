@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ._checks import positive_int
+
 __all__ = [
     "CLASS_MIXES", "IMAGES_DIR", "MANIFEST_FILE", "PRECISIONS", "SampleFolderMismatch", "class_counts_for",
     "class_label_for", "image_path",
@@ -230,8 +232,7 @@ def generate_samples(
     """
     if num_images < 0:
         raise ValueError(f"num_images must be non-negative, got {num_images}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    positive_int("batch_size", batch_size)
     num_classes = pipe.num_classes
     class_counts = class_counts_for(pipe, class_mix)
     if class_labels and num_classes is None:
