@@ -1,6 +1,8 @@
 """Tests of the DCNv4 U-Net and its conv baseline: shapes and gradients, which convs were swapped, exact
 save/load round trips, torch.compile, autocast, the size registry, the report and configuration errors."""
 
+import math
+
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
@@ -176,8 +178,26 @@ def test_model_report_counts_parameters_and_the_dcnv4_op():
     assert dcn["parameters"] == sum(p.numel() for p in build_unet("dcnv4", "tiny", 8).parameters())
     assert conv["dcnv4_gflops"] == 0 and conv["gflops"] > 0
     assert 0 < dcn["dcnv4_gflops"] < dcn["gflops"]
-    # The conv baseline's GFLOPs are its matmuls: conv_in alone is 2 * 8*8 * 32 * 4*9 multiply-adds.
-    assert conv["gflops"] > 2 * 8 * 8 * 32 * 4 * 9 / 1e9
+    # The conv baseline's GFLOPs are exactly its convs, linears and attention products (2 FLOPs a multiply-add).
+    from diffusers.models.attention_processor import Attention
+
+    model, counted = build_unet("conv", "tiny", 8), []
+
+    def count(module, args, out):
+        if isinstance(module, nn.Conv2d):
+            counted.append(2 * module.in_channels // module.groups * math.prod(module.kernel_size) * out.numel())
+        elif isinstance(module, nn.Linear):
+            counted.append(2 * module.in_features * out.numel())
+        else:  # QK^T and AV over the T = h * w tokens: 2 * 2 * T * T * inner_dim
+            tokens = math.prod(out.shape[2:])
+            counted.append(4 * out.shape[0] * tokens * tokens * module.inner_dim)
+
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear, Attention)):
+            m.register_forward_hook(count)
+    model(torch.zeros(1, 4, 8, 8), torch.tensor([1]))
+    expected = sum(counted)
+    assert model_report(model)["gflops"] * 1e9 == pytest.approx(expected, abs=0.5)
     layer = DCNv4Conv2d(32, 32)
     assert dcnv4_flops(layer, torch.empty(2, 8, 8, 32)) == 2 * 5 * 2 * 8 * 8 * 32 * 9
 

@@ -22,6 +22,7 @@ from diffusers.models.upsampling import Upsample2D
 # without ModelMixin in this namespace, a pipeline folder holding a DCNv4UNet2DModel would not load.
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from torch import nn
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from ._checks import positive_int
@@ -359,6 +360,15 @@ def dcnv4_flops(module: DCNv4, output: torch.Tensor) -> int:
     return 2 * 5 * N * H_out * W_out * module.channels * module.K
 
 
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    # torch's flop counter has formulas for the CUDA attention kernels but not for the CPU one, which it would
+    # count as zero: the same two matrix products, counted the same way. (The counter passes shapes.)
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+
+
 @torch.no_grad()
 def model_report(
     model_type_or_model: str | UNet2DModel,
@@ -408,7 +418,7 @@ def model_report(
         dcnv4_flops(m, out.permute(0, 2, 3, 1) if isinstance(m, DCNv4Conv2d) else out)))
         for m in model.modules() if isinstance(m, DCNv4)]
     try:
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter:
             model(x, torch.tensor([1], device=device), class_labels=labels)
     finally:
         for h in hooks:
