@@ -89,7 +89,7 @@ def test_one_run_per_arm_writes_json_markdown_and_figure(pair, tmp_path):
     assert diff["value"] == pytest.approx(dcnv4["fid_mean"] - conv["fid_mean"])
     assert diff["ci95"][0] <= diff["value"] <= diff["ci95"][1] and diff["ci95"][0] < diff["ci95"][1]
     assert diff["resampled"].startswith("sample sets only")
-    assert summary["verdict"] == comparison.verdict(["DCNv4", "conv"], diff["ci95"])
+    assert summary["verdict"] == diff["verdict"] == comparison.verdict(["DCNv4", "conv"], diff["ci95"])
     assert summary["budget"].startswith("equal widths, no budget matched")
     assert summary["inception_weights"] == resolve_inception_weights(str(out.parent / "cache"))["source"]
     assert "Verdict: " in (out / "comparison.md").read_text()

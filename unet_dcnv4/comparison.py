@@ -360,6 +360,7 @@ def compare_arms(
     # observed difference keeps their spread and drops that bias.
     low, high = observed + np.quantile(draws - draws.mean(), [0.025, 0.975])
     one_run = a["num_runs"] == 1 or b["num_runs"] == 1
+    conclusion = verdict([a["label"], b["label"]], (low, high))
     summary = {
         "arms": arms_out,
         "fid_difference": {
@@ -367,11 +368,12 @@ def compare_arms(
             "b": b["label"],
             "value": observed,
             "ci95": [float(low), float(high)],
+            "verdict": conclusion,
             "num_resamples": num_resamples,
             "resampled": "sample sets only (an arm has one run; seed-to-seed variation is not included)"
                          if one_run else "runs within each arm and the sample set of each run",
         },
-        "verdict": verdict([a["label"], b["label"]], (low, high)),
+        "verdict": conclusion,
         "budget": _budget_line(a, b),
         "allowed_differences": allowed,
         "sampler": sampler,
