@@ -171,3 +171,20 @@ def test_the_resampler_gives_torch_fidelitys_fid():
         assert resampler.fid(resampler.prepare(samples), index) == pytest.approx(expected, rel=1e-6)
         repeated = torch.zeros(n, dtype=torch.long)
         assert resampler.fid(resampler.prepare(samples), repeated) > expected
+
+
+def test_a_corrupt_reference_image_stops_or_is_skipped(folders, cache_dir, tmp_path, capsys):
+    import shutil
+
+    reference = tmp_path / "reference"
+    shutil.copytree(folders[0], reference)
+    (reference / "broken.png").write_bytes(b"not an image")
+    assert metrics.main([folders[0], str(reference), "--cache_dir", cache_dir]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after torch-fidelity's own progress lines
+    assert last.startswith("error: cannot read image") and "broken.png" in last and "skip_corrupt" in last
+    assert "Traceback" not in err
+    result = metrics.compute_fid_kid(folders[0], str(reference), cache_dir=cache_dir, device="cpu", verbose=False,
+                                     skip_corrupt=True)
+    assert result["skipped"] == [str(reference / "broken.png")] and result["num_reference"] == NUM_IMAGES
+    assert abs(result["fid"]) < 1e-2

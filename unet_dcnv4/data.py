@@ -7,6 +7,7 @@ and `LatentDataset` serves them so that training draws a fresh latent from them 
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
 import json
 import math
@@ -91,6 +92,24 @@ def read_image(path: str) -> Image.Image:
         raise CorruptImageError(
             f"cannot read image {path}: {err}; set skip_corrupt: true to skip unreadable files"
         ) from err
+
+
+def split_readable(items: list, read, name) -> tuple[list, list[str]]:
+    """(the items whose image decodes, the names of those whose image does not), for `skip_corrupt`.
+
+    Args:
+        items: what names each image (paths, indices).
+        read: item -> decoded image; raises `CorruptImageError` for an unreadable one.
+        name: item -> how the skipped item is reported (its file path).
+    """
+    readable, skipped = [], []
+    for item in items:
+        try:
+            read(item)
+            readable.append(item)
+        except CorruptImageError:
+            skipped.append(name(item))
+    return readable, skipped
 
 
 def is_image_file(name: str) -> bool:
@@ -195,13 +214,8 @@ class ImageFolderDataset(_ImageDataset):
 
         self.skipped: list[str] = []
         if skip_corrupt:
-            readable = []
-            for rel in files:
-                try:
-                    read_image(os.path.join(root, rel))
-                    readable.append(rel)
-                except CorruptImageError:
-                    self.skipped.append(os.path.join(root, rel))
+            path = functools.partial(os.path.join, root)
+            readable, self.skipped = split_readable(files, lambda rel: read_image(path(rel)), path)
             if self.skipped:
                 warnings.warn(f"skipped {len(self.skipped)} unreadable image(s) under {root}, first {self.skipped[0]}")
             if not readable:
@@ -371,13 +385,7 @@ class HFImageDataset(_ImageDataset):
         self.indices = list(range(len(loaded)))
         self.skipped: list[str] = []
         if skip_corrupt:
-            readable = []
-            for i in self.indices:
-                try:
-                    self._image(i)
-                    readable.append(i)
-                except CorruptImageError:
-                    self.skipped.append(f"{name_or_path}[{i}]")
+            readable, self.skipped = split_readable(self.indices, self._image, lambda i: f"{name_or_path}[{i}]")
             if self.skipped:
                 warnings.warn(f"skipped {len(self.skipped)} unreadable image(s) in {name_or_path}")
             self.indices = readable

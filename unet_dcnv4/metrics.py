@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ._checks import positive_int
-from .data import IMAGE_EXTENSIONS, CorruptImageError, list_image_files, read_image, to_rgb
+from .data import IMAGE_EXTENSIONS, list_image_files, read_image, split_readable, to_rgb
 
 TORCH_FIDELITY_EXTRACTOR = "inception-v3-compat"
 FID_HELPER_EXTRACTOR = "inception-v3-compat-fid-helper"
@@ -206,14 +206,7 @@ class ImageFolderForMetrics(Dataset):
         paths = list(folder) if isinstance(folder, (list, tuple)) else list_images(folder)
         self.skipped: list[str] = []
         if skip_corrupt:
-            readable = []
-            for path in paths:
-                try:
-                    read_image(path)
-                    readable.append(path)
-                except CorruptImageError:
-                    self.skipped.append(path)
-            paths = readable
+            paths, self.skipped = split_readable(paths, read_image, str)
         self.paths = paths[:limit]
         if not self.paths:
             raise ValueError(f"image folder {folder!r} holds no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
