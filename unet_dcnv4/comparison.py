@@ -501,7 +501,7 @@ def write_figure(summary: dict, path: str) -> None:
     arms = summary["arms"]
     with_curve = any(len(run["fid_curve"]) > 1 for arm in arms for run in arm["runs"])
     panels = len(arms) + 2 * int(with_curve)
-    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 5.2), squeeze=False)
     for ax, arm in zip(axes[0], arms):
         ax.imshow(Image.open(arm["grid"]))
         ax.set_title(f"{arm['label']}\nFID {arm['fid_mean']:.2f} +- {arm['fid_std']:.2f} ({arm['num_runs']} runs)",
