@@ -108,11 +108,13 @@ def bench_layers(device, batch, dtypes, warmup, iters, group_channels) -> list[d
 
 def bench_unets(device, size, sample_size, batch, dtypes, warmup, iters, group_channels) -> list[dict]:
     """One AdamW training step (noise-prediction MSE) of the DCNv4 U-Net (without and with
-    recompute_value) and the conv U-Net."""
+    recompute_value, and widened to the conv U-Net's parameters) and the conv U-Net."""
     rows = []
-    for name in ("dcnv4", "dcnv4_rv", "conv"):  # dcnv4_rv: the DCNv4 U-Net with recompute_value
+    # dcnv4_rv: the DCNv4 U-Net with recompute_value; dcnv4_mp: with match: params.
+    for name in ("dcnv4", "dcnv4_rv", "dcnv4_mp", "conv"):
         torch.manual_seed(0)
-        model = build_unet(name.split("_")[0], size, sample_size, group_channels=group_channels)
+        options = dict(match="params") if name == "dcnv4_mp" else {}
+        model = build_unet(name.split("_")[0], size, sample_size, group_channels=group_channels, **options)
         if name == "dcnv4_rv":
             model.enable_value_recompute()
         model = model.to(device, memory_format=torch.channels_last).train()
@@ -164,7 +166,7 @@ def _table(rows: list[dict]) -> str:
                          f"{r['state_mib']:>10.1f}")
         for dname in dict.fromkeys(r["dtype"] for r in unet_rows):
             by_model = {r["model"]: r for r in unet_rows if r["dtype"] == dname}
-            for dcn in ("dcnv4", "dcnv4_rv"):
+            for dcn in ("dcnv4", "dcnv4_rv", "dcnv4_mp"):
                 if dcn not in by_model or "conv" not in by_model:
                     continue
                 d, c = by_model[dcn], by_model["conv"]

@@ -49,12 +49,14 @@ def test_bench_unet_on_cpu_reports_memory_and_ratios(tmp_path, capsys):
                             "--unet_batch", "2", "--dtypes", "bf16", "--iters", "1", "--warmup", "0",
                             "--out", str(out)]) == 0
     rows = {r["model"]: r for r in json.loads(out.read_text())["results"]}
-    assert set(rows) == {"dcnv4", "dcnv4_rv", "conv"}
+    assert set(rows) == {"dcnv4", "dcnv4_rv", "dcnv4_mp", "conv"}
+    assert abs(rows["dcnv4_mp"]["parameters"] / rows["conv"]["parameters"] - 1) <= 0.05
     assert all(r["saved_mib"] > 0 and r["state_mib"] > 0 and r["peak_mib"] is None for r in rows.values())
     assert rows["dcnv4_rv"]["saved_mib"] < rows["dcnv4"]["saved_mib"]
     assert rows["dcnv4_rv"]["parameters"] == rows["dcnv4"]["parameters"]
     printed = capsys.readouterr().out
     assert "dcnv4/conv bf16: img/s" in printed and "dcnv4_rv/conv bf16: img/s" in printed
+    assert "dcnv4_mp/conv bf16: img/s" in printed
 
 
 def test_saved_mib_counts_what_autograd_keeps():
