@@ -336,7 +336,8 @@ def test_gradient_accumulation_matches_the_larger_batch(assets, tmp_path, monkey
     """
     import torch.nn.functional as F
 
-    def per_item_noise_loss(model, noise_scheduler, batch, generator, prediction_type, class_conditional):
+    def per_item_noise_loss(model, noise_scheduler, batch, generator, prediction_type, class_conditional,
+                            *label_dropout):
         latents = batch["mean"]  # (B, c, h, w)
         noise = torch.sin(latents * 12.9898 + 78.233)  # (B, c, h, w)
         timesteps = (latents.flatten(1).abs().sum(1) * 997).long() % noise_scheduler.config.num_train_timesteps
