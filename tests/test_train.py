@@ -475,3 +475,23 @@ def test_kill_during_checkpointing_loses_nothing(assets, tmp_path):
         assert cfg.model_type == "conv" and latest.name.startswith(f"checkpoint-{state['step']}") and weights(latest)
         assert train_ldm.main(args(assets, run, 2, **common) + ["--resume_from_checkpoint", "latest"]) == 0, point
         assert_same(expected, weights(training.latest_checkpoint(run / "checkpoints")))
+
+
+@pytest.mark.slow
+def test_a_corrupt_image_stops_every_process(assets, tmp_path):
+    """One process meets the unreadable image while caching latents; every process stops with the error line
+    (none is left waiting at a barrier for the launcher to tear it down)."""
+    images = tmp_path / "images"
+    shutil.copytree(assets / "images", images)
+    (images / "a" / "broken.png").write_bytes(b"not an image")  # in the second process's half of the files
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), str(REPO / "train_ldm.py"),
+               *args(assets, tmp_path / "run", 1, model_type="conv", data_source=str(images),
+                     latent_cache_dir=str(tmp_path / "latents"))]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=150)
+    # Both processes stop with the one-line error (their lines may interleave on the shared stderr).
+    assert result.returncode != 0 and result.stderr.count("train_ldm.py: error: cannot read image") == 2, \
+        result.stderr[-3000:]
+    assert "broken.png" in result.stderr

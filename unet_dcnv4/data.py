@@ -647,11 +647,24 @@ def build_latent_cache(
     share = list(range(rank * n // world, (rank + 1) * n // world))
     was_training = getattr(vae, "training", False)
     vae.eval()
+    failure = None
     try:
         shards, stats = _encode_share(dataset, vae, share, flips, batch_size, num_workers, shard_size,
                                       build_dir, rank, show=is_main)
+    except CorruptImageError as err:
+        failure = err
     finally:
         vae.train(was_training)
+    if world > 1:
+        # An unreadable image stops every process with its message, not only the one that met it: the others
+        # would otherwise wait at the next barrier until the launcher tears them down or the group times out.
+        from accelerate.utils import gather_object
+
+        failures = [f for f in gather_object([None if failure is None else str(failure)]) if f is not None]
+        if failures:
+            raise failure or CorruptImageError(failures[0])
+    elif failure is not None:
+        raise failure
     with open(os.path.join(build_dir, f"part-r{rank:03d}.json"), "w") as f:
         json.dump({"shards": shards, "stats": stats}, f)
     if accelerator is not None:
