@@ -243,6 +243,7 @@ def compare_arms(
 
     from .data import build_image_dataset
     from .metrics import FrechetResampler, compute_fid_kid, list_images
+    from .sampling import write_grid
     from .unet import model_report
 
     if len(arms) != 2 or not all(arms):
@@ -345,7 +346,7 @@ def compare_arms(
             "train_steps": results[0]["train_steps"],
             "train_wall_time_s": _mean_std([r["train_wall_time_s"] for r in results])[0],
             "runs": results,
-            "grid": _grid(results[0]["samples"], num_images, grid_images),
+            "grid": write_grid(results[0]["samples"], num_images, grid_images),
         })
     a, b = arms_out
     for arm in arms_out:
@@ -430,12 +431,6 @@ def _sample(pipe, source: str, folder: str, use_ema: bool | None, device: str, s
         images_per_s = None
     return {"paths": sample_paths(folder, num_images), "images_per_s": images_per_s,
             "class_mix": manifest["class_mix"]}
-
-
-def _grid(folder: str, num_images: int, grid_images: int) -> str:
-    from .sampling import write_grid
-
-    return write_grid(folder, num_images, grid_images)
 
 
 def _budget_line(a: dict, b: dict) -> str:

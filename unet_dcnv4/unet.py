@@ -289,9 +289,10 @@ def matched_widths(
         raise ValueError(f"tolerance must be in (0, 1), got {tolerance!r}")
     if size not in UNET_SIZES:
         raise ValueError(f"size must be one of {list(UNET_SIZES)}, got {size!r}")
-    unknown = sorted(set(dcnv4_options) - set(DCNV4_OPTIONS) | ({"match"} & set(dcnv4_options)))
+    allowed = [o for o in DCNV4_OPTIONS if o != "match"]  # the options of the model being widened
+    unknown = sorted(set(dcnv4_options) - set(allowed))
     if unknown:
-        raise ValueError(f"unknown DCNv4 options {unknown}; allowed: {list(DCNV4_OPTIONS[:-1])}")
+        raise ValueError(f"unknown DCNv4 options {unknown}; allowed: {allowed}")
     key = json.dumps([size, sample_size, in_channels, out_channels, num_class_embeds, match, tolerance,
                       sorted((k, list(v) if isinstance(v, tuple) else v) for k, v in dcnv4_options.items())])
     return _matched_widths(key)
