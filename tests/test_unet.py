@@ -85,6 +85,29 @@ def test_save_pretrained_from_pretrained_is_bit_identical(tmp_path, num_class_em
         assert torch.equal(model(x, t, class_labels=labels).sample, loaded(x, t, class_labels=labels).sample)
 
 
+def test_every_dcnv4_option_reaches_the_saved_config_and_the_layers(tmp_path):
+    """Each design knob of the U-Net (all of DCNV4_OPTIONS but `match`, which resolves into the widths) is saved
+    in config.json with its non-default value, reloads, and changes the layers it names."""
+    import json
+
+    from unet_dcnv4.unet import DCNV4_OPTIONS
+
+    options = dict(replace=["resnet", "upsample"], group_channels=8, offset_scale=0.5, dw_kernel_size=3,
+                   remove_center=True, official_init=True)
+    assert set(options) == set(DCNV4_OPTIONS) - {"match"}
+    model = build_unet("dcnv4", "tiny", 8, **options)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert {k: saved[k] for k in options} == options
+    loaded = DCNv4UNet2DModel.from_pretrained(tmp_path)
+    layers = [m for m in loaded.modules() if isinstance(m, DCNv4Conv2d)]
+    assert layers and all((m.offset_scale, m.remove_center, m.group_channels) == (0.5, True, 8) for m in layers)
+    fresh = [m for m in model.modules() if isinstance(m, DCNv4Conv2d)]
+    assert all(torch.count_nonzero(m.offset_mask.bias) == 0 for m in fresh)  # official: every mask starts at 0
+    box = [m for m in build_unet("dcnv4", "tiny", 8).modules() if isinstance(m, DCNv4Conv2d)]
+    assert all(torch.count_nonzero(m.offset_mask.bias) > 0 for m in box)  # default: masks start at 1/K
+
+
 def test_impl_and_cuda_backward_are_saved_and_run(tmp_path, monkeypatch):
     """The saved config says which implementation ran; with impl="reference" the compiled op is never called."""
     import json

@@ -35,7 +35,8 @@ __all__ = ["DCNv4UNet2DModel", "UNET_SIZES", "REPLACEABLE", "DCNV4_OPTIONS", "MO
 REPLACEABLE = ("resnet", "conv_in", "conv_out", "downsample", "upsample")
 MODEL_TYPES = ("dcnv4", "conv")
 # `match` is not a model field: build_unet resolves it into block_out_channels, which the saved config records.
-DCNV4_OPTIONS = ("replace", "group_channels", "offset_scale", "dw_kernel_size", "remove_center", "match")
+DCNV4_OPTIONS = ("replace", "group_channels", "offset_scale", "dw_kernel_size", "remove_center", "official_init",
+                 "match")
 # What a matched-budget DCNv4 U-Net is widened to equal: the conv baseline's parameter count or its GFLOPs.
 BUDGETS = ("params", "flops")
 BUDGET_TOLERANCE = 0.05
@@ -102,6 +103,8 @@ class DCNv4UNet2DModel(UNet2DModel):
         offset_scale: DCNv4's offset scale.
         dw_kernel_size: depthwise conv kernel in the offset/mask branch, None for none.
         remove_center: drop the centre tap of each DCNv4.
+        official_init: initialise every DCNv4 layer as the official code does (all masks zero) instead of
+            the box-filter start (masks 1/K); see `DCNv4`.
         impl: which implementation of the op every DCNv4 layer runs, one of `unet_dcnv4.ops.IMPLS` (see `dcnv4`).
         cuda_backward: the CUDA backward kernel of every DCNv4 layer, one of `unet_dcnv4.ops.CUDA_BACKWARDS`.
             Both are recorded in the saved config, so it says what ran; configs saved without them load with the
@@ -144,6 +147,7 @@ class DCNv4UNet2DModel(UNet2DModel):
         offset_scale: float = 1.0,
         dw_kernel_size: int | None = None,
         remove_center: bool = False,
+        official_init: bool = False,
         impl: str = "auto",
         cuda_backward: str = "atomic",
     ):
@@ -165,7 +169,8 @@ class DCNv4UNet2DModel(UNet2DModel):
             num_train_timesteps=num_train_timesteps,
         )
         options = dict(group_channels=group_channels, offset_scale=offset_scale, dw_kernel_size=dw_kernel_size,
-                       remove_center=remove_center, impl=impl, cuda_backward=cuda_backward)
+                       remove_center=remove_center, official_init=official_init, impl=impl,
+                       cuda_backward=cuda_backward)
 
         def swap(conv: nn.Module) -> nn.Module:
             if not isinstance(conv, nn.Conv2d) or conv.kernel_size == (1, 1):
@@ -223,7 +228,7 @@ def build_unet(
         impl, cuda_backward: which implementation of the op and which CUDA backward kernel the DCNv4 layers run
             (`DCNv4UNet2DModel`); they change what runs, not the model, so `match` ignores them.
         **dcnv4_options: DCNv4 fields (`DCNV4_OPTIONS`: replace, group_channels, offset_scale,
-            dw_kernel_size, remove_center, match). Accepted and ignored for "conv", so that one call site
+            dw_kernel_size, remove_center, official_init, match). Accepted and ignored for "conv", so that one call site
             builds both models of a comparison.
     """
     if model_type not in MODEL_TYPES:
@@ -456,12 +461,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--offset_scale", type=float, default=1.0)
     parser.add_argument("--dw_kernel_size", type=int, default=None)
     parser.add_argument("--remove_center", action="store_true")
+    parser.add_argument("--official_init", action="store_true", help="all masks zero at initialisation")
     parser.add_argument("--report", action="store_true",
                         help="print parameters and GFLOPs of the DCNv4 model and the conv baseline side by side")
     parser.add_argument("--json", action="store_true", help="print the report (or the config) as JSON")
     args = parser.parse_args(argv)
     options = dict(replace=args.replace, group_channels=args.group_channels, offset_scale=args.offset_scale,
-                   dw_kernel_size=args.dw_kernel_size, remove_center=args.remove_center)
+                   dw_kernel_size=args.dw_kernel_size, remove_center=args.remove_center,
+                   official_init=args.official_init)
     try:
         if args.sample_size < 1:
             raise ValueError(f"--sample_size must be positive, got {args.sample_size}")
