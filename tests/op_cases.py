@@ -49,6 +49,14 @@ def rel_err(got, ref):
     return ((got - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
+def poison_allocator(like: torch.Tensor, copies: int = 2) -> None:
+    """Leave NaN-filled blocks of like's size as the only free memory of the caching allocator, so a
+    kernel that misses an element of its freshly allocated output leaves a NaN there."""
+    torch.cuda.empty_cache()
+    blocks = [torch.full_like(like, float("nan"), device="cuda") for _ in range(copies)]
+    del blocks
+
+
 CASES = {
     "13x9": dict(N=2, H=13, W=9, G=2, D=16),
     "7x7_D4": dict(N=2, H=7, W=7, G=4, D=4),
@@ -58,13 +66,16 @@ CASES = {
     "k5_D32": dict(N=1, H=10, W=8, G=1, D=32, kernel_size=5, padding=2),
     "k3x5": dict(N=1, H=9, W=12, G=2, D=16, kernel_size=(3, 5), padding=(1, 2)),
     "stride2": dict(N=2, H=12, W=11, G=2, D=8, stride=2),
-    "dilation2": dict(N=1, H=11, W=10, G=2, D=16, dilation=2, padding=2),
+    "dilation2": dict(N=1, H=11, W=10, G=2, D=16, dilation=2, padding=2, offset_scale=1.5),
     "remove_center": dict(N=1, H=8, W=9, G=2, D=16, remove_center=True),
     "scale_D1": dict(N=2, H=8, W=9, G=3, D=1, offset_scale=0.5),
     "D64": dict(N=1, H=6, W=7, G=2, D=64),
     "D36_scalar_half": dict(N=1, H=5, W=6, G=1, D=36),
     "D264_many_chunks": dict(N=1, H=4, W=5, G=1, D=264),
     "far_offsets": dict(N=2, H=7, W=7, G=2, D=16, far=True),
+    # An even, non-square kernel with unequal strides, dilations and paddings.
+    "k2x4_mixed": dict(N=1, H=5, W=6, G=1, D=16, kernel_size=(2, 4), stride=(2, 1), padding=(0, 1), dilation=(1, 2),
+                       extra_channels=8, offset_scale=0.25),
     "padded_P": dict(N=2, H=6, W=5, G=2, D=16, extra_channels=5),
     # Shapes where the official kernels straddle images (batch cut from 64, shape kept).
     "14x14x256_G16": dict(N=6, H=14, W=14, G=16, D=16),

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from op_cases import OpLog
+from op_cases import BWD_TOL, CASES, FWD_TOL, OpLog, call_args, make_case, poison_allocator, rel_err
 from unet_dcnv4.ops import dcnv4, dcnv4_reference, load_extension, output_size
 from unet_dcnv4.ops.reference import pair, sampling_points
 
@@ -22,20 +22,6 @@ from unet_dcnv4.ops.reference import pair, sampling_points
 def _kernels():
     """Every test here exercises the compiled op unless it asks for the reference itself."""
     load_extension()
-
-
-def make_inputs(N, H, W, G, D, kernel_size=3, stride=1, padding=1, dilation=1, remove_center=False,
-                extra_channels=0, offset_std=2.0, dtype=torch.float64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    kh, kw = pair(kernel_size, "kernel_size")
-    Ho, Wo = output_size(H, W, (kh, kw), pair(stride, "s"), pair(padding, "p"), pair(dilation, "d"))
-    K = kh * kw - int(remove_center)
-    value = torch.randn(N, H, W, G * D, generator=gen, dtype=torch.float64)
-    offset_mask = torch.randn(N, Ho, Wo, 3 * G * K + extra_channels, generator=gen, dtype=torch.float64)
-    used = offset_mask[..., : 3 * G * K].reshape(N, Ho, Wo, G, 3 * K)
-    used[..., : 2 * K] *= offset_std  # offsets are drawn wider than masks, as in the anchors
-    offset_mask[..., : 3 * G * K] = used.reshape(N, Ho, Wo, 3 * G * K)
-    return value.to(dtype), offset_mask.to(dtype)
 
 
 def naive_dcnv4(value, offset_mask, kernel_size, stride, padding, dilation, groups, offset_scale, remove_center):
@@ -73,38 +59,15 @@ def naive_dcnv4(value, offset_mask, kernel_size, stride, padding, dilation, grou
     return out
 
 
-# (N, H, W, G, D, kernel_size, stride, padding, dilation, remove_center, extra_channels, offset_std, offset_scale)
-SHAPES = [
-    (2, 13, 9, 2, 4, 3, 1, 1, 1, False, 0, 2.0, 1.0),
-    (1, 7, 7, 1, 24, 3, 1, 1, 1, True, 5, 2.0, 1.0),
-    (2, 1, 1, 3, 1, 3, 1, 1, 1, False, 0, 2.0, 1.0),
-    (0, 6, 5, 2, 4, 3, 1, 1, 1, False, 0, 2.0, 1.0),
-    (2, 6, 7, 2, 4, 1, 1, 0, 1, False, 2, 2.0, 1.0),
-    (1, 9, 8, 1, 4, 5, 1, 2, 1, False, 0, 2.0, 0.5),
-    (1, 8, 9, 2, 1, (3, 5), 1, (1, 2), 1, True, 0, 2.0, 1.0),
-    (2, 13, 9, 1, 4, 3, 2, 1, 1, False, 3, 2.0, 1.0),
-    (1, 11, 10, 2, 4, 3, 1, 2, 2, False, 0, 2.0, 1.5),
-    (1, 7, 7, 2, 4, 3, 1, 1, 1, False, 0, 40.0, 1.0),
-    (1, 5, 6, 1, 16, (2, 4), (2, 1), (0, 1), (1, 2), False, 8, 2.0, 0.25),
-]
-SHAPE_IDS = [f"N{s[0]}_{s[1]}x{s[2]}_G{s[3]}_D{s[4]}_k{s[5]}_s{s[6]}_d{s[8]}_rc{int(s[9])}" for s in SHAPES]
+def case(name: str, dtype=torch.float64, seed: int = 0):
+    """A shared case (op_cases.CASES) as (value, offset_mask, positional op arguments) in `dtype`."""
+    value, offset_mask, kwargs = make_case(**CASES[name], seed=seed)
+    return value.to(dtype), offset_mask.to(dtype), call_args(kwargs)
 
 
-def run_case(shape, dtype, seed=0):
-    N, H, W, G, D, k, s, p, d, rc, extra, std, scale = shape
-    value, offset_mask = make_inputs(N, H, W, G, D, k, s, p, d, rc, extra, std, dtype, seed)
-    args = (k, s, p, d, G, scale, rc)
-    return value, offset_mask, args
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item() if b.numel() else 0.0
-
-
-@pytest.mark.parametrize("shape", SHAPES[:4] + SHAPES[6:8], ids=SHAPE_IDS[:4] + SHAPE_IDS[6:8])
-def test_reference_matches_naive_loop(shape):
-    value, offset_mask, args = run_case(shape, torch.float64, seed=1)
+@pytest.mark.parametrize("name", ["13x9", "1x1", "batch0", "k3x5", "stride2", "remove_center", "k2x4_mixed"], ids=str)
+def test_reference_matches_naive_loop(name):
+    value, offset_mask, args = case(name, seed=1)
     ref = dcnv4_reference(value, offset_mask, *args)
     torch.testing.assert_close(ref, naive_dcnv4(value, offset_mask, *args), rtol=1e-12, atol=1e-12)
 
@@ -118,7 +81,7 @@ def test_sampling_points_are_column_major():
 def test_reference_equals_grid_sample():
     """The sampling equals grid_sample(zeros, align_corners=False) after x -> (2x+1)/W - 1."""
     N, H, W, D = 2, 6, 7, 3
-    value, offset_mask = make_inputs(N, H, W, 1, D, kernel_size=1, padding=0, dtype=torch.float64)
+    value, offset_mask, _ = make_case(N, H, W, 1, D, kernel_size=1, padding=0)
     out = dcnv4_reference(value, offset_mask, 1, 1, 0, 1, 1, 1.0, False)
     x = torch.arange(W, dtype=torch.float64)[None, None, :] + offset_mask[..., 0]
     y = torch.arange(H, dtype=torch.float64)[None, :, None] + offset_mask[..., 1]
@@ -128,41 +91,38 @@ def test_reference_equals_grid_sample():
     torch.testing.assert_close(out, sampled * offset_mask[..., 2:3])
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-def test_kernel_forward_backward_matches_reference(shape, dtype):
-    value, offset_mask, args = run_case(shape, dtype, seed=2)
-    value.requires_grad_(True)
-    offset_mask.requires_grad_(True)
-    out = dcnv4(value, offset_mask, *args)
-    assert out.dtype == dtype and out.shape == (value.shape[0], *output_size(
-        value.shape[1], value.shape[2], pair(args[0], "k"), pair(args[1], "s"), pair(args[2], "p"),
-        pair(args[3], "d")), value.shape[3])
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    grads = torch.autograd.grad(out, (value, offset_mask), grad_out.to(dtype))
-
-    # The oracle: float64 reference on exactly the same (rounded) inputs.
-    v64 = value.detach().double().requires_grad_(True)
-    om64 = offset_mask.detach().double().requires_grad_(True)
-    ref = dcnv4_reference(v64, om64, *args)
-    ref_grads = torch.autograd.grad(ref, (v64, om64), grad_out)
-    if dtype == torch.float64:
-        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-        for g, r in zip(grads, ref_grads):
-            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=lambda t: str(t).split(".")[-1])
+@pytest.mark.parametrize("name", list(CASES), ids=str)
+def test_kernel_forward_backward_matches_reference(device, name, dtype):
+    """Every shared case on every device: the compiled op's forward and its backward (through autograd) against
+    the float64 reference on the same rounded inputs; on CUDA every output element must be written."""
+    value, offset_mask, kwargs = make_case(**CASES[name], seed=2 * list(CASES).index(name))
+    value, offset_mask = value.to(dtype), offset_mask.to(dtype)
+    v64, om64 = value.double().requires_grad_(True), offset_mask.double().requires_grad_(True)
+    ref = dcnv4_reference(v64, om64, **kwargs)
+    grad_out = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    value, offset_mask = value.to(device).requires_grad_(True), offset_mask.to(device).requires_grad_(True)
+    if device.type == "cuda":
+        poison_allocator(torch.empty(ref.shape, dtype=dtype))
+    out = dcnv4(value, offset_mask, **kwargs)
+    assert out.dtype == dtype and out.shape == ref.shape and out.device.type == device.type
+    grads = torch.autograd.grad(out, (value, offset_mask), grad_out.to(device, dtype))
+    assert [g.shape for g in grads] == [value.shape, offset_mask.shape]
+    if ref.numel() == 0:
         return
-    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
-    assert rel_err(out, ref) < tol
-    assert rel_err(grads[0], ref_grads[0]) < tol
-    G, K = args[4], offset_mask.shape[-1]
-    used = 3 * G * (pair(args[0], "k")[0] * pair(args[0], "k")[1] - int(args[6]))
-    # Offset gradients jump where a sample crosses a pixel edge; far offsets stay outside and are 0.
-    assert rel_err(grads[1][..., :used], ref_grads[1][..., :used]) < 10 * tol
-    assert torch.all(grads[1][..., used:K] == 0)
+    ref_grads = torch.autograd.grad(ref, (v64, om64), grad_out)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads), "unwritten (NaN) elements"
+    k = kwargs["kernel_size"]
+    used = 3 * kwargs["groups"] * (k[0] * k[1] - int(kwargs["remove_center"]))
+    assert (grads[1][..., used:] == 0).all(), "padding channels of the offset_mask gradient must be zero"
+    assert rel_err(out, ref) < FWD_TOL[dtype]
+    assert rel_err(grads[0], ref_grads[0]) < BWD_TOL[dtype]
+    assert rel_err(grads[1], ref_grads[1]) < BWD_TOL[dtype]
 
 
 def test_padding_channels_get_zero_gradient(device):
-    value, offset_mask, args = run_case(SHAPES[1], torch.float32)
+    value, offset_mask, args = case("padded_P", torch.float32)
     value, offset_mask = value.to(device), offset_mask.to(device).requires_grad_(True)
     dcnv4(value, offset_mask, *args).square().sum().backward()
     assert torch.all(offset_mask.grad[..., -5:] == 0)
@@ -170,7 +130,7 @@ def test_padding_channels_get_zero_gradient(device):
 
 
 def test_offsets_far_outside_give_zero(device):
-    value, offset_mask, args = run_case(SHAPES[0], torch.float32)
+    value, offset_mask, args = case("13x9", torch.float32)
     offset_mask[..., : 2 * 9] = 1e6
     offset_mask[..., 27: 27 + 2 * 9] = -1e6
     out = dcnv4(value.to(device), offset_mask.to(device), *args)
@@ -178,7 +138,7 @@ def test_offsets_far_outside_give_zero(device):
 
 
 def test_non_contiguous_inputs(device):
-    value, offset_mask, args = run_case(SHAPES[0], torch.float64)
+    value, offset_mask, args = case("13x9")
     value, offset_mask = value.to(device), offset_mask.to(device)
     value_nc = value.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)  # (N, H, W, C) view of NCHW memory
     wide = torch.cat([offset_mask, offset_mask], dim=-1)[..., ::2]  # strided last dim
@@ -189,14 +149,15 @@ def test_non_contiguous_inputs(device):
 
 
 def test_gradcheck_float64(device):
-    value, offset_mask, args = run_case((1, 5, 4, 2, 3, 3, 1, 1, 1, False, 2, 1.3, 0.8), torch.float64, seed=5)
+    value, offset_mask, kwargs = make_case(1, 5, 4, 2, 3, extra_channels=2, offset_scale=0.8, on_grid=False, seed=5)
+    args = call_args(kwargs)
     value = value.to(device).requires_grad_(True)
     offset_mask = offset_mask.to(device).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda v, om: dcnv4(v, om, *args), (value, offset_mask), eps=1e-6, atol=1e-6)
 
 
 def test_opcheck(device):
-    value, offset_mask, args = run_case(SHAPES[0], torch.float32)
+    value, offset_mask, args = case("13x9", torch.float32)
     value, offset_mask = value.to(device), offset_mask.to(device)
     k, s, p, d, G, scale, rc = args
     op_args = (value, offset_mask, list(pair(k, "k")), list(pair(s, "s")), list(pair(p, "p")), list(pair(d, "d")),
@@ -215,7 +176,7 @@ def test_opcheck(device):
 
 
 def test_torch_compile_fullgraph(device):
-    value, offset_mask, args = run_case(SHAPES[0], torch.float32)
+    value, offset_mask, args = case("13x9", torch.float32)
     value, offset_mask = value.to(device), offset_mask.to(device)
     weight = torch.randn(value.shape[-1], value.shape[-1], device=device)
 
@@ -232,7 +193,7 @@ def test_torch_compile_fullgraph(device):
 
 @pytest.mark.parametrize("impl,compiled", [("auto", True), ("kernel", True), ("reference", False)])
 def test_impl_chooses_the_implementation(impl, compiled):
-    value, offset_mask, args = run_case(SHAPES[0], torch.float64)
+    value, offset_mask, args = case("13x9")
     value.requires_grad_(True)
     with OpLog() as log:
         out = dcnv4(value, offset_mask, *args, impl=impl)
@@ -242,7 +203,7 @@ def test_impl_chooses_the_implementation(impl, compiled):
 
 
 def test_cuda_backward_travels_through_autograd_to_the_backward_op():
-    value, offset_mask, args = run_case(SHAPES[0], torch.float64)
+    value, offset_mask, args = case("13x9")
     value.requires_grad_(True)
     for variant in ("tiled", "atomic"):
         with OpLog() as log:
@@ -253,7 +214,7 @@ def test_cuda_backward_travels_through_autograd_to_the_backward_op():
 
 
 def test_auto_runs_the_reference_where_there_are_no_kernels():
-    value, offset_mask, args = run_case(SHAPES[0], torch.float32)
+    value, offset_mask, args = case("13x9", torch.float32)
     with OpLog() as log:
         out = dcnv4(value.to("meta"), offset_mask.to("meta"), *args)
     assert not log.calls and out.device.type == "meta" and out.shape == value.shape
@@ -262,7 +223,8 @@ def test_auto_runs_the_reference_where_there_are_no_kernels():
 
 
 def _bad(**changes):
-    value, offset_mask = make_inputs(1, 5, 5, 2, 4, dtype=torch.float32)
+    value, offset_mask, _ = case("13x9", torch.float32)
+    value, offset_mask = value[:1, :5, :5, :8].contiguous(), offset_mask[:1, :5, :5, :54].contiguous()
     kwargs = dict(value=value, offset_mask=offset_mask, kernel_size=3, stride=1, padding=1, dilation=1, groups=2)
     kwargs.update(changes)
     return kwargs
@@ -295,7 +257,8 @@ def test_bad_inputs_raise_naming_the_argument(changes, error, message):
 
 
 def test_cpp_checks_name_the_argument():
-    value, offset_mask = make_inputs(1, 5, 5, 2, 4, dtype=torch.float32)
+    value, offset_mask, _ = case("13x9", torch.float32)
+    value, offset_mask = value[:1, :5, :5, :8].contiguous(), offset_mask[:1, :5, :5, :54].contiguous()
     with pytest.raises(RuntimeError, match=r"offset_mask must have at least 3 \* groups \* K = 54 channels, got 50"):
         torch.ops.unet_dcnv4.dcnv4_forward(value, offset_mask[..., :50].contiguous(), [3, 3], [1, 1], [1, 1], [1, 1],
                                            2, 1.0, False)
