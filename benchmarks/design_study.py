@@ -1,0 +1,371 @@
+"""A design study of the DCNv4 U-Net: rows of variants x seeds on one dataset and budget, each compared with
+the conv U-Net, in one table.
+
+    python benchmarks/design_study.py --jobs 2            # benchmarks/design_study.yaml, seeds 0 1 2
+    python benchmarks/design_study.py --only dw_kernel_3  # run, extend or redo some rows only
+    python benchmarks/design_study.py --phases throughput table  # re-time every row on a quiet machine
+
+The study file (YAML) holds `base` (TrainConfig keys every run shares: data, VAE, budget), `baseline` (keys
+over `base` for the conv U-Net), `variants` (row name -> keys over `base`; a row's `dcnv4_options` merge key
+by key over the base's) and optionally `curve_rows` (rows whose comparison also measures FID at every
+checkpoint); its paths are relative to the repository root. Each run is a train_ldm.py process in <output_dir>/runs/<row>/seed<S>, started from its whole
+config, written first to <output_dir>/configs/<row>.seed<S>.yaml (`python train_ldm.py --config` that file
+redoes the run by hand). A finished run is reused only when its saved config equals the intended one (the
+bookkeeping keys of `EXPERIMENT_EXCLUDED` aside); an unfinished one resumes from its last checkpoint; a run
+whose config differs stops the study with the differing keys, unless --overwrite retrains it.
+
+Then every row is compared with the baseline by `compare_arms` (per-arm FID/KID mean +- std, a 95% bootstrap
+interval of the FID difference, a verdict; the baseline is sampled once for all rows), each row's training
+step and U-Net evaluation are timed alone against the baseline's in the same process, and study.md and
+study.json get one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from unet_dcnv4.comparison import EXPERIMENT_EXCLUDED, MODEL_KEYS, compare_arms  # noqa: E402
+from unet_dcnv4.config import to_dict, to_yaml  # noqa: E402
+from unet_dcnv4.training import TrainConfig, load_config  # noqa: E402
+
+BASELINE = "baseline"
+PHASES = ("train", "compare", "throughput", "table")
+# Keys that do not change what a run trains; a finished run is reused whatever they are.
+BOOKKEEPING = tuple(k for k in EXPERIMENT_EXCLUDED if k not in MODEL_KEYS + ("seed",))
+
+
+def read_study(path: str | os.PathLike) -> dict:
+    """The study file, checked: base, baseline, variants (at least one), curve_rows naming rows."""
+    study = yaml.safe_load(Path(path).read_text())
+    if not isinstance(study, dict) or not isinstance(study.get("variants"), dict) or not study["variants"]:
+        raise ValueError(f"study file {str(path)!r} must hold a mapping with a non-empty 'variants' mapping")
+    unknown = sorted(set(study) - {"base", "baseline", "variants", "curve_rows"})
+    if unknown:
+        raise ValueError(f"study file {str(path)!r} has unknown keys {unknown}; "
+                         "allowed: base, baseline, variants, curve_rows")
+    if BASELINE in study["variants"]:
+        raise ValueError(f"study file {str(path)!r}: {BASELINE!r} names the conv row; rename that variant")
+    study.setdefault("base", {})
+    study.setdefault("baseline", {"model_type": "conv"})
+    for row, keys in [(BASELINE, study["baseline"]), *study["variants"].items()]:
+        shared = sorted(set(keys or {}) - set(MODEL_KEYS) - set(BOOKKEEPING))
+        if shared:
+            raise ValueError(f"study file {str(path)!r}: row {row!r} sets {shared}, which every run of a comparison "
+                             f"shares; a row may set only {list(MODEL_KEYS)} (put the others in base)")
+    study.setdefault("curve_rows", [])
+    missing = sorted(set(study["curve_rows"]) - set(study["variants"]))
+    if missing:
+        raise ValueError(f"study file {str(path)!r}: curve_rows names no variant {missing}")
+    return study
+
+
+def row_overrides(study: dict, row: str) -> dict:
+    """The TrainConfig keys of a row: base, then the row's keys; dcnv4_options merge key by key."""
+    keys = dict(study["baseline"] if row == BASELINE else study["variants"][row] or {})
+    merged = {**study["base"], **keys}
+    if "dcnv4_options" in keys:
+        merged["dcnv4_options"] = {**study["base"].get("dcnv4_options", {}), **keys["dcnv4_options"]}
+    return merged
+
+
+def run_config(study: dict, row: str, seed: int, output_dir: Path) -> TrainConfig:
+    return load_config(None, {**row_overrides(study, row), "seed": seed,
+                              "output_dir": str(output_dir / "runs" / row / f"seed{seed}")})
+
+
+def config_differences(saved: TrainConfig, wanted: TrainConfig) -> dict:
+    """Keys (bookkeeping aside) whose values differ: key -> (saved, wanted)."""
+    a, b = to_dict(saved), to_dict(wanted)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if k not in BOOKKEEPING and a.get(k) != b.get(k)}
+
+
+def run_state(cfg: TrainConfig) -> str:
+    """"finished", "partial" (resume it) or "new" for the run folder of `cfg`; raises when it holds another run."""
+    run = Path(cfg.output_dir)
+    if not (run / "config.yaml").is_file():
+        return "new"
+    differences = config_differences(load_config(run / "config.yaml"), cfg)
+    if differences:
+        listed = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in differences.items())
+        raise FileExistsError(f"{run} holds a run of another config ({listed}); pass --overwrite to retrain it")
+    stats = run / "train_stats.json"
+    if stats.is_file() and json.loads(stats.read_text()).get("steps") == cfg.max_train_steps \
+            and (run / "pipeline" / "model_index.json").is_file():
+        return "finished"
+    return "partial"
+
+
+def train(cfg: TrainConfig, output_dir: Path, threads: int) -> None:
+    """One train_ldm.py process for `cfg` (resuming from the last checkpoint), its output in <run>.log."""
+    run = Path(cfg.output_dir)
+    config_file = output_dir / "configs" / f"{run.parent.name}.{run.name}.yaml"
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(to_yaml(cfg))
+    log = run.parent / f"{run.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", TQDM_MININTERVAL="30")
+    command = [sys.executable, str(ROOT / "train_ldm.py"), "--config", str(config_file),
+               "--resume_from_checkpoint", "latest"]
+    with open(log, "a") as out:
+        code = subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+    if code:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+        raise RuntimeError(f"training {run} failed (exit {code}); the end of {log}:\n{tail}")
+
+
+def train_all(configs: list[TrainConfig], output_dir: Path, jobs: int, overwrite: bool) -> None:
+    """Trains what is not finished, `jobs` at a time; the first run alone (it builds the shared latent cache)."""
+    todo = []
+    for cfg in configs:
+        try:
+            state = run_state(cfg)
+        except FileExistsError:
+            if not overwrite:
+                raise
+            shutil.rmtree(cfg.output_dir)
+            state = "new"
+        print(f"{cfg.output_dir}: {state}" + (", reused" if state == "finished" else ""), flush=True)
+        if state != "finished":
+            todo.append(cfg)
+    cores = os.cpu_count() or 1
+    started = time.time()
+
+    def one(cfg: TrainConfig, threads: int) -> None:
+        print(f"[{time.time() - started:7.0f} s] train {cfg.output_dir}", flush=True)
+        train(cfg, output_dir, threads)
+        print(f"[{time.time() - started:7.0f} s] done  {cfg.output_dir}", flush=True)
+
+    if todo:
+        one(todo.pop(0), cores)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(one, cfg, max(1, cores // jobs)) for cfg in todo]
+        for future in concurrent.futures.as_completed(futures):
+            if future.exception() is not None:
+                for other in futures:
+                    other.cancel()
+                raise future.exception()
+
+
+def _stats_digest(runs: list[str]) -> list[str]:
+    return [(Path(r) / "train_stats.json").read_text() for r in runs]
+
+
+def compare_row(row: str, runs: list[str], baseline_runs: list[str], output_dir: Path, args, curve: bool) -> dict:
+    """`compare_arms` of a row against the baseline, reused when its runs and settings are unchanged."""
+    folder = output_dir / "comparisons" / row
+    key = {"runs": runs, "baseline": baseline_runs, "stats": _stats_digest(runs + baseline_runs), "curve": curve,
+           "num_images": args.num_images, "num_inference_steps": args.num_inference_steps,
+           "bootstrap": args.bootstrap, "reference": args.reference}
+    key_file = folder / "study_key.json"
+    if (folder / "comparison.json").is_file() and key_file.is_file() and json.loads(key_file.read_text()) == key:
+        print(f"comparison {row}: unchanged, reused", flush=True)
+        return json.loads((folder / "comparison.json").read_text())
+    print(f"comparison {row} against the baseline", flush=True)
+    summary = compare_arms([runs, baseline_runs], str(folder), samples_dir=str(output_dir / "samples"),
+                           reference=args.reference, num_images=args.num_images,
+                           num_inference_steps=args.num_inference_steps, batch_size=args.batch_size,
+                           fid_curve=curve, num_resamples=args.bootstrap)
+    key_file.write_text(json.dumps(key, indent=1))
+    return summary
+
+
+def _median_seconds(fn, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def throughput(run: str, cfg: TrainConfig, eval_batch: int, warmup: int, iters: int) -> dict:
+    """Images/s of the trained U-Net of `run`: one training step (forward, MSE, backward, AdamW) at the run's
+    batch, and one no-grad evaluation at `eval_batch` (a sampling step), fp32 or the run's autocast dtype."""
+    from unet_dcnv4.sampling import load_pipeline
+
+    unet = load_pipeline(str(Path(run) / "pipeline"), use_ema=False).unet.float()
+    if cfg.channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    c, s = unet.config.in_channels, unet.config.sample_size
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
+    batch = cfg.train_batch_size * cfg.gradient_accumulation_steps
+    x = torch.randn(batch, c, s, s)
+    t = torch.randint(0, cfg.num_train_timesteps, (batch,))
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-6)
+
+    def step():
+        with autocast:
+            loss = torch.nn.functional.mse_loss(unet(x, t).sample.float(), x)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    unet.train()
+    train_s = _median_seconds(step, warmup, iters)
+    xe, te = torch.randn(eval_batch, c, s, s), torch.full((eval_batch,), cfg.num_train_timesteps // 2)
+    unet.eval()
+
+    def evaluate():
+        with torch.no_grad(), autocast:
+            unet(xe, te)
+
+    eval_s = _median_seconds(evaluate, warmup, iters)
+    return {"train_images_per_s": batch / train_s, "eval_images_per_s": eval_batch / eval_s}
+
+
+def measure_rows(rows: dict[str, list[str]], baseline_runs: list[str], configs: dict, args) -> dict:
+    """Each row's throughput and its ratio to the baseline's, timed back to back (the machine's noise cancels
+    in part in the ratio), seed 0's model of each."""
+    results = {}
+    for row, runs in rows.items():
+        base = throughput(baseline_runs[0], configs[BASELINE], args.batch_size, args.warmup, args.iters)
+        mine = throughput(runs[0], configs[row], args.batch_size, args.warmup, args.iters)
+        results[row] = {**mine, **{k.replace("_per_s", "_ratio"): mine[k] / base[k] for k in mine}}
+        print(f"throughput {row}: train {mine['train_images_per_s']:.1f} img/s "
+              f"({results[row]['train_images_ratio']:.2f}x conv), U-Net evaluation {mine['eval_images_per_s']:.1f} "
+              f"img/s ({results[row]['eval_images_ratio']:.2f}x conv)", flush=True)
+    base = throughput(baseline_runs[0], configs[BASELINE], args.batch_size, args.warmup, args.iters)
+    results[BASELINE] = {**base, "train_images_ratio": 1.0, "eval_images_ratio": 1.0}
+    return results
+
+
+def changes(study: dict, row: str) -> str:
+    """What a row changes from the default DCNv4 U-Net (the base), in one cell."""
+    if row == BASELINE:
+        return ", ".join(f"{k}={v}" for k, v in study["baseline"].items())
+    keys = study["variants"][row] or {}
+    flat = {**{k: v for k, v in keys.items() if k != "dcnv4_options"}, **keys.get("dcnv4_options", {})}
+    return ", ".join(f"{k}={v}" for k, v in flat.items()) or "(the default)"
+
+
+def _cell(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(study: dict, summaries: dict, speed: dict) -> tuple[list[dict], str]:
+    """One row per variant and the baseline: the rows of study.json and the markdown of study.md."""
+    rows = []
+    for row, summary in summaries.items():
+        arm = summary["arms"][0]
+        difference = summary["fid_difference"]
+        rows.append({"row": row, "changes": changes(study, row), "label": arm["label"],
+                     "block_out_channels": arm["block_out_channels"], "parameters": arm["parameters"],
+                     "parameter_ratio": arm["parameter_ratio"], "gflops": arm["gflops"],
+                     "gflops_ratio": arm["gflops_ratio"], "num_runs": arm["num_runs"],
+                     "fid_mean": arm["fid_mean"], "fid_std": arm["fid_std"], "kid_mean": arm["kid_mean"],
+                     "kid_std": arm["kid_std"], "fid_difference": difference["value"], "ci95": difference["ci95"],
+                     "verdict": difference["verdict"], **speed.get(row, {})})
+    if summaries:
+        conv = next(iter(summaries.values()))["arms"][1]
+        rows.append({"row": BASELINE, "changes": changes(study, BASELINE), "label": conv["label"],
+                     "block_out_channels": conv["block_out_channels"], "parameters": conv["parameters"],
+                     "parameter_ratio": 1.0, "gflops": conv["gflops"], "gflops_ratio": 1.0,
+                     "num_runs": conv["num_runs"], "fid_mean": conv["fid_mean"], "fid_std": conv["fid_std"],
+                     "kid_mean": conv["kid_mean"], "kid_std": conv["kid_std"], "fid_difference": None,
+                     "ci95": None, "verdict": None, **speed.get(BASELINE, {})})
+    lines = ["| row | changes from the default | widths | params ratio | GFLOPs ratio | train img/s (x conv) | "
+             "U-Net eval img/s (x conv) | runs | FID | KID (x1000) | FID - conv, 95% interval | verdict |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    for r in rows:
+        speed_cells = [f"{_cell(r.get(f'{k}_images_per_s'), '.0f')} ({_cell(r.get(f'{k}_images_ratio'), '.2f')})"
+                       for k in ("train", "eval")]
+        interval = "-" if r["ci95"] is None else \
+            f"{r['fid_difference']:+.2f} [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}]"
+        lines.append(f"| {r['row']} | {r['changes']} | {tuple(r['block_out_channels'])} | {r['parameter_ratio']:.2f} | "
+                     f"{r['gflops_ratio']:.2f} | {speed_cells[0]} | {speed_cells[1]} | {r['num_runs']} | "
+                     f"{_cell(r['fid_mean'], '.2f')} +- {_cell(r['fid_std'], '.2f')} | "
+                     f"{_cell(r['kid_mean'] * 1000, '.2f')} +- {_cell(r['kid_std'] * 1000, '.2f')} | {interval} | "
+                     f"{r['verdict'] or '-'} |")
+    return rows, "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", default=str(ROOT / "benchmarks" / "design_study.yaml"), help="the study file")
+    parser.add_argument("--output_dir", default="outputs/design_study")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--only", nargs="+", default=None, help="rows to run (default: all, in the file's order)")
+    parser.add_argument("--jobs", type=int, default=1, help="training processes at a time (threads split evenly)")
+    parser.add_argument("--overwrite", action="store_true", help="retrain runs whose saved config differs")
+    parser.add_argument("--num_images", type=int, default=512, help="samples per run for FID/KID")
+    parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument("--reference", default=None, help="image folder for FID (default: the training data)")
+    parser.add_argument("--batch_size", type=int, default=64, help="sampling batch (and the timed evaluation's)")
+    parser.add_argument("--bootstrap", type=int, default=500, help="bootstrap draws of each FID difference")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each throughput timing")
+    parser.add_argument("--iters", type=int, default=10, help="timed steps (median) of each throughput timing")
+    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES),
+                        help="what to do, in this order: train the runs, compare each row with the baseline, time "
+                             "each row against the baseline (throughput.json), write the table from the comparisons "
+                             "and timings on disk")
+    args = parser.parse_args(argv)
+    try:
+        if args.jobs < 1 or args.num_images < 2 or args.iters < 1 or args.warmup < 0:
+            raise ValueError("--jobs and --iters must be >= 1, --num_images >= 2, --warmup >= 0")
+        study = read_study(Path(args.study).resolve())
+        rows = args.only or list(study["variants"])
+        unknown = sorted(set(rows) - set(study["variants"]))
+        if unknown:
+            raise ValueError(f"--only names rows the study does not have: {unknown}; rows: {list(study['variants'])}")
+        output_dir = Path(args.output_dir).resolve()
+        os.chdir(ROOT)  # the study file's paths (data, VAE, caches) are relative to the repository root
+        configs = {row: [run_config(study, row, seed, output_dir) for seed in args.seeds]
+                   for row in [BASELINE] + rows}
+    except (ValueError, FileNotFoundError) as error:
+        print(f"design_study: {error}", file=sys.stderr)
+        return 2
+
+    started = time.time()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if "train" in args.phases:
+        try:
+            train_all([cfg for row in configs for cfg in configs[row]], output_dir, args.jobs, args.overwrite)
+        except FileExistsError as error:
+            print(f"design_study: {error}", file=sys.stderr)
+            return 2
+    runs = {row: [c.output_dir for c in cfgs] for row, cfgs in configs.items()}
+    if "compare" in args.phases:
+        for row in rows:
+            compare_row(row, runs[row], runs[BASELINE], output_dir, args, row in study["curve_rows"])
+    speed_file = output_dir / "throughput.json"
+    speed = json.loads(speed_file.read_text()) if speed_file.is_file() else {}
+    if "throughput" in args.phases:
+        speed.update(measure_rows({row: runs[row] for row in rows}, runs[BASELINE],
+                                  {row: cfgs[0] for row, cfgs in configs.items()}, args))
+        speed_file.write_text(json.dumps(speed, indent=1))
+    if "table" not in args.phases:
+        print(f"done in {time.time() - started:.0f} s")
+        return 0
+    # Every compared row of the study in the file's order, rows outside --only as last compared.
+    summaries = {row: json.loads((output_dir / "comparisons" / row / "comparison.json").read_text())
+                 for row in study["variants"] if (output_dir / "comparisons" / row / "comparison.json").is_file()}
+    table_rows, markdown = table(study, summaries, speed)
+    (output_dir / "study.json").write_text(json.dumps({"study": study, "seeds": args.seeds, "rows": table_rows},
+                                                      indent=1))
+    (output_dir / "study.md").write_text(markdown)
+    print(f"\n{markdown}\nwritten to {output_dir}/study.md and study.json in {time.time() - started:.0f} s "
+          f"on {os.cpu_count()} cores")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""benchmarks/design_study.py: rows built from the study file, finished runs reused only for the same config, the
+comparisons and the table, on fabricated runs (the training process is replaced); one real training run (slow)."""
+
+import importlib.util
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from pipeline_cases import tiny_pipeline
+from unet_dcnv4.config import to_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("design_study_script", ROOT / "benchmarks" / "design_study.py")
+study_script = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(study_script)
+
+STUDY = {
+    "base": {"model_size": "tiny", "resolution": 16, "max_train_steps": 4, "model_type": "dcnv4",
+             "dcnv4_options": {"group_channels": 16}},
+    "baseline": {"model_type": "conv"},
+    "variants": {"default": {}, "gc8": {"dcnv4_options": {"group_channels": 8}},
+                 "scaled": {"dcnv4_options": {"offset_scale": 0.5}, "recompute_value": True}},
+}
+
+_one_at_a_time = threading.Lock()
+
+
+@pytest.fixture
+def study_file(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(STUDY))
+    return path
+
+
+def fake_train(cfg, output_dir, threads):
+    """What train_ldm.py leaves behind for `cfg`, with an untrained tiny model of the config's options (the
+    jobs run in threads, which share torch's random state: one at a time)."""
+    from unet_dcnv4.training import unet_options
+    from unet_dcnv4.unet import build_unet
+
+    run = Path(cfg.output_dir)
+    with _one_at_a_time:
+        pipe = tiny_pipeline()
+        torch.manual_seed(cfg.seed)
+        pipe.register_modules(unet=build_unet(cfg.model_type, cfg.model_size, sample_size=8,
+                                              **unet_options(cfg)).eval())
+    pipe.save_pretrained(run / "pipeline")
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    (run / "train_stats.json").write_text(json.dumps({"steps": cfg.max_train_steps, "images_per_s": 10.0,
+                                                      "wall_time_s": 1.0, "data_fingerprint": "data-0"}))
+    fake_train.calls.append((run.parent.name, run.name, threads))
+
+
+def test_rows_merge_dcnv4_options_over_the_base(study_file, tmp_path):
+    study = study_script.read_study(study_file)
+    cfg = study_script.run_config(study, "scaled", 1, tmp_path)
+    assert cfg.dcnv4_options == {"group_channels": 16, "offset_scale": 0.5} and cfg.recompute_value
+    assert cfg.seed == 1 and cfg.output_dir == str(tmp_path / "runs" / "scaled" / "seed1")
+    conv = study_script.run_config(study, study_script.BASELINE, 0, tmp_path)
+    assert conv.model_type == "conv" and conv.max_train_steps == 4
+    assert study_script.changes(study, "scaled") == "recompute_value=True, offset_scale=0.5"
+    assert study_script.changes(study, "default") == "(the default)"
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("variants: {}\n", "non-empty 'variants'"),
+    ("variants: {a: {}}\nextra: 1\n", "unknown keys ['extra']"),
+    ("variants: {baseline: {}}\n", "'baseline' names the conv row"),
+    ("variants: {a: {}}\ncurve_rows: [b]\n", "curve_rows names no variant ['b']"),
+    ("variants: {a: {learning_rate: 0.1}}\n", "row 'a' sets ['learning_rate'], which every run of a comparison"),
+])
+def test_bad_study_files_are_named(tmp_path, text, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        study_script.read_study(path)
+
+
+def test_unknown_config_keys_and_rows_are_one_line_errors(study_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert study_script.main(["--study", str(study_file), "--output_dir", str(tmp_path), "--only", "nope"]) == 2
+    assert "--only names rows the study does not have: ['nope']" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**STUDY, "base": {"learning_rat": 1.0}}))
+    assert study_script.main(["--study", str(bad), "--output_dir", str(tmp_path)]) == 2
+    assert "learning_rat" in capsys.readouterr().err
+
+
+def test_runs_are_reused_only_for_the_same_config(study_file, tmp_path, monkeypatch):
+    study = study_script.read_study(study_file)
+    cfg = study_script.run_config(study, "gc8", 0, tmp_path)
+    assert study_script.run_state(cfg) == "new"
+    fake_train.calls = []
+    fake_train(cfg, tmp_path, 1)
+    assert study_script.run_state(cfg) == "finished"
+    stats = Path(cfg.output_dir) / "train_stats.json"
+    stats.write_text(json.dumps({"steps": 2}))
+    assert study_script.run_state(cfg) == "partial"  # interrupted: resumed, not redone
+    # Bookkeeping does not matter; anything that changes the model or its training does.
+    cfg.checkpointing_steps, cfg.log_every_steps = 1, 1
+    assert study_script.run_state(cfg) == "partial"
+    cfg.dcnv4_options = {"group_channels": 4}
+    with pytest.raises(FileExistsError, match=r"dcnv4_options: \{'group_channels': 8\} there, \{'group_channels': 4\}"):
+        study_script.run_state(cfg)
+    monkeypatch.setattr(study_script, "train", fake_train)
+    with pytest.raises(FileExistsError):
+        study_script.train_all([cfg], tmp_path, jobs=1, overwrite=False)
+    study_script.train_all([cfg], tmp_path, jobs=1, overwrite=True)
+    assert study_script.run_state(cfg) == "finished"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("reference")
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return str(folder)
+
+
+def test_study_trains_what_is_missing_compares_each_row_and_writes_one_table(study_file, tmp_path, reference,
+                                                                             monkeypatch, capsys):
+    fake_train.calls = []
+    monkeypatch.setattr(study_script, "train", fake_train)
+    monkeypatch.chdir(tmp_path)  # main() moves to the repository root; restored after the test
+    out = tmp_path / "study"
+    common = ["--study", str(study_file), "--output_dir", str(out), "--jobs", "2", "--num_images", "4",
+              "--num_inference_steps", "2", "--reference", reference, "--batch_size", "4", "--bootstrap", "20",
+              "--warmup", "0", "--iters", "1"]
+    assert study_script.main(common + ["--seeds", "0", "1", "--only", "default"]) == 0
+    trained = sorted(call[:2] for call in fake_train.calls)
+    assert trained == sorted((row, f"seed{s}") for row in ("baseline", "default") for s in (0, 1))
+    assert fake_train.calls[0][2] == (study_script.os.cpu_count() or 1)  # the first run alone, with every core
+
+    summary = json.loads((out / "study.json").read_text())
+    rows = {r["row"]: r for r in summary["rows"]}
+    assert list(rows) == ["default", "baseline"]
+    compared = json.loads((out / "comparisons" / "default" / "comparison.json").read_text())
+    assert rows["default"]["fid_difference"] == compared["fid_difference"]["value"]
+    assert rows["default"]["ci95"] == compared["fid_difference"]["ci95"]
+    assert rows["default"]["verdict"] == compared["fid_difference"]["verdict"]
+    assert rows["default"]["num_runs"] == rows["baseline"]["num_runs"] == 2
+    assert rows["default"]["fid_std"] is not None and rows["baseline"]["fid_difference"] is None
+    assert rows["default"]["train_images_per_s"] > 0 and rows["default"]["eval_images_ratio"] > 0
+    assert rows["baseline"]["train_images_ratio"] == 1.0
+
+    # Another row later (one seed here): finished runs are reused, earlier rows stay in the table, and an
+    # unchanged comparison is not measured again.
+    fake_train.calls = []
+    capsys.readouterr()
+    assert study_script.main(common + ["--seeds", "0", "--only", "gc8", "--phases", "train", "compare", "table"]) == 0
+    assert [call[:2] for call in fake_train.calls] == [("gc8", "seed0")]
+    assert "baseline/seed0: finished, reused" in capsys.readouterr().out
+    rows = [r["row"] for r in json.loads((out / "study.json").read_text())["rows"]]
+    assert rows == ["default", "gc8", "baseline"]
+    table = (out / "study.md").read_text()
+    assert table.count("\n") == 5 and "| gc8 | group_channels=8 | (32, 64) |" in table
+    assert study_script.main(common + ["--seeds", "0", "1", "--only", "default", "--phases", "compare"]) == 0
+    assert "comparison default: unchanged, reused" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_real_run_trains_through_train_ldm(tmp_path):
+    """The training process itself: a config file per run, a log, and a finished run that the next pass reuses."""
+    study = {"base": {"max_train_steps": 2, "checkpointing_steps": 1, "sample_every_steps": 0, "train_batch_size": 4,
+                      "lr_warmup_steps": 1, "latent_cache_dir": str(tmp_path / "latents")},
+             "variants": {"default": {}}}
+    cfg = study_script.run_config(study, "default", 0, tmp_path)
+    study_script.train_all([cfg], tmp_path, jobs=1, overwrite=False)
+    assert study_script.run_state(cfg) == "finished"
+    assert (tmp_path / "configs" / "default.seed0.yaml").is_file()
+    assert "steps" in (tmp_path / "runs" / "default" / "seed0.log").read_text()
