@@ -70,8 +70,8 @@ fi
 if wants sanitizers && command -v compute-sanitizer >/dev/null; then
   step "compute-sanitizer memcheck on a few CUDA cases"
   timeout 120 compute-sanitizer --tool memcheck --report-api-errors no --print-limit 20 --error-exitcode 97 \
-    "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider \
-    -k "(13x9 or D264 or far_offsets or scale_D1 or misaligned) and not compile and not full_cuda_build" \
+    "$PY" -m pytest tests/test_cuda.py tests/test_ops.py -q -p no:cacheprovider \
+    -k "(13x9 or D264 or far_offsets or scale_D1 or misaligned) and float32 and not cpu and not compile and not full_cuda_build" \
     >"$OUTDIR/memcheck.log" 2>&1
   mc_rc=$?
   grep -E "ERROR SUMMARY|passed|failed" "$OUTDIR/memcheck.log" | tail -n 3
