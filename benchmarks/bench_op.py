@@ -1,7 +1,10 @@
 """Times the compiled DCNv4 op (forward, backward) against its memory floor, the PyTorch reference and
-cuDNN 3x3 convolutions of the same width, on CPU (small shapes) or on a GPU (the anchor shapes).
+cuDNN 3x3 convolutions of the same width on a GPU (the anchor shapes), or on the CPU against a
+grid_sample formulation of the same op and the PyTorch reference (the issue's shape and the tiny U-Net's
+layer shapes), forward+backward through autograd, the candidates interleaved and the median ratio kept.
 
     python benchmarks/bench_op.py --device cuda --out bench.json
+    python benchmarks/bench_op.py --device cpu            # float32 and bfloat16, a minute or two
     python benchmarks/bench_op.py --device cpu --quick
 """
 
@@ -16,13 +19,14 @@ from pathlib import Path
 
 import torch
 
-from unet_dcnv4.ops import dcnv4_reference, load_extension
+from unet_dcnv4.ops import dcnv4, dcnv4_reference, load_extension
 
 HERE = Path(__file__).resolve().parent
 # (N, H, W, C, G), group_channels 16: the shapes of anchors_h100.json.
 ANCHOR_SHAPES = [(64, 56, 56, 64, 4), (64, 28, 28, 128, 8), (64, 14, 14, 256, 16), (64, 7, 7, 512, 32),
                  (1, 200, 320, 128, 8), (64, 64, 64, 128, 8), (64, 32, 32, 256, 16), (64, 16, 16, 512, 32)]
-CPU_SHAPES = [(8, 32, 32, 64, 4), (2, 16, 16, 32, 2)]
+# The issue's shape, then the tiny U-Net's DCNv4 layers at batch 32 on 8x8 latents (8x8x32 and 4x4x64).
+CPU_SHAPES = [(8, 32, 32, 64, 4), (32, 8, 8, 32, 2), (32, 4, 4, 64, 4), (2, 16, 16, 32, 2)]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 K = 9  # 3x3, the anchors' kernel
 
@@ -64,14 +68,43 @@ def bench_cuda(fn, warmup_ms=25, rep_ms=100) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
-def bench_cpu(fn, repeats=5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
+def bench_cpu(fns: dict, rounds=7, min_ms=20.0) -> dict:
+    """Median ms per call of each fn in `fns`, timed in interleaved rounds (one batch of calls of each fn per
+    round, at least `min_ms` long) so that load from other processes falls on all of them alike."""
+    calls = {}
+    for name, fn in fns.items():
+        fn()
         t0 = time.perf_counter()
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        calls[name] = max(1, int(min_ms / max((time.perf_counter() - t0) * 1e3, 1e-3)))
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            times[name].append((time.perf_counter() - t0) * 1e3 / calls[name])
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def grid_sample_dcnv4(value, offset_mask, G):
+    """The op (3x3, stride 1, padding 1, offset_scale 1) written with grid_sample, as DCNv3's PyTorch
+    core does it: one bilinear sample per (pixel, group, point), then the mask-weighted sum over points."""
+    N, H, W, C = value.shape
+    D = C // G
+    om = offset_mask[..., : 3 * G * K].reshape(N, H, W, G, 3 * K)
+    offset = om[..., : 2 * K].reshape(N, H, W, G, K, 2)
+    mask = om[..., 2 * K:]  # (N, H, W, G, K)
+    taps = torch.tensor([(i - 1, j - 1) for i in range(3) for j in range(3)], dtype=value.dtype)  # x outer
+    x = torch.arange(W, dtype=value.dtype)[None, None, :, None, None] + taps[:, 0] + offset[..., 0]
+    y = torch.arange(H, dtype=value.dtype)[None, :, None, None, None] + taps[:, 1] + offset[..., 1]
+    grid = torch.stack([(2 * x + 1) / W - 1, (2 * y + 1) / H - 1], dim=-1)  # (N, H, W, G, K, 2)
+    grid = grid.permute(0, 3, 1, 2, 4, 5).reshape(N * G, H * W, K, 2)
+    v = value.reshape(N, H * W, G, D).permute(0, 2, 3, 1).reshape(N * G, D, H, W)
+    sampled = torch.nn.functional.grid_sample(v, grid, mode="bilinear", padding_mode="zeros",
+                                              align_corners=False)  # (N * G, D, H * W, K)
+    out = (sampled * mask.permute(0, 3, 1, 2, 4).reshape(N * G, 1, H * W, K)).sum(-1)  # (N * G, D, H * W)
+    return out.reshape(N, G, D, H, W).permute(0, 3, 4, 1, 2).reshape(N, H, W, C)
 
 
 def copy_bandwidth_gbps() -> float:
@@ -167,18 +200,27 @@ def run_cpu(dtypes, quick: bool) -> tuple[dict, list[dict]]:
             args = op_args(G)
             grad_out = torch.randn_like(value)
             row = {"N": N, "H": H, "W": W, "C": C, "G": G, "dtype": name}
-            row["err_fwd"] = rel_err(ops.dcnv4_forward(value, om, *args),
-                                     dcnv4_reference(value.double(), om.double(), 3, 1, 1, 1, G))
-            row["fwd_ms"] = bench_cpu(lambda: ops.dcnv4_forward(value, om, *args))
-            row["bwd_ms"] = bench_cpu(lambda: ops.dcnv4_backward(grad_out, value, om, *args))
-            row["ref_fwd_ms"] = bench_cpu(lambda: dcnv4_reference(value, om, 3, 1, 1, 1, G))
-            v_ref, om_ref = value.detach().requires_grad_(), om.detach().requires_grad_()
+            ref64 = dcnv4_reference(value.double(), om.double(), 3, 1, 1, 1, G)
+            row["err_fwd"] = rel_err(ops.dcnv4_forward(value, om, *args), ref64)
+            row["err_grid_sample"] = rel_err(grid_sample_dcnv4(value, om, G), ref64)
+            v_g, om_g = value.detach().requires_grad_(), om.detach().requires_grad_()
 
-            def ref_fwd_bwd():
-                dcnv4_reference(v_ref, om_ref, 3, 1, 1, 1, G).backward(grad_out)
+            def fwd_bwd(fn):
+                def run():
+                    v_g.grad = om_g.grad = None
+                    fn(v_g, om_g).backward(grad_out)
+                return run
 
-            row["ref_fwdbwd_ms"] = bench_cpu(ref_fwd_bwd)
-            row["speedup_fwdbwd_vs_ref"] = row["ref_fwdbwd_ms"] / (row["fwd_ms"] + row["bwd_ms"])
+            ms = bench_cpu({
+                "fwd": lambda: ops.dcnv4_forward(value, om, *args),
+                "bwd": lambda: ops.dcnv4_backward(grad_out, value, om, *args),
+                "fwdbwd": fwd_bwd(lambda v, o: dcnv4(v, o, 3, 1, 1, 1, G)),
+                "gs_fwdbwd": fwd_bwd(lambda v, o: grid_sample_dcnv4(v, o, G)),
+                "ref_fwdbwd": fwd_bwd(lambda v, o: dcnv4_reference(v, o, 3, 1, 1, 1, G)),
+            }, rounds=3 if quick else 7)
+            row.update({f"{k}_ms": v for k, v in ms.items()})
+            row["speedup_fwdbwd_vs_grid_sample"] = ms["gs_fwdbwd"] / ms["fwdbwd"]
+            row["speedup_fwdbwd_vs_ref"] = ms["ref_fwdbwd"] / ms["fwdbwd"]
             rows.append(row)
             print(json.dumps(row), flush=True)
     return env, rows
@@ -207,12 +249,15 @@ def table(device: str, rows: list[dict]) -> str:
         lines.append("bwd: the atomic backward kernel (the default), bwd-t: the tiled one "
                      "(cuda_backward='tiled'); 'ref ms' of bwd is the reference's forward+backward.")
     else:
-        lines.append(f"{'shape (N,H,W,C,G)':<22}{'dtype':<10}{'fwd ms':>9}{'bwd ms':>9}{'ref fwd':>9}"
-                     f"{'ref f+b':>9}{'speedup':>9}")
+        lines.append(f"{'shape (N,H,W,C,G)':<22}{'dtype':<10}{'fwd ms':>9}{'bwd ms':>9}{'f+b ms':>9}"
+                     f"{'gs f+b':>9}{'ref f+b':>9}{'speedup':>9}{'vs ref':>9}")
         for r in rows:
             shape = f"{r['N']},{r['H']},{r['W']},{r['C']},{r['G']}"
-            lines.append(f"{shape:<22}{r['dtype']:<10}{r['fwd_ms']:>9.3f}{r['bwd_ms']:>9.3f}{r['ref_fwd_ms']:>9.3f}"
-                         f"{r['ref_fwdbwd_ms']:>9.3f}{r['speedup_fwdbwd_vs_ref']:>8.1f}x")
+            lines.append(f"{shape:<22}{r['dtype']:<10}{r['fwd_ms']:>9.3f}{r['bwd_ms']:>9.3f}{r['fwdbwd_ms']:>9.3f}"
+                         f"{r['gs_fwdbwd_ms']:>9.3f}{r['ref_fwdbwd_ms']:>9.3f}"
+                         f"{r['speedup_fwdbwd_vs_grid_sample']:>8.1f}x{r['speedup_fwdbwd_vs_ref']:>8.1f}x")
+        lines.append("f+b: forward+backward through autograd; gs: the grid_sample formulation, ref: the PyTorch "
+                     "reference; speedup: gs f+b / f+b (median of interleaved rounds).")
     return "\n".join(lines)
 
 
@@ -220,13 +265,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", default=None,
-                        help="comma-separated dtypes (default: float32,float16,bfloat16 on cuda, float32 on cpu)")
+                        help="comma-separated dtypes (default: float32,float16,bfloat16 on cuda, float32,bfloat16 on cpu, "
+                             "float32 on cpu with --quick)")
     parser.add_argument("--quick", action="store_true", help="fewer shapes, no reference timings on the GPU")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--anchors", type=Path, default=HERE / "anchors_h100.json",
                         help="best earlier implementations per shape, as multiples of the floor")
     args = parser.parse_args(argv)
-    dtypes = (args.dtypes or ("float32,float16,bfloat16" if args.device == "cuda" else "float32")).split(",")
+    default = "float32,float16,bfloat16" if args.device == "cuda" else "float32" if args.quick else "float32,bfloat16"
+    dtypes = (args.dtypes or default).split(",")
     unknown = [d for d in dtypes if d not in DTYPES]
     if unknown:
         print(f"bench_op.py: unknown dtype(s) {unknown}; choose from {sorted(DTYPES)}", file=sys.stderr)
@@ -234,6 +282,8 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_op.py: --device cuda needs a CUDA GPU, and none is visible", file=sys.stderr)
         return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     load_extension()
     if not torch._C._dispatch_has_kernel_for_dispatch_key("unet_dcnv4::dcnv4_forward", args.device.upper()):
         print(f"bench_op.py: the extension has no {args.device} kernels (built without them)", file=sys.stderr)

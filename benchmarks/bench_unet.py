@@ -1,6 +1,8 @@
-"""Benchmark DCNv4Conv2d against a 3x3 nn.Conv2d at U-Net shapes (forward+backward) and one training step
-of the DCNv4 U-Net against its conv baseline (images/s, peak memory), in float32 and bf16 autocast,
-channels_last. Prints a table and writes JSON.
+"""Benchmark DCNv4Conv2d against a 3x3 nn.Conv2d at U-Net shapes (forward+backward, and forward without
+gradient) and one training step and one no-grad evaluation of the DCNv4 U-Net against its conv baseline
+(images/s, peak memory), in float32 and bf16 autocast, channels_last. The candidates of each comparison
+are timed in interleaved rounds (medians), so that load from other processes falls on all of them alike.
+Prints a table with the ratios and writes JSON.
 
 Memory is reported two ways: the CUDA allocator's peak (GPU only), and on every device the bytes of
 the tensors autograd keeps for the backward ("saved", activations plus autocast's weight copies) and
@@ -9,6 +11,7 @@ memory bar the allocator's transients.
 
     python benchmarks/bench_unet.py --device cuda --out bench_unet_h100.json
     python benchmarks/bench_unet.py --device cpu     # small batch, few iterations: about a minute
+    python benchmarks/bench_unet.py --device cpu --size tiny --sample_size 8 --unet_batch 32   # the CPU ratios
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import contextlib
 import json
 import platform
+import statistics
 import sys
 import time
 import warnings
@@ -27,7 +31,11 @@ import torch.nn.functional as F
 from unet_dcnv4.modules import DCNv4Conv2d
 from unet_dcnv4.unet import UNET_SIZES, build_unet
 
-LAYER_SHAPES = [(64, 64, 128), (32, 32, 256), (16, 16, 512)]  # (H, W, C) of the U-Net levels
+LAYER_SHAPES = [(64, 64, 128), (32, 32, 256), (16, 16, 512)]  # (H, W, C) of the U-Net levels (GPU, N = 64)
+# CPU: (U-Net, N, H, W, C_in, C_out) of the tiny U-Net's layers (batch 32, 8x8 latents: a level's convs and
+# the widening conv1 of the first up block) and of the S U-Net's levels (32x32 latents, batch 8).
+CPU_LAYER_SHAPES = [("tiny", 32, 8, 8, 32, 32), ("tiny", 32, 4, 4, 64, 64), ("tiny", 32, 4, 4, 128, 64),
+                    ("S", 8, 32, 32, 64, 64), ("S", 8, 16, 16, 128, 128), ("S", 8, 8, 8, 256, 256)]
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
@@ -36,21 +44,38 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn, device: torch.device, warmup: int, iters: int) -> tuple[float, float | None]:
-    """Median milliseconds per call of fn and its peak memory in MiB (CUDA only)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(iters):
+def _time_interleaved(fns: dict, device: torch.device, warmup: int, iters: int, min_ms: float = 0.0) -> dict:
+    """Median milliseconds per call of each fn in `fns` over `iters` rounds; each round times a batch of
+    calls of each fn in turn, as many as make the batch last about `min_ms` (at least one)."""
+    calls = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        _sync(device)
         start = time.perf_counter()
         fn()
         _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return sorted(times)[len(times) // 2], peak
+        calls[name] = max(1, round(min_ms / max((time.perf_counter() - start) * 1e3, 1e-3)))
+    times = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3 / calls[name])
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _peak_mib(fn, device: torch.device) -> float | None:
+    """Peak CUDA memory of one call of fn in MiB; None on other devices."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -77,39 +102,61 @@ def saved_mib(fn, exclude=()) -> float:
     return sum(seen.values()) / 2**20
 
 
-def bench_layers(device, batch, dtypes, warmup, iters, group_channels) -> list[dict]:
-    """Forward+backward of DCNv4Conv2d(C, C) and nn.Conv2d(C, C, 3, padding=1) at each (H, W, C)."""
+def bench_layers(device, batch, dtypes, warmup, iters, group_channels, min_ms=0.0) -> list[dict]:
+    """Forward+backward and no-grad forward of DCNv4Conv2d(C_in, C_out) and nn.Conv2d(C_in, C_out, 3,
+    padding=1), interleaved, at each shape: LAYER_SHAPES (N = batch) on a GPU, CPU_LAYER_SHAPES on the CPU
+    (N = batch when given)."""
+    if device.type == "cuda":
+        shapes = [("-", batch or 64, H, W, C, C) for H, W, C in LAYER_SHAPES]
+    else:
+        shapes = [(u, batch or n, H, W, ci, co) for u, n, H, W, ci, co in CPU_LAYER_SHAPES]
     rows = []
-    for H, W, C in LAYER_SHAPES:
-        x = torch.randn(batch, C, H, W, device=device).to(memory_format=torch.channels_last).requires_grad_()
+    for unet, N, H, W, C_in, C_out in shapes:
+        x = torch.randn(N, C_in, H, W, device=device).to(memory_format=torch.channels_last).requires_grad_()
         layers = {
-            "dcnv4": DCNv4Conv2d(C, C, group_channels=group_channels),
-            "conv3x3": torch.nn.Conv2d(C, C, 3, padding=1),
+            "dcnv4": DCNv4Conv2d(C_in, C_out, group_channels=group_channels),
+            "conv3x3": torch.nn.Conv2d(C_in, C_out, 3, padding=1),
         }
+        layers = {name: layer.to(device, memory_format=torch.channels_last) for name, layer in layers.items()}
         for dname in dtypes:
-            for lname, layer in layers.items():
-                layer = layer.to(device, memory_format=torch.channels_last)
 
-                def step():
+            def step(layer):
+                def run():
                     with _autocast(device, DTYPES[dname]):
                         y = layer(x)
                     y.float().sum().backward()
+                return run
 
-                def forward():
+            def forward(layer):
+                def run():
                     with _autocast(device, DTYPES[dname]):
                         layer(x)
+                return run
 
-                ms, peak = _time(step, device, warmup, iters)
-                rows.append(dict(kind="layer", layer=lname, N=batch, H=H, W=W, C=C, dtype=dname,
-                                 fwd_bwd_ms=ms, peak_mib=peak,
-                                 saved_mib=saved_mib(forward, exclude=[x, *layer.parameters()])))
+            def no_grad_forward(layer):
+                def run():
+                    with torch.no_grad():
+                        forward(layer)()
+                return run
+
+            fns = {}
+            for lname, layer in layers.items():
+                fns[(lname, "step")] = step(layer)
+                fns[(lname, "fwd")] = no_grad_forward(layer)
+            ms = _time_interleaved(fns, device, warmup, iters, min_ms)
+            for lname, layer in layers.items():
+                rows.append(dict(kind="layer", layer=lname, unet=unet, N=N, H=H, W=W, C=C_out, C_in=C_in, dtype=dname,
+                                 fwd_bwd_ms=ms[(lname, "step")], fwd_ms=ms[(lname, "fwd")],
+                                 peak_mib=_peak_mib(step(layer), device),
+                                 saved_mib=saved_mib(forward(layer), exclude=[x, *layer.parameters()])))
     return rows
 
 
-def bench_unets(device, size, sample_size, batch, dtypes, warmup, iters, group_channels) -> list[dict]:
-    """One AdamW training step (noise-prediction MSE) of the DCNv4 U-Net (without and with
-    recompute_value, and widened to the conv U-Net's parameters) and the conv U-Net."""
-    rows = []
+def bench_unets(device, size, sample_size, batch, dtypes, warmup, iters, group_channels, min_ms=0.0) -> list[dict]:
+    """One AdamW training step (noise-prediction MSE) and one no-grad evaluation of the DCNv4 U-Net
+    (without and with recompute_value, and widened to the conv U-Net's parameters) and the conv U-Net, all
+    four timed in interleaved rounds."""
+    models = {}
     # dcnv4_rv: the DCNv4 U-Net with recompute_value; dcnv4_mp: with match: params.
     for name in ("dcnv4", "dcnv4_rv", "dcnv4_mp", "conv"):
         torch.manual_seed(0)
@@ -118,29 +165,47 @@ def bench_unets(device, size, sample_size, batch, dtypes, warmup, iters, group_c
         if name == "dcnv4_rv":
             model.enable_value_recompute()
         model = model.to(device, memory_format=torch.channels_last).train()
-        params = sum(p.numel() for p in model.parameters())
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        x = torch.randn(batch, 4, sample_size, sample_size, device=device).to(memory_format=torch.channels_last)
-        noise = torch.randn_like(x)
-        t = torch.randint(0, 1000, (batch,), device=device)
-        for dname in dtypes:
+        models[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+    x = torch.randn(batch, 4, sample_size, sample_size, device=device).to(memory_format=torch.channels_last)
+    noise = torch.randn_like(x)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    rows = []
+    for dname in dtypes:
 
-            def step():
+        def step(model, opt):
+            def run():
                 with _autocast(device, DTYPES[dname]):
                     pred = model(x, t).sample
                 loss = F.mse_loss(pred.float(), noise)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+            return run
 
-            def forward():
+        def forward(model):
+            def run():
                 with _autocast(device, DTYPES[dname]):
                     model(x, t)
+            return run
 
-            ms, peak = _time(step, device, warmup, iters)
+        def evaluate(model):
+            def run():
+                with torch.no_grad():
+                    forward(model)()
+            return run
+
+        fns = {}
+        for name, (model, opt) in models.items():
+            fns[(name, "step")] = step(model, opt)
+            fns[(name, "eval")] = evaluate(model)
+        ms = _time_interleaved(fns, device, warmup, iters, min_ms)
+        for name, (model, opt) in models.items():
+            params = sum(p.numel() for p in model.parameters())
             rows.append(dict(kind="unet", model=name, size=size, sample_size=sample_size, N=batch,
-                             dtype=dname, parameters=params, step_ms=ms, images_per_s=batch / ms * 1e3,
-                             peak_mib=peak, saved_mib=saved_mib(forward, exclude=[x, *model.parameters()]),
+                             dtype=dname, parameters=params, step_ms=ms[(name, "step")],
+                             images_per_s=batch / ms[(name, "step")] * 1e3, eval_ms=ms[(name, "eval")],
+                             peak_mib=_peak_mib(step(model, opt), device),
+                             saved_mib=saved_mib(forward(model), exclude=[x, *model.parameters()]),
                              state_mib=4 * 4 * params / 2**20))
     return rows
 
@@ -149,20 +214,29 @@ def _table(rows: list[dict]) -> str:
     lines = []
     layer_rows = [r for r in rows if r["kind"] == "layer"]
     if layer_rows:
-        lines.append(f"{'layer':8} {'N':>4} {'HxWxC':>12} {'dtype':5} {'fwd+bwd ms':>11} {'peak MiB':>9} "
-                     f"{'saved MiB':>10}")
+        lines.append(f"{'layer':8} {'U-Net':5} {'N':>4} {'HxW Cin->Cout':>16} {'dtype':5} {'fwd+bwd ms':>11} "
+                     f"{'fwd ms':>8} {'peak MiB':>9} {'saved MiB':>10}")
         for r in layer_rows:
             peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-            lines.append(f"{r['layer']:8} {r['N']:>4} {r['H']}x{r['W']}x{r['C']:<5} {r['dtype']:5} "
-                         f"{r['fwd_bwd_ms']:>11.2f} {peak:>9} {r['saved_mib']:>10.1f}")
+            shape = f"{r['H']}x{r['W']} {r['C_in']}->{r['C']}"
+            lines.append(f"{r['layer']:8} {r['unet']:5} {r['N']:>4} {shape:>16} {r['dtype']:5} "
+                         f"{r['fwd_bwd_ms']:>11.2f} {r['fwd_ms']:>8.2f} {peak:>9} {r['saved_mib']:>10.1f}")
+        for dcn in [r for r in layer_rows if r["layer"] == "dcnv4"]:
+            conv = next(r for r in layer_rows if r["layer"] == "conv3x3" and r["dtype"] == dcn["dtype"] and
+                        (r["N"], r["H"], r["W"], r["C_in"], r["C"]) == (dcn["N"], dcn["H"], dcn["W"], dcn["C_in"],
+                                                                         dcn["C"]))
+            lines.append(f"dcnv4 speed / conv3x3 {dcn['unet']} N{dcn['N']} {dcn['H']}x{dcn['W']} "
+                         f"{dcn['C_in']}->{dcn['C']} {dcn['dtype']}: fwd+bwd "
+                         f"{conv['fwd_bwd_ms'] / dcn['fwd_bwd_ms']:.2f}, fwd {conv['fwd_ms'] / dcn['fwd_ms']:.2f}")
     unet_rows = [r for r in rows if r["kind"] == "unet"]
     if unet_rows:
         lines.append(f"{'U-Net':8} {'size':5} {'N':>4} {'dtype':5} {'params M':>9} {'step ms':>9} "
-                     f"{'img/s':>9} {'peak MiB':>9} {'saved MiB':>10} {'state MiB':>10}")
+                     f"{'img/s':>9} {'eval ms':>8} {'peak MiB':>9} {'saved MiB':>10} {'state MiB':>10}")
         for r in unet_rows:
             peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
             lines.append(f"{r['model']:8} {r['size']:5} {r['N']:>4} {r['dtype']:5} {r['parameters'] / 1e6:>9.2f} "
-                         f"{r['step_ms']:>9.1f} {r['images_per_s']:>9.1f} {peak:>9} {r['saved_mib']:>10.1f} "
+                         f"{r['step_ms']:>9.1f} {r['images_per_s']:>9.1f} {r['eval_ms']:>8.1f} {peak:>9} "
+                         f"{r['saved_mib']:>10.1f} "
                          f"{r['state_mib']:>10.1f}")
         for dname in dict.fromkeys(r["dtype"] for r in unet_rows):
             by_model = {r["model"]: r for r in unet_rows if r["dtype"] == dname}
@@ -171,6 +245,7 @@ def _table(rows: list[dict]) -> str:
                     continue
                 d, c = by_model[dcn], by_model["conv"]
                 ratios = [f"img/s {d['images_per_s'] / c['images_per_s']:.2f}",
+                          f"eval speed {c['eval_ms'] / d['eval_ms']:.2f}",
                           f"saved {d['saved_mib'] / c['saved_mib']:.2f}",
                           f"saved+state {(d['saved_mib'] + d['state_mib']) / (c['saved_mib'] + c['state_mib']):.2f}"]
                 if d["peak_mib"] is not None:
@@ -184,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
-    parser.add_argument("--layer_batch", type=int, default=None, help="N for the layers (64 on GPU, 1 on CPU)")
+    parser.add_argument("--layer_batch", type=int, default=None,
+                        help="N for the layers (64 on GPU; on CPU each U-Net's own, 32 tiny and 8 S)")
     parser.add_argument("--size", choices=list(UNET_SIZES), default=None, help="U-Net size (S on GPU, tiny on CPU)")
     parser.add_argument("--sample_size", type=int, default=None, help="latent size (32 on GPU, 16 on CPU)")
     parser.add_argument("--unet_batch", type=int, default=None, help="U-Net batch (64 on GPU, 4 on CPU)")
@@ -192,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--skip", choices=["layers", "unet"], default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--min_ms", type=float, default=None,
+                        help="each round times at least this long a batch of calls (30 on CPU, 0 on GPU)")
     args = parser.parse_args(argv)
     try:
         device = torch.device(args.device)
@@ -202,29 +281,33 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --device cuda asked for but no CUDA device is available", file=sys.stderr)
         return 2
     gpu = device.type == "cuda"
-    layer_batch = args.layer_batch or (64 if gpu else 1)
+    layer_batch = args.layer_batch
     size = args.size or ("S" if gpu else "tiny")
     sample_size = args.sample_size or (32 if gpu else 16)
     unet_batch = args.unet_batch or (64 if gpu else 4)
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
-    iters = args.iters or (20 if gpu else 2)
+    iters = args.iters or (20 if gpu else 5)
+    min_ms = args.min_ms if args.min_ms is not None else (0.0 if gpu else 30.0)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if gpu:
         torch.backends.cudnn.benchmark = True
 
     rows = []
     try:
         if args.skip != "layers":
-            rows += bench_layers(device, layer_batch, args.dtypes, warmup, iters, args.group_channels)
+            rows += bench_layers(device, layer_batch, args.dtypes, warmup, iters, args.group_channels, min_ms)
         if args.skip != "unet":
             rows += bench_unets(device, size, sample_size, unet_batch, args.dtypes, warmup, iters,
-                                args.group_channels)
+                                args.group_channels, min_ms)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     meta = dict(device=torch.cuda.get_device_name(device) if gpu else platform.processor() or "cpu",
                 torch=torch.__version__, op="compiled",
                 threads=torch.get_num_threads(), warmup=warmup, iters=iters)
-    print(f"{meta['device']}, torch {meta['torch']}, DCNv4 op: {meta['op']}, median of {iters}")
+    print(f"{meta['device']}, torch {meta['torch']}, {meta['threads']} threads, DCNv4 op: {meta['op']}, "
+          f"median of {iters} interleaved rounds")
     print(_table(rows))
     if args.out:
         with open(args.out, "w") as f:

@@ -1,126 +1,342 @@
 // CPU kernels of DCNv4, forward and backward, for float32/float64/float16/bfloat16 (accumulating in
-// float32, or float64 for float64). The forward is parallel over output pixels; the backward is
-// parallel over (image, group) pairs, each of which owns its slice of grad_value, so it needs no
-// atomics and is deterministic. Inner loops run over the group's channels, contiguous in memory.
+// float32, or float64 for float64).
+//
+// Both kernels walk output pixel -> group, and per (pixel, group) work in two stages: the K points'
+// offsets and masks are read once and their bilinear footprints (four corner pixels and weights each)
+// computed in one loop without branches, which the compiler vectorises over the points; then each point's
+// four corners are combined over the group's channels, contiguous in memory. The channel loops have
+// compile-time trip counts for the common group widths (4, 8, 16, 32, 64), so the accumulators stay in
+// vector registers; other widths take a runtime loop. A corner outside the image reads a row of zeros
+// (zero padding without a branch); in the backward it sends its gradient to a scratch row. With AVX2,
+// the float32 backward reduces the four corners' dot products together. The forward is parallel over
+// output pixels; the backward over (image, group) pairs, each of which owns its slice of grad_value, so
+// it needs no atomics and is deterministic, and it computes the value, offset and mask gradients in one
+// pass. Neither allocates per call beyond its
+// outputs (and, for 16-bit types, the float32 buffer grad_value is summed in): their scratch lives on
+// the stack up to 64 points and 64 channels a group.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <tuple>
-#include <vector>
+#include <type_traits>
 
 #include "dcnv4.h"
 #include "dcnv4_torch.h"
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define DCNV4_CPU_AVX2 1
+#endif
+
 namespace dcnv4 {
 namespace {
 
-// One sampling point of output pixel (ho, wo), group g: its bilinear footprint and mask.
+// Calls f(std::integral_constant<int, kD>) with kD = D for the group widths that get loops of compile-time
+// length (the accumulators then stay in registers), kD = 0 (runtime width) otherwise.
+template <typename F>
+void dispatch_width(int64_t D, F&& f) {
+  switch (D) {
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 8: return f(std::integral_constant<int, 8>{});
+    case 16: return f(std::integral_constant<int, 16>{});
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    default: return f(std::integral_constant<int, 0>{});
+  }
+}
+
+// The bilinear footprints of K points from their offsets `om` (the (dx, dy) pairs): one loop without
+// branches over the points, which the compiler vectorises (its arrays are restrict parameters, which GCC
+// trusts, unlike restrict locals). A point samples x = x_base + s * (tap_x + dx), as the reference
+// computes it.
 template <typename acc_t, typename scalar_t>
-inline Bilinear<acc_t> sample_point(const Params& p, const scalar_t* om_group, int64_t ho, int64_t wo, int k,
-                                    acc_t& mask) {
-  acc_t x0, y0;
-  point_base<acc_t>(p, ho, wo, k, x0, y0);
-  const acc_t s = static_cast<acc_t>(p.offset_scale);
-  const acc_t x = x0 + s * static_cast<acc_t>(om_group[2 * k]);
-  const acc_t y = y0 + s * static_cast<acc_t>(om_group[2 * k + 1]);
-  mask = static_cast<acc_t>(om_group[2 * p.K + k]);
-  return bilinear<acc_t>(x, y, p.H, p.W);
+void fill_footprints(const scalar_t* __restrict__ om, int K, int32_t H, int32_t W, acc_t s, acc_t x_base, acc_t y_base,
+                     const acc_t* __restrict__ tx, const acc_t* __restrict__ ty, acc_t* __restrict__ lx_,
+                     acc_t* __restrict__ ly_, acc_t* __restrict__ w0, acc_t* __restrict__ w1, acc_t* __restrict__ w2,
+                     acc_t* __restrict__ w3, int32_t* __restrict__ i0, int32_t* __restrict__ i1,
+                     int32_t* __restrict__ i2, int32_t* __restrict__ i3) {
+  const acc_t Hf = static_cast<acc_t>(H), Wf = static_cast<acc_t>(W);
+  for (int k = 0; k < K; ++k) {
+    const acc_t x = x_base + s * (tx[k] + static_cast<acc_t>(om[2 * k]));
+    const acc_t y = y_base + s * (ty[k] + static_cast<acc_t>(om[2 * k + 1]));
+    const acc_t xf = std::floor(x), yf = std::floor(y);
+    const acc_t fx = x - xf, fy = y - yf;
+    // Clamped before the integer conversion so that far-off positions cannot overflow it; NaN lands
+    // outside. Written with selects and integer masks (no && or fmin) so that GCC vectorises the loop.
+    const int32_t x0 = static_cast<int32_t>(xf > acc_t(-2) ? (xf < Wf ? xf : Wf) : acc_t(-2));
+    const int32_t y0 = static_cast<int32_t>(yf > acc_t(-2) ? (yf < Hf ? yf : Hf) : acc_t(-2));
+    // -1 (all bits) where the column or row lies outside the image, else 0.
+    const int32_t out_x0 = -static_cast<int32_t>(x0 < 0) | -static_cast<int32_t>(x0 >= W);
+    const int32_t out_x1 = -static_cast<int32_t>(x0 + 1 < 0) | -static_cast<int32_t>(x0 + 1 >= W);
+    const int32_t out_y0 = -static_cast<int32_t>(y0 < 0) | -static_cast<int32_t>(y0 >= H);
+    const int32_t out_y1 = -static_cast<int32_t>(y0 + 1 < 0) | -static_cast<int32_t>(y0 + 1 >= H);
+    const int32_t top = y0 * W + x0;
+    i0[k] = top | out_x0 | out_y0;
+    i1[k] = (top + 1) | out_x1 | out_y0;
+    i2[k] = (top + W) | out_x0 | out_y1;
+    i3[k] = (top + W + 1) | out_x1 | out_y1;
+    lx_[k] = fx;
+    ly_[k] = fy;
+    w0[k] = (1 - fy) * (1 - fx);
+    w1[k] = (1 - fy) * fx;
+    w2[k] = fy * (1 - fx);
+    w3[k] = fy * fx;
+  }
+}
+
+// Per-thread scratch of one kernel call, sized once per parallel chunk (on the stack up to 64 points
+// and 64 channels): the K points' tap offsets from the window centre, and the footprints of the current
+// (pixel, group)'s K points as fill_footprints leaves them. Corner c of point k = (y0 + (c >> 1),
+// x0 + (c & 1)) is pixel idx[c][k] (y * W + x) of the image, or -1 when it lies outside; its bilinear
+// weight is w[c][k]; lx, ly are the fractional parts of the sample's position.
+template <typename acc_t, typename scalar_t>
+struct PointTable {
+  c10::SmallVector<acc_t, 8 * 64> f;
+  c10::SmallVector<int32_t, 4 * 64> i;
+  c10::SmallVector<scalar_t, 64> zero;  // D zeros: what a corner outside the image reads
+  c10::SmallVector<acc_t, 4 * 64> dump;  // 4 x D: where the backward sends a corner outside's gradient
+  acc_t *tap_x, *tap_y, *lx, *ly, *w[4];
+  int32_t* idx[4];
+
+  PointTable(const Params& p, bool backward) : f(8 * p.K), i(4 * p.K), zero(p.D, scalar_t(0)) {
+    if (backward) dump.resize(4 * p.D);
+    acc_t* rows[8];
+    for (int r = 0; r < 8; ++r) rows[r] = f.data() + r * p.K;
+    tap_x = rows[0], tap_y = rows[1], lx = rows[2], ly = rows[3];
+    for (int c = 0; c < 4; ++c) {
+      w[c] = rows[4 + c];
+      idx[c] = i.data() + c * p.K;
+    }
+    // The points in the op's order: kernel x index outer, y index inner, centre skipped if asked.
+    const int cw = p.dw * (p.kw - 1) / 2, ch = p.dh * (p.kh - 1) / 2;
+    int k = 0;
+    for (int ti = 0; ti < p.kw; ++ti) {
+      for (int tj = 0; tj < p.kh; ++tj) {
+        if (p.remove_center && ti == p.kw / 2 && tj == p.kh / 2) continue;
+        tap_x[k] = static_cast<acc_t>(ti * p.dw - cw);
+        tap_y[k] = static_cast<acc_t>(tj * p.dh - ch);
+        ++k;
+      }
+    }
+  }
+
+  // The footprints of the K points of output pixel (ho, wo) from the group's offsets `om`.
+  void fill(const Params& p, const scalar_t* om, int64_t ho, int64_t wo) {
+    fill_footprints<acc_t, scalar_t>(
+        om, p.K, static_cast<int32_t>(p.H), static_cast<int32_t>(p.W), static_cast<acc_t>(p.offset_scale),
+        static_cast<acc_t>(wo * p.sw - p.pw + p.dw * (p.kw - 1) / 2),
+        static_cast<acc_t>(ho * p.sh - p.ph + p.dh * (p.kh - 1) / 2), tap_x, tap_y, lx, ly, w[0], w[1], w[2], w[3],
+        idx[0], idx[1], idx[2], idx[3]);
+  }
+};
+
+// Forward of output pixels [begin, end), channels [c0, c0 + width) of every group (width == kD when
+// kD > 0; at most kMaxBlock otherwise).
+constexpr int64_t kMaxBlock = 64;
+
+template <typename scalar_t, int kD>
+void forward_pixels(const Params& p, const scalar_t* value, const scalar_t* offset_mask, scalar_t* output,
+                    int64_t begin, int64_t end, int64_t c0, int64_t width_rt, PointTable<at::opmath_type<scalar_t>, scalar_t>& t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t kAcc = kD > 0 ? kD : kMaxBlock;
+  const int64_t width = kD > 0 ? kD : width_rt;
+  const int64_t C = p.G * p.D;
+  const int K = p.K;
+  const scalar_t* zero = t.zero.data();
+  for (int64_t pix = begin; pix < end; ++pix) {
+    const int64_t n = pix / (p.Ho * p.Wo);
+    const int64_t ho = (pix / p.Wo) % p.Ho;
+    const int64_t wo = pix % p.Wo;
+    const scalar_t* v_img = value + n * p.H * p.W * C + c0;
+    for (int64_t g = 0; g < p.G; ++g) {
+      const scalar_t* om = offset_mask + pix * p.P + g * 3 * K;
+      t.fill(p, om, ho, wo);
+      const scalar_t* v_g = v_img + g * p.D;
+      acc_t acc[kAcc];
+      for (int64_t d = 0; d < width; ++d) acc[d] = 0;
+      for (int k = 0; k < K; ++k) {
+        const acc_t m = static_cast<acc_t>(om[2 * K + k]);
+        const acc_t w0 = m * t.w[0][k], w1 = m * t.w[1][k], w2 = m * t.w[2][k], w3 = m * t.w[3][k];
+        const int32_t i0 = t.idx[0][k], i1 = t.idx[1][k], i2 = t.idx[2][k], i3 = t.idx[3][k];
+        const scalar_t* __restrict__ v0 = i0 >= 0 ? v_g + i0 * C : zero;
+        const scalar_t* __restrict__ v1 = i1 >= 0 ? v_g + i1 * C : zero;
+        const scalar_t* __restrict__ v2 = i2 >= 0 ? v_g + i2 * C : zero;
+        const scalar_t* __restrict__ v3 = i3 >= 0 ? v_g + i3 * C : zero;
+        // No `omp simd` here: it makes GCC emit a scalar loop for the compile-time widths, which it
+        // otherwise unrolls and vectorises completely.
+        for (int64_t d = 0; d < width; ++d) {
+          acc[d] += w0 * static_cast<acc_t>(v0[d]) + w1 * static_cast<acc_t>(v1[d]) +
+                    w2 * static_cast<acc_t>(v2[d]) + w3 * static_cast<acc_t>(v3[d]);
+        }
+      }
+      scalar_t* __restrict__ out = output + pix * C + c0 + g * p.D;
+#pragma omp simd
+      for (int64_t d = 0; d < width; ++d) out[d] = static_cast<scalar_t>(acc[d]);
+    }
+  }
+}
+
+// The kernels index an image's pixels with 32-bit integers.
+inline void check_pixel_count(const Params& p) {
+  TORCH_CHECK((p.H + 1) * (p.W + 1) < (int64_t(1) << 31), "value's images must have fewer than 2^31 pixels, got ",
+              p.H, "x", p.W);
+}
+
+// Splits [0, n) over the threads in chunks of at least `grain`, each thread one contiguous chunk (the
+// work per item is uniform, so equal chunks balance).
+template <typename F>
+void parallel_chunks(int64_t n, int64_t grain, F&& fn) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunk = std::max<int64_t>(grain, (n + threads - 1) / threads);
+  at::parallel_for(0, n, chunk, fn);
 }
 
 template <typename scalar_t>
 void forward_cpu_kernel(const Params& p, const scalar_t* value, const scalar_t* offset_mask, scalar_t* output) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t C = p.G * p.D;
   const int64_t pixels = p.N * p.Ho * p.Wo;
-  const int64_t work_per_pixel = std::max<int64_t>(1, p.G * p.K * (4 * p.D + 16));
-  const int64_t grain = std::max<int64_t>(1, 32768 / work_per_pixel);
-  at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(p.D);
-    acc_t* __restrict__ a = acc.data();
-    for (int64_t pix = begin; pix < end; ++pix) {
-      const int64_t n = pix / (p.Ho * p.Wo);
-      const int64_t ho = (pix / p.Wo) % p.Ho;
-      const int64_t wo = pix % p.Wo;
-      const scalar_t* v_img = value + n * p.H * p.W * C;
-      for (int64_t g = 0; g < p.G; ++g) {
-        const scalar_t* om_group = offset_mask + pix * p.P + g * 3 * p.K;
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int k = 0; k < p.K; ++k) {
-          acc_t mask;
-          const Bilinear<acc_t> b = sample_point<acc_t>(p, om_group, ho, wo, k, mask);
-          for (int c = 0; c < 4; ++c) {
-            if (!b.inside[c]) continue;
-            const acc_t coef = mask * b.w[c];
-            const scalar_t* __restrict__ v = v_img + b.idx[c] * C + g * p.D;
-#pragma omp simd
-            for (int64_t d = 0; d < p.D; ++d) a[d] += coef * static_cast<acc_t>(v[d]);
-          }
+  // About 40 us of work per chunk at the least: below that a second thread costs more than it saves.
+  const int64_t work_per_pixel = std::max<int64_t>(1, p.G * p.K * (8 * p.D + 40));
+  const int64_t grain = std::max<int64_t>(1, 200000 / work_per_pixel);
+  dispatch_width(p.D, [&](auto kD_const) {
+    constexpr int kD = decltype(kD_const)::value;
+    parallel_chunks(pixels, grain, [&](int64_t begin, int64_t end) {
+      PointTable<acc_t, scalar_t> table(p, /*backward=*/false);
+      if (kD > 0) {
+        forward_pixels<scalar_t, kD>(p, value, offset_mask, output, begin, end, 0, kD, table);
+      } else {
+        for (int64_t c0 = 0; c0 < p.D; c0 += kMaxBlock) {
+          forward_pixels<scalar_t, 0>(p, value, offset_mask, output, begin, end, c0,
+                                      std::min<int64_t>(kMaxBlock, p.D - c0), table);
         }
-        scalar_t* __restrict__ out = output + pix * C + g * p.D;
-#pragma omp simd
-        for (int64_t d = 0; d < p.D; ++d) out[d] = static_cast<scalar_t>(a[d]);
       }
-    }
+    });
   });
 }
 
-// grad_value_acc is (N, H, W, C) in acc_t, zero on entry; grad_offset_mask is zero on entry (its
-// padding channels stay zero).
+#ifdef DCNV4_CPU_AVX2
+// The backward's channel loop for float32 groups of kD % 8 == 0 channels with AVX2: adds coef[c] *
+// grad_out to corner c's grad_value row and returns the four dot products <grad_out, corner c>, their
+// lanes summed once for all four corners (three horizontal adds) instead of once per corner. The corners
+// are updated one after the other, so corners clamped onto the same pixel stay right.
+template <int kD>
+inline __m128 corner_dots_avx2(const float* go, const float* const v[4], float* const gv[4], const float coef[4]) {
+  __m256 dot[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int d = 0; d < kD; d += 8) {
+    const __m256 g = _mm256_loadu_ps(go + d);
+    for (int c = 0; c < 4; ++c) {
+      dot[c] = _mm256_fmadd_ps(g, _mm256_loadu_ps(v[c] + d), dot[c]);
+      _mm256_storeu_ps(gv[c] + d, _mm256_fmadd_ps(_mm256_set1_ps(coef[c]), g, _mm256_loadu_ps(gv[c] + d)));
+    }
+  }
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(dot[0], dot[1]), _mm256_hadd_ps(dot[2], dot[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+#endif
+
+// Backward of image n, group g: adds to grad_value's (n, g) slice (acc_t, zero on entry) and writes
+// the offset and mask gradients of the group's K points at every output pixel of the image.
+template <typename scalar_t, int kD>
+void backward_image_group(const Params& p, const scalar_t* grad_output, const scalar_t* value,
+                          const scalar_t* offset_mask, at::opmath_type<scalar_t>* grad_value_acc,
+                          scalar_t* grad_offset_mask, int64_t n, int64_t g,
+                          PointTable<at::opmath_type<scalar_t>, scalar_t>& t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t kGo = kD > 0 ? kD : 1;
+  const int64_t D = kD > 0 ? kD : p.D;
+  const int64_t C = p.G * p.D;
+  const acc_t s = static_cast<acc_t>(p.offset_scale);
+  const int K = p.K;
+  const scalar_t* v_g = value + n * p.H * p.W * C + g * p.D;
+  acc_t* gv_g = grad_value_acc + n * p.H * p.W * C + g * p.D;
+  const scalar_t* zero = t.zero.data();
+  for (int64_t ho = 0; ho < p.Ho; ++ho) {
+    for (int64_t wo = 0; wo < p.Wo; ++wo) {
+      const int64_t pix = (n * p.Ho + ho) * p.Wo + wo;
+      const scalar_t* go_src = grad_output + pix * C + g * p.D;
+      // With a compile-time width the incoming gradient is held in registers; otherwise it is read
+      // from grad_output where used.
+      acc_t go_reg[kGo];
+      if (kD > 0) {
+        for (int64_t d = 0; d < kGo; ++d) go_reg[d] = static_cast<acc_t>(go_src[d]);
+      }
+      auto go = [&](int64_t d) { return kD > 0 ? go_reg[d] : static_cast<acc_t>(go_src[d]); };
+      const scalar_t* om = offset_mask + pix * p.P + g * 3 * K;
+      t.fill(p, om, ho, wo);
+      scalar_t* gom = grad_offset_mask + pix * p.P + g * 3 * K;
+      for (int k = 0; k < K; ++k) {
+        const acc_t m = static_cast<acc_t>(om[2 * K + k]);
+        const int32_t i0 = t.idx[0][k], i1 = t.idx[1][k], i2 = t.idx[2][k], i3 = t.idx[3][k];
+        // A corner outside the image reads zeros and sends its gradient to a scratch row of its own, so
+        // the four corners never share memory.
+        const scalar_t* __restrict__ v0 = i0 >= 0 ? v_g + i0 * C : zero;
+        const scalar_t* __restrict__ v1 = i1 >= 0 ? v_g + i1 * C : zero;
+        const scalar_t* __restrict__ v2 = i2 >= 0 ? v_g + i2 * C : zero;
+        const scalar_t* __restrict__ v3 = i3 >= 0 ? v_g + i3 * C : zero;
+        acc_t* __restrict__ gv0 = i0 >= 0 ? gv_g + i0 * C : t.dump.data();
+        acc_t* __restrict__ gv1 = i1 >= 0 ? gv_g + i1 * C : t.dump.data() + D;
+        acc_t* __restrict__ gv2 = i2 >= 0 ? gv_g + i2 * C : t.dump.data() + 2 * D;
+        acc_t* __restrict__ gv3 = i3 >= 0 ? gv_g + i3 * C : t.dump.data() + 3 * D;
+        const acc_t c0 = m * t.w[0][k], c1 = m * t.w[1][k], c2 = m * t.w[2][k], c3 = m * t.w[3][k];
+        acc_t dot0 = 0, dot1 = 0, dot2 = 0, dot3 = 0;  // <grad_out, corner c>, 0 outside
+#ifdef DCNV4_CPU_AVX2
+        if constexpr (std::is_same_v<scalar_t, float> && kD > 0 && kD % 8 == 0) {
+          const float* const v[4] = {v0, v1, v2, v3};
+          float* const gv[4] = {gv0, gv1, gv2, gv3};
+          const float coef[4] = {c0, c1, c2, c3};
+          alignas(16) float dots[4];
+          _mm_store_ps(dots, corner_dots_avx2<kD>(go_reg, v, gv, coef));
+          dot0 = dots[0], dot1 = dots[1], dot2 = dots[2], dot3 = dots[3];
+        } else
+#endif
+        {
+#pragma omp simd reduction(+ : dot0, dot1, dot2, dot3)
+        for (int64_t d = 0; d < D; ++d) {
+          const acc_t gd = go(d);
+          dot0 += gd * static_cast<acc_t>(v0[d]);
+          dot1 += gd * static_cast<acc_t>(v1[d]);
+          dot2 += gd * static_cast<acc_t>(v2[d]);
+          dot3 += gd * static_cast<acc_t>(v3[d]);
+          gv0[d] += c0 * gd;
+          gv1[d] += c1 * gd;
+          gv2[d] += c2 * gd;
+          gv3[d] += c3 * gd;
+        }
+        }
+        // The derivatives of the weights (1 - ly or ly) * (1 - lx or lx) in x and y.
+        const acc_t lx = t.lx[k], ly = t.ly[k];
+        const acc_t grad_mask = t.w[0][k] * dot0 + t.w[1][k] * dot1 + t.w[2][k] * dot2 + t.w[3][k] * dot3;
+        const acc_t grad_x = (1 - ly) * (dot1 - dot0) + ly * (dot3 - dot2);
+        const acc_t grad_y = (1 - lx) * (dot2 - dot0) + lx * (dot3 - dot1);
+        gom[2 * k] = static_cast<scalar_t>(m * grad_x * s);
+        gom[2 * k + 1] = static_cast<scalar_t>(m * grad_y * s);
+        gom[2 * K + k] = static_cast<scalar_t>(grad_mask);
+      }
+    }
+  }
+}
+
+// grad_value_acc is (N, H, W, C) in acc_t, zero on entry. Every used channel of grad_offset_mask is
+// written; its padding channels are left as they are.
 template <typename scalar_t>
 void backward_cpu_kernel(const Params& p, const scalar_t* grad_output, const scalar_t* value,
                          const scalar_t* offset_mask, at::opmath_type<scalar_t>* grad_value_acc,
                          scalar_t* grad_offset_mask) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t C = p.G * p.D;
-  const acc_t s = static_cast<acc_t>(p.offset_scale);
-  at::parallel_for(0, p.N * p.G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> go_buf(p.D);
-    acc_t* __restrict__ go = go_buf.data();
-    for (int64_t ng = begin; ng < end; ++ng) {
-      const int64_t n = ng / p.G;
-      const int64_t g = ng % p.G;
-      const scalar_t* v_img = value + n * p.H * p.W * C + g * p.D;
-      acc_t* gv_img = grad_value_acc + n * p.H * p.W * C + g * p.D;
-      for (int64_t ho = 0; ho < p.Ho; ++ho) {
-        for (int64_t wo = 0; wo < p.Wo; ++wo) {
-          const int64_t pix = (n * p.Ho + ho) * p.Wo + wo;
-          const scalar_t* go_src = grad_output + pix * C + g * p.D;
-#pragma omp simd
-          for (int64_t d = 0; d < p.D; ++d) go[d] = static_cast<acc_t>(go_src[d]);
-          const scalar_t* om_group = offset_mask + pix * p.P + g * 3 * p.K;
-          scalar_t* gom_group = grad_offset_mask + pix * p.P + g * 3 * p.K;
-          for (int k = 0; k < p.K; ++k) {
-            acc_t mask;
-            const Bilinear<acc_t> b = sample_point<acc_t>(p, om_group, ho, wo, k, mask);
-            acc_t grad_mask = 0, grad_x = 0, grad_y = 0;
-            for (int c = 0; c < 4; ++c) {
-              if (!b.inside[c]) continue;
-              const scalar_t* __restrict__ v = v_img + b.idx[c] * C;
-              acc_t* __restrict__ gv = gv_img + b.idx[c] * C;
-              const acc_t coef = mask * b.w[c];
-              acc_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-              for (int64_t d = 0; d < p.D; ++d) {
-                dot += go[d] * static_cast<acc_t>(v[d]);
-                gv[d] += coef * go[d];
-              }
-              // d w_c / d x and d w_c / d y of the corner weights (1 - ly or ly) * (1 - lx or lx).
-              const acc_t wy = (c >> 1) ? b.ly : 1 - b.ly;
-              const acc_t wx = (c & 1) ? b.lx : 1 - b.lx;
-              grad_mask += b.w[c] * dot;
-              grad_x += ((c & 1) ? wy : -wy) * dot;
-              grad_y += ((c >> 1) ? wx : -wx) * dot;
-            }
-            gom_group[2 * k] = static_cast<scalar_t>(mask * grad_x * s);
-            gom_group[2 * k + 1] = static_cast<scalar_t>(mask * grad_y * s);
-            gom_group[2 * p.K + k] = static_cast<scalar_t>(grad_mask);
-          }
-        }
+  dispatch_width(p.D, [&](auto kD_const) {
+    constexpr int kD = decltype(kD_const)::value;
+    parallel_chunks(p.N * p.G, 1, [&](int64_t begin, int64_t end) {
+      PointTable<acc_t, scalar_t> table(p, /*backward=*/true);
+      for (int64_t ng = begin; ng < end; ++ng) {
+        backward_image_group<scalar_t, kD>(p, grad_output, value, offset_mask, grad_value_acc, grad_offset_mask,
+                                           ng / p.G, ng % p.G, table);
       }
-    }
+    });
   });
 }
 
@@ -133,6 +349,7 @@ at::Tensor dcnv4_forward_cpu(const at::Tensor& value_in, const at::Tensor& offse
   const at::Tensor offset_mask = offset_mask_in.contiguous();
   const Params p =
       make_params(value, offset_mask, kernel_size, stride, padding, dilation, groups, offset_scale, remove_center);
+  check_pixel_count(p);
   at::Tensor output = at::empty({p.N, p.Ho, p.Wo, p.G * p.D}, value.options());
   if (output.numel() == 0) return output;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "dcnv4_forward_cpu", [&] {
@@ -154,7 +371,11 @@ std::tuple<at::Tensor, at::Tensor> dcnv4_backward_cpu(const at::Tensor& grad_out
   const Params p =
       make_params(value, offset_mask, kernel_size, stride, padding, dilation, groups, offset_scale, remove_center);
   check_grad_output(grad_output, value, p);
-  at::Tensor grad_offset_mask = at::zeros_like(offset_mask);
+  check_pixel_count(p);
+  // The kernel writes every used channel; only the padding channels need zeros.
+  at::Tensor grad_offset_mask = at::empty_like(offset_mask);
+  const int64_t used = 3 * p.G * p.K;
+  if (p.P > used) grad_offset_mask.narrow(3, used, p.P - used).zero_();
   const auto acc_type = at::toOpMathType(value.scalar_type());
   at::Tensor grad_value_acc = at::zeros(value.sizes(), value.options().dtype(acc_type));
   if (grad_output.numel() > 0) {
