@@ -130,8 +130,9 @@ def train(cfg: TrainConfig, output_dir: Path, threads: int) -> None:
 
 
 def train_all(configs: list[TrainConfig], output_dir: Path, jobs: int, overwrite: bool) -> None:
-    """Trains what is not finished, `jobs` at a time; the first run alone (it builds the shared latent cache)."""
-    todo = []
+    """Trains what is not finished, `jobs` at a time; when none is, the first run alone (it builds the shared
+    latent cache)."""
+    todo, finished = [], 0
     for cfg in configs:
         try:
             state = run_state(cfg)
@@ -143,6 +144,7 @@ def train_all(configs: list[TrainConfig], output_dir: Path, jobs: int, overwrite
         print(f"{cfg.output_dir}: {state}" + (", reused" if state == "finished" else ""), flush=True)
         if state != "finished":
             todo.append(cfg)
+        finished += state == "finished"
     cores = os.cpu_count() or 1
     started = time.time()
 
@@ -151,7 +153,7 @@ def train_all(configs: list[TrainConfig], output_dir: Path, jobs: int, overwrite
         train(cfg, output_dir, threads)
         print(f"[{time.time() - started:7.0f} s] done  {cfg.output_dir}", flush=True)
 
-    if todo:
+    if todo and not finished:  # nothing trained yet: the first run builds the latent cache alone
         one(todo.pop(0), cores)
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = [pool.submit(one, cfg, max(1, cores // jobs)) for cfg in todo]

@@ -156,6 +156,7 @@ def test_study_trains_what_is_missing_compares_each_row_and_writes_one_table(stu
     capsys.readouterr()
     assert study_script.main(common + ["--seeds", "0", "--only", "gc8", "--phases", "train", "compare", "table"]) == 0
     assert [call[:2] for call in fake_train.calls] == [("gc8", "seed0")]
+    assert fake_train.calls[0][2] == max(1, (study_script.os.cpu_count() or 1) // 2)  # the cache exists: not alone
     assert "baseline/seed0: finished, reused" in capsys.readouterr().out
     rows = [r["row"] for r in json.loads((out / "study.json").read_text())["rows"]]
     assert rows == ["default", "gc8", "baseline"]
