@@ -45,8 +45,11 @@ from unet_dcnv4.training import TrainConfig, load_config  # noqa: E402
 
 BASELINE = "baseline"
 PHASES = ("train", "compare", "throughput", "table")
-# Keys that do not change what a run trains; a finished run is reused whatever they are.
-BOOKKEEPING = tuple(k for k in EXPERIMENT_EXCLUDED if k not in MODEL_KEYS + ("seed",))
+# Keys that do not change what a run trains; a finished run is reused whatever they are. The comparison's
+# exclusions, less those it replaces by what they resolve to (data, VAE, global batch): a run is reused only
+# for the same values. A larger max_train_steps resumes a finished run (train_ldm.py resumes exactly).
+BOOKKEEPING = tuple(k for k in EXPERIMENT_EXCLUDED if k not in MODEL_KEYS + (
+    "seed", "data_source", "vae", "vae_subfolder", "train_batch_size", "gradient_accumulation_steps"))
 
 
 def read_study(path: str | os.PathLike) -> dict:
@@ -105,8 +108,11 @@ def run_state(cfg: TrainConfig) -> str:
         listed = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in differences.items())
         raise FileExistsError(f"{run} holds a run of another config ({listed}); pass --overwrite to retrain it")
     stats = run / "train_stats.json"
-    if stats.is_file() and json.loads(stats.read_text()).get("steps") == cfg.max_train_steps \
-            and (run / "pipeline" / "model_index.json").is_file():
+    steps = json.loads(stats.read_text()).get("steps", 0) if stats.is_file() else 0
+    if steps > cfg.max_train_steps:
+        raise FileExistsError(f"{run} trained {steps} steps, more than max_train_steps={cfg.max_train_steps}; "
+                              "pass --overwrite to retrain it")
+    if steps == cfg.max_train_steps and (run / "pipeline" / "model_index.json").is_file():
         return "finished"
     return "partial"
 

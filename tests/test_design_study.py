@@ -105,6 +105,17 @@ def test_runs_are_reused_only_for_the_same_config(study_file, tmp_path, monkeypa
     # Bookkeeping does not matter; anything that changes the model or its training does.
     cfg.checkpointing_steps, cfg.log_every_steps = 1, 1
     assert study_script.run_state(cfg) == "partial"
+    cfg.max_train_steps = 8  # a longer budget resumes the run
+    assert study_script.run_state(cfg) == "partial"
+    cfg.max_train_steps = 1
+    with pytest.raises(FileExistsError, match="trained 2 steps, more than max_train_steps=1"):
+        study_script.run_state(cfg)
+    cfg.max_train_steps = 4
+    for key, value in [("train_batch_size", 16), ("vae", "other/vae"), ("data_source", "other")]:
+        changed = study_script.run_config(study, "gc8", 0, tmp_path)
+        setattr(changed, key, value)
+        with pytest.raises(FileExistsError, match=key):
+            study_script.run_state(changed)
     cfg.dcnv4_options = {"group_channels": 4}
     with pytest.raises(FileExistsError, match=r"dcnv4_options: \{'group_channels': 8\} there, \{'group_channels': 4\}"):
         study_script.run_state(cfg)
