@@ -4,6 +4,8 @@ the conv U-Net, in one table.
     python benchmarks/design_study.py --jobs 2            # benchmarks/design_study.yaml, seeds 0 1 2
     python benchmarks/design_study.py --only dw_kernel_3  # run, extend or redo some rows only
     python benchmarks/design_study.py --phases throughput table  # re-time every row on a quiet machine
+    python benchmarks/design_study.py --only default --max_train_steps 4000 --output_dir outputs/study_4000
+                                                          # one row again at twice the budget
 
 The study file (YAML) holds `base` (TrainConfig keys every run shares: data, VAE, budget), `baseline` (keys
 over `base` for the conv U-Net), `variants` (row name -> keys over `base`; a row's `dcnv4_options` merge key
@@ -313,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", default="outputs/design_study")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--only", nargs="+", default=None, help="rows to run (default: all, in the file's order)")
+    parser.add_argument("--max_train_steps", type=int, default=None,
+                        help="the budget of every run, over the study file's base (default: the file's)")
     parser.add_argument("--jobs", type=int, default=1, help="training processes at a time (threads split evenly)")
     parser.add_argument("--overwrite", action="store_true", help="retrain runs whose saved config differs")
     parser.add_argument("--num_images", type=int, default=512, help="samples per run for FID/KID")
@@ -330,7 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.jobs < 1 or args.num_images < 2 or args.iters < 1 or args.warmup < 0:
             raise ValueError("--jobs and --iters must be >= 1, --num_images >= 2, --warmup >= 0")
+        if args.max_train_steps is not None and args.max_train_steps < 1:
+            raise ValueError(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
         study = read_study(Path(args.study).resolve())
+        if args.max_train_steps is not None:
+            study["base"]["max_train_steps"] = args.max_train_steps
         rows = args.only or list(study["variants"])
         unknown = sorted(set(rows) - set(study["variants"]))
         if unknown:

@@ -126,6 +126,19 @@ def test_runs_are_reused_only_for_the_same_config(study_file, tmp_path, monkeypa
     assert study_script.run_state(cfg) == "finished"
 
 
+def test_max_train_steps_sets_every_runs_budget(study_file, tmp_path, monkeypatch, capsys):
+    fake_train.calls = []
+    monkeypatch.setattr(study_script, "train", fake_train)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "longer"
+    args = ["--study", str(study_file), "--output_dir", str(out), "--seeds", "0", "--only", "gc8", "--phases", "train"]
+    assert study_script.main(args + ["--max_train_steps", "9"]) == 0
+    for row in ("baseline", "gc8"):
+        assert yaml.safe_load((out / "runs" / row / "seed0" / "config.yaml").read_text())["max_train_steps"] == 9
+    assert study_script.main(args + ["--max_train_steps", "0"]) == 2
+    assert "--max_train_steps must be >= 1, got 0" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     folder = tmp_path_factory.mktemp("reference")
