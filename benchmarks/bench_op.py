@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from unet_dcnv4.ops import dcnv4, dcnv4_reference, load_extension
+from unet_dcnv4.timing import time_interleaved
 
 HERE = Path(__file__).resolve().parent
 # (N, H, W, C, G), group_channels 16: the shapes of anchors_h100.json.
@@ -66,25 +65,6 @@ def bench_cuda(fn, warmup_ms=25, rep_ms=100) -> float:
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-
-
-def bench_cpu(fns: dict, rounds=7, min_ms=20.0) -> dict:
-    """Median ms per call of each fn in `fns`, timed in interleaved rounds (one batch of calls of each fn per
-    round, at least `min_ms` long) so that load from other processes falls on all of them alike."""
-    calls = {}
-    for name, fn in fns.items():
-        fn()
-        t0 = time.perf_counter()
-        fn()
-        calls[name] = max(1, int(min_ms / max((time.perf_counter() - t0) * 1e3, 1e-3)))
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(calls[name]):
-                fn()
-            times[name].append((time.perf_counter() - t0) * 1e3 / calls[name])
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def grid_sample_dcnv4(value, offset_mask, G):
@@ -211,13 +191,13 @@ def run_cpu(dtypes, quick: bool) -> tuple[dict, list[dict]]:
                     fn(v_g, om_g).backward(grad_out)
                 return run
 
-            ms = bench_cpu({
+            ms = time_interleaved({
                 "fwd": lambda: ops.dcnv4_forward(value, om, *args),
                 "bwd": lambda: ops.dcnv4_backward(grad_out, value, om, *args),
                 "fwdbwd": fwd_bwd(lambda v, o: dcnv4(v, o, 3, 1, 1, 1, G)),
                 "gs_fwdbwd": fwd_bwd(lambda v, o: grid_sample_dcnv4(v, o, G)),
                 "ref_fwdbwd": fwd_bwd(lambda v, o: dcnv4_reference(v, o, 3, 1, 1, 1, G)),
-            }, rounds=3 if quick else 7)
+            }, warmup=1, iters=3 if quick else 7, min_ms=20.0)
             row.update({f"{k}_ms": v for k, v in ms.items()})
             row["speedup_fwdbwd_vs_grid_sample"] = ms["gs_fwdbwd"] / ms["fwdbwd"]
             row["speedup_fwdbwd_vs_ref"] = ms["ref_fwdbwd"] / ms["fwdbwd"]

@@ -20,15 +20,14 @@ import argparse
 import contextlib
 import json
 import platform
-import statistics
 import sys
-import time
 import warnings
 
 import torch
 import torch.nn.functional as F
 
 from unet_dcnv4.modules import DCNv4Conv2d
+from unet_dcnv4.timing import time_interleaved
 from unet_dcnv4.unet import UNET_SIZES, build_unet
 
 LAYER_SHAPES = [(64, 64, 128), (32, 32, 256), (16, 16, 512)]  # (H, W, C) of the U-Net levels (GPU, N = 64)
@@ -42,29 +41,6 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _time_interleaved(fns: dict, device: torch.device, warmup: int, iters: int, min_ms: float = 0.0) -> dict:
-    """Median milliseconds per call of each fn in `fns` over `iters` rounds; each round times a batch of
-    calls of each fn in turn, as many as make the batch last about `min_ms` (at least one)."""
-    calls = {}
-    for name, fn in fns.items():
-        for _ in range(warmup):
-            fn()
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        calls[name] = max(1, round(min_ms / max((time.perf_counter() - start) * 1e3, 1e-3)))
-    times = {name: [] for name in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(calls[name]):
-                fn()
-            _sync(device)
-            times[name].append((time.perf_counter() - start) * 1e3 / calls[name])
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _peak_mib(fn, device: torch.device) -> float | None:
@@ -143,7 +119,7 @@ def bench_layers(device, batch, dtypes, warmup, iters, group_channels, min_ms=0.
             for lname, layer in layers.items():
                 fns[(lname, "step")] = step(layer)
                 fns[(lname, "fwd")] = no_grad_forward(layer)
-            ms = _time_interleaved(fns, device, warmup, iters, min_ms)
+            ms = time_interleaved(fns, warmup, iters, min_ms, device)
             for lname, layer in layers.items():
                 rows.append(dict(kind="layer", layer=lname, unet=unet, N=N, H=H, W=W, C=C_out, C_in=C_in, dtype=dname,
                                  fwd_bwd_ms=ms[(lname, "step")], fwd_ms=ms[(lname, "fwd")],
@@ -198,7 +174,7 @@ def bench_unets(device, size, sample_size, batch, dtypes, warmup, iters, group_c
         for name, (model, opt) in models.items():
             fns[(name, "step")] = step(model, opt)
             fns[(name, "eval")] = evaluate(model)
-        ms = _time_interleaved(fns, device, warmup, iters, min_ms)
+        ms = time_interleaved(fns, warmup, iters, min_ms, device)
         for name, (model, opt) in models.items():
             params = sum(p.numel() for p in model.parameters())
             rows.append(dict(kind="unet", model=name, size=size, sample_size=sample_size, N=batch,

@@ -29,7 +29,6 @@ import concurrent.futures
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -43,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from unet_dcnv4.comparison import EXPERIMENT_EXCLUDED, MODEL_KEYS, compare_arms  # noqa: E402
 from unet_dcnv4.config import to_dict, to_yaml  # noqa: E402
+from unet_dcnv4.timing import time_interleaved  # noqa: E402
 from unet_dcnv4.training import TrainConfig, load_config  # noqa: E402
 
 BASELINE = "baseline"
@@ -195,20 +195,10 @@ def compare_row(row: str, runs: list[str], baseline_runs: list[str], output_dir:
     return summary
 
 
-def _median_seconds(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def throughput(run: str, cfg: TrainConfig, eval_batch: int, warmup: int, iters: int) -> dict:
-    """Images/s of the trained U-Net of `run`: one training step (forward, MSE, backward, AdamW) at the run's
-    batch, and one no-grad evaluation at `eval_batch` (a sampling step), fp32 or the run's autocast dtype."""
+def throughput_fns(run: str, cfg: TrainConfig, eval_batch: int) -> dict[str, tuple]:
+    """What the throughput of the trained U-Net of `run` times: "train", one training step (forward, MSE,
+    backward, AdamW) at the run's batch, and "eval", one no-grad evaluation at `eval_batch` (a sampling step),
+    fp32 or the run's autocast dtype; each as (function, images per call)."""
     from unet_dcnv4.sampling import load_pipeline
 
     unet = load_pipeline(str(Path(run) / "pipeline"), use_ema=False).unet.float()
@@ -221,41 +211,47 @@ def throughput(run: str, cfg: TrainConfig, eval_batch: int, warmup: int, iters: 
     x = torch.randn(batch, c, s, s)
     t = torch.randint(0, cfg.num_train_timesteps, (batch,))
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-6)
+    xe, te = torch.randn(eval_batch, c, s, s), torch.full((eval_batch,), cfg.num_train_timesteps // 2)
 
     def step():
+        unet.train()
         with autocast:
             loss = torch.nn.functional.mse_loss(unet(x, t).sample.float(), x)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    unet.train()
-    train_s = _median_seconds(step, warmup, iters)
-    xe, te = torch.randn(eval_batch, c, s, s), torch.full((eval_batch,), cfg.num_train_timesteps // 2)
-    unet.eval()
-
     def evaluate():
+        unet.eval()
         with torch.no_grad(), autocast:
             unet(xe, te)
 
-    eval_s = _median_seconds(evaluate, warmup, iters)
-    return {"train_images_per_s": batch / train_s, "eval_images_per_s": eval_batch / eval_s}
+    return {"train": (step, batch), "eval": (evaluate, eval_batch)}
 
 
 def measure_rows(rows: dict[str, list[str]], baseline_runs: list[str], configs: dict, args) -> dict:
-    """Each row's throughput and its ratio to the baseline's, timed back to back (the machine's noise cancels
-    in part in the ratio), seed 0's model of each."""
-    results, base = {}, None
+    """Each row's throughput (seed 0's model) and its ratio to the baseline's, the two timed in interleaved
+    rounds in one process (the machine's load falls on both alike)."""
+    base = throughput_fns(baseline_runs[0], configs[BASELINE], args.batch_size)
+    results, base_ms = {}, None
     for row, runs in rows.items():
-        base = throughput(baseline_runs[0], configs[BASELINE], args.batch_size, args.warmup, args.iters)
-        mine = throughput(runs[0], configs[row], args.batch_size, args.warmup, args.iters)
-        results[row] = {**mine, **{k.replace("_per_s", "_ratio"): mine[k] / base[k] for k in mine}}
-        print(f"throughput {row}: train {mine['train_images_per_s']:.1f} img/s "
-              f"({results[row]['train_images_ratio']:.2f}x conv), U-Net evaluation {mine['eval_images_per_s']:.1f} "
-              f"img/s ({results[row]['eval_images_ratio']:.2f}x conv)", flush=True)
-    if base is None:
-        base = throughput(baseline_runs[0], configs[BASELINE], args.batch_size, args.warmup, args.iters)
-    results[BASELINE] = {**base, "train_images_ratio": 1.0, "eval_images_ratio": 1.0}  # the last timing
+        mine = throughput_fns(runs[0], configs[row], args.batch_size)
+        fns = {(who, kind): fn for who, arm in (("row", mine), ("base", base)) for kind, (fn, _) in arm.items()}
+        ms = time_interleaved(fns, warmup=args.warmup, iters=args.iters)
+        base_ms = {kind: ms[("base", kind)] for kind in base}
+        results[row] = {}
+        for kind, (_, images) in mine.items():
+            results[row][f"{kind}_images_per_s"] = images / ms[("row", kind)] * 1e3
+            results[row][f"{kind}_images_ratio"] = ms[("base", kind)] / ms[("row", kind)] * images / base[kind][1]
+        print(f"throughput {row}: train {results[row]['train_images_per_s']:.1f} img/s "
+              f"({results[row]['train_images_ratio']:.2f}x conv), U-Net evaluation "
+              f"{results[row]['eval_images_per_s']:.1f} img/s ({results[row]['eval_images_ratio']:.2f}x conv)",
+              flush=True)
+    if base_ms is None:
+        base_ms = time_interleaved({kind: fn for kind, (fn, _) in base.items()}, warmup=args.warmup, iters=args.iters)
+    # The baseline's own figures: its timing beside the last row.
+    results[BASELINE] = {**{f"{kind}_images_per_s": images / base_ms[kind] * 1e3 for kind, (_, images) in base.items()},
+                         "train_images_ratio": 1.0, "eval_images_ratio": 1.0}
     return results
 
 

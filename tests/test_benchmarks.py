@@ -70,3 +70,28 @@ def test_saved_mib_counts_what_autograd_keeps():
     pixels = 2 * 16 * 16
     expected = pixels * (32 + 32 + dcn.offset_mask.out_features + 32) * 4 / 2**20
     assert dcn_mib == pytest.approx(expected)
+
+
+def test_time_interleaved_alternates_the_functions_and_batches_short_calls():
+    import time
+
+    from unet_dcnv4.timing import time_interleaved
+
+    calls = []
+
+    def slow():
+        calls.append("slow")
+        time.sleep(0.004)
+
+    def fast():
+        calls.append("fast")
+
+    ms = time_interleaved({"slow": slow, "fast": fast}, warmup=1, iters=3)
+    # Warm-up and sizing call of each, then one call of each per round, in turn.
+    assert calls == ["slow", "slow", "fast", "fast"] + ["slow", "fast"] * 3
+    assert ms["slow"] >= 4.0 > ms["fast"]
+    calls.clear()
+    time_interleaved({"slow": slow}, warmup=0, iters=2, min_ms=20.0)
+    assert 1 + 2 * 2 <= len(calls) <= 1 + 2 * 6  # batches of about 20 ms of 4 ms calls (fewer when the sleeps overrun)
+    with pytest.raises(ValueError, match="iters must be >= 1"):
+        time_interleaved({"fast": fast}, iters=0)
