@@ -256,12 +256,12 @@ def measure_rows(rows: dict[str, list[str]], baseline_runs: list[str], configs: 
 
 
 def changes(study: dict, row: str) -> str:
-    """What a row changes from the default DCNv4 U-Net (the base), in one cell."""
+    """What a row changes from the study's base DCNv4 U-Net, in one cell."""
     if row == BASELINE:
         return ", ".join(f"{k}={v}" for k, v in study["baseline"].items())
     keys = study["variants"][row] or {}
     flat = {**{k: v for k, v in keys.items() if k != "dcnv4_options"}, **keys.get("dcnv4_options", {})}
-    return ", ".join(f"{k}={v}" for k, v in flat.items()) or "(the default)"
+    return ", ".join(f"{k}={v}" for k, v in flat.items()) or "(the base)"
 
 
 def _cell(value, spec: str) -> str:
@@ -289,7 +289,7 @@ def table(study: dict, summaries: dict, speed: dict) -> tuple[list[dict], str]:
                      "num_runs": conv["num_runs"], "fid_mean": conv["fid_mean"], "fid_std": conv["fid_std"],
                      "kid_mean": conv["kid_mean"], "kid_std": conv["kid_std"], "fid_difference": None,
                      "ci95": None, "verdict": None, **speed.get(BASELINE, {})})
-    lines = ["| row | changes from the default | widths | params ratio | GFLOPs ratio | train img/s (x conv) | "
+    lines = ["| row | changes from the base | widths | params ratio | GFLOPs ratio | train img/s (x conv) | "
              "U-Net eval img/s (x conv) | runs | FID | KID (x1000) | FID - conv, 95% interval | verdict |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in rows:

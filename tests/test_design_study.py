@@ -65,7 +65,7 @@ def test_rows_merge_dcnv4_options_over_the_base(study_file, tmp_path):
     conv = study_script.run_config(study, study_script.BASELINE, 0, tmp_path)
     assert conv.model_type == "conv" and conv.max_train_steps == 4
     assert study_script.changes(study, "scaled") == "recompute_value=True, offset_scale=0.5"
-    assert study_script.changes(study, "default") == "(the default)"
+    assert study_script.changes(study, "default") == "(the base)"
 
 
 @pytest.mark.parametrize("text,needle", [

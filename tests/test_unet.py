@@ -69,8 +69,16 @@ def test_no_3x3_conv_remains_where_dcnv4_was_asked_for(replace):
     assert all(isinstance(model.get_submodule(n), DCNv4Conv2d) for n in swapped)
 
 
-@pytest.mark.parametrize("num_class_embeds,options", [(None, {}), (5, dict(replace=list(REPLACEABLE),
-                                                                                 dw_kernel_size=3))])
+def test_the_default_swaps_every_3x3_conv_and_folders_saved_with_another_list_keep_it(tmp_path):
+    assert not _3x3_convs(build_unet("dcnv4", "tiny", 8))
+    old = build_unet("dcnv4", "tiny", 8, replace=["resnet"])  # the default before the design study
+    old.save_pretrained(tmp_path)
+    loaded = DCNv4UNet2DModel.from_pretrained(tmp_path)
+    assert list(loaded.config.replace) == ["resnet"]
+    assert _3x3_convs(loaded) == _3x3_convs(old) != set()
+
+
+@pytest.mark.parametrize("num_class_embeds,options", [(None, {}), (5, dict(replace=["resnet"], dw_kernel_size=3))])
 def test_save_pretrained_from_pretrained_is_bit_identical(tmp_path, num_class_embeds, options):
     torch.manual_seed(0)
     model = build_unet("dcnv4", "tiny", 8, num_class_embeds=num_class_embeds, group_channels=8, **options).eval()

@@ -98,7 +98,9 @@ class DCNv4UNet2DModel(UNet2DModel):
 
     Args:
         replace: which 3x3 convs become DCNv4, from "resnet" (both convs of every ResnetBlock2D),
-            "conv_in", "conv_out", "downsample", "upsample" (the resampling convs).
+            "conv_in", "conv_out", "downsample", "upsample" (the resampling convs); all of them by default,
+            the choice the design study found best (benchmarks/NOTES.md). Folders saved with another default
+            load as saved: the config names the list.
         group_channels: channels per DCNv4 group; must divide every entry of block_out_channels.
         offset_scale: DCNv4's offset scale.
         dw_kernel_size: depthwise conv kernel in the offset/mask branch, None for none.
@@ -142,7 +144,7 @@ class DCNv4UNet2DModel(UNet2DModel):
         class_embed_type: str | None = None,
         num_class_embeds: int | None = None,
         num_train_timesteps: int | None = None,
-        replace: tuple[str, ...] = ("resnet",),
+        replace: tuple[str, ...] = REPLACEABLE,
         group_channels: int = 16,
         offset_scale: float = 1.0,
         dw_kernel_size: int | None = None,
@@ -456,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample_size", type=int, default=32, help="latent height/width")
     parser.add_argument("--in_channels", type=int, default=4)
     parser.add_argument("--num_class_embeds", type=int, default=None)
-    parser.add_argument("--replace", nargs="+", default=["resnet"], help=f"from {list(REPLACEABLE)}")
+    parser.add_argument("--replace", nargs="+", default=list(REPLACEABLE), help=f"from {list(REPLACEABLE)}")
     parser.add_argument("--group_channels", type=int, default=16)
     parser.add_argument("--offset_scale", type=float, default=1.0)
     parser.add_argument("--dw_kernel_size", type=int, default=None)
