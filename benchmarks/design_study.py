@@ -94,10 +94,11 @@ def run_config(study: dict, row: str, seed: int, output_dir: Path) -> TrainConfi
 
 
 def config_differences(saved: TrainConfig, wanted: TrainConfig) -> dict:
-    """Keys (bookkeeping aside) whose values differ: key -> (saved, wanted)."""
+    """Keys (bookkeeping aside, and dcnv4_options between two conv runs, which ignore them) whose values
+    differ: key -> (saved, wanted)."""
     a, b = to_dict(saved), to_dict(wanted)
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-            if k not in BOOKKEEPING and a.get(k) != b.get(k)}
+    ignored = set(BOOKKEEPING) | ({"dcnv4_options"} if a.get("model_type") == b.get("model_type") == "conv" else set())
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in ignored and a.get(k) != b.get(k)}
 
 
 def run_state(cfg: TrainConfig) -> str:

@@ -119,6 +119,13 @@ def test_runs_are_reused_only_for_the_same_config(study_file, tmp_path, monkeypa
     cfg.dcnv4_options = {"group_channels": 4}
     with pytest.raises(FileExistsError, match=r"dcnv4_options: \{'group_channels': 8\} there, \{'group_channels': 4\}"):
         study_script.run_state(cfg)
+    conv = study_script.run_config(study, study_script.BASELINE, 0, tmp_path)
+    fake_train(conv, tmp_path, 1)
+    conv.dcnv4_options = {"group_channels": 4}  # a conv run ignores them
+    assert study_script.run_state(conv) == "finished"
+    conv.model_size = "S"
+    with pytest.raises(FileExistsError, match="model_size"):
+        study_script.run_state(conv)
     monkeypatch.setattr(study_script, "train", fake_train)
     with pytest.raises(FileExistsError):
         study_script.train_all([cfg], tmp_path, jobs=1, overwrite=False)
