@@ -18,7 +18,7 @@ whose config differs stops the study with the differing keys, unless --overwrite
 
 Then every row is compared with the baseline by `compare_arms` (per-arm FID/KID mean +- std, a 95% bootstrap
 interval of the FID difference, a verdict; the baseline is sampled once for all rows), each row's training
-step and U-Net evaluation are timed alone against the baseline's in the same process, and study.md and
+step and U-Net evaluation are timed against the baseline's in interleaved rounds in one process, and study.md and
 study.json get one table.
 """
 
