@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from unet_dcnv4.modules import DCNv4Conv2d
-from unet_dcnv4.timing import time_interleaved
+from unet_dcnv4.timing import synchronize, time_interleaved
 from unet_dcnv4.unet import UNET_SIZES, build_unet
 
 LAYER_SHAPES = [(64, 64, 128), (32, 32, 256), (16, 16, 512)]  # (H, W, C) of the U-Net levels (GPU, N = 64)
@@ -38,19 +38,14 @@ CPU_LAYER_SHAPES = [("tiny", 32, 8, 8, 32, 32), ("tiny", 32, 4, 4, 64, 64), ("ti
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _peak_mib(fn, device: torch.device) -> float | None:
     """Peak CUDA memory of one call of fn in MiB; None on other devices."""
     if device.type != "cuda":
         return None
-    _sync(device)
+    synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     fn()
-    _sync(device)
+    synchronize(device)
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 

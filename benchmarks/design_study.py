@@ -271,25 +271,20 @@ def _cell(value, spec: str) -> str:
 
 def table(study: dict, summaries: dict, speed: dict) -> tuple[list[dict], str]:
     """One row per variant and the baseline: the rows of study.json and the markdown of study.md."""
-    rows = []
-    for row, summary in summaries.items():
-        arm = summary["arms"][0]
-        difference = summary["fid_difference"]
-        rows.append({"row": row, "changes": changes(study, row), "label": arm["label"],
-                     "block_out_channels": arm["block_out_channels"], "parameters": arm["parameters"],
-                     "parameter_ratio": arm["parameter_ratio"], "gflops": arm["gflops"],
-                     "gflops_ratio": arm["gflops_ratio"], "num_runs": arm["num_runs"],
-                     "fid_mean": arm["fid_mean"], "fid_std": arm["fid_std"], "kid_mean": arm["kid_mean"],
-                     "kid_std": arm["kid_std"], "fid_difference": difference["value"], "ci95": difference["ci95"],
-                     "verdict": difference["verdict"], **speed.get(row, {})})
+    def entry(row: str, arm: dict, difference: dict | None, ratios: tuple[float, float]) -> dict:
+        return {"row": row, "changes": changes(study, row), "label": arm["label"],
+                "block_out_channels": arm["block_out_channels"], "parameters": arm["parameters"],
+                "parameter_ratio": ratios[0], "gflops": arm["gflops"], "gflops_ratio": ratios[1],
+                "num_runs": arm["num_runs"], "fid_mean": arm["fid_mean"], "fid_std": arm["fid_std"],
+                "kid_mean": arm["kid_mean"], "kid_std": arm["kid_std"],
+                "fid_difference": difference and difference["value"], "ci95": difference and difference["ci95"],
+                "verdict": difference and difference["verdict"], **speed.get(row, {})}
+
+    rows = [entry(row, summary["arms"][0], summary["fid_difference"],
+                  (summary["arms"][0]["parameter_ratio"], summary["arms"][0]["gflops_ratio"]))
+            for row, summary in summaries.items()]
     if summaries:
-        conv = next(iter(summaries.values()))["arms"][1]
-        rows.append({"row": BASELINE, "changes": changes(study, BASELINE), "label": conv["label"],
-                     "block_out_channels": conv["block_out_channels"], "parameters": conv["parameters"],
-                     "parameter_ratio": 1.0, "gflops": conv["gflops"], "gflops_ratio": 1.0,
-                     "num_runs": conv["num_runs"], "fid_mean": conv["fid_mean"], "fid_std": conv["fid_std"],
-                     "kid_mean": conv["kid_mean"], "kid_std": conv["kid_std"], "fid_difference": None,
-                     "ci95": None, "verdict": None, **speed.get(BASELINE, {})})
+        rows.append(entry(BASELINE, next(iter(summaries.values()))["arms"][1], None, (1.0, 1.0)))
     lines = ["| row | changes from the base | widths | params ratio | GFLOPs ratio | train img/s (x conv) | "
              "U-Net eval img/s (x conv) | runs | FID | KID (x1000) | FID - conv, 95% interval | verdict |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]

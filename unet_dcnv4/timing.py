@@ -11,7 +11,8 @@ from collections.abc import Callable, Hashable
 import torch
 
 
-def _sync(device: torch.device | str | None) -> None:
+def synchronize(device: torch.device | str | None) -> None:
+    """Waits for the work queued on `device` when it is a CUDA device; nothing otherwise."""
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -30,10 +31,10 @@ def time_interleaved(fns: dict[Hashable, Callable[[], object]], warmup: int = 1,
     for name, fn in fns.items():
         for _ in range(warmup):
             fn()
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         calls[name] = max(1, round(min_ms / max((time.perf_counter() - start) * 1e3, 1e-3)))
     times = {name: [] for name in fns}
     for _ in range(iters):
@@ -41,6 +42,6 @@ def time_interleaved(fns: dict[Hashable, Callable[[], object]], warmup: int = 1,
             start = time.perf_counter()
             for _ in range(calls[name]):
                 fn()
-            _sync(device)
+            synchronize(device)
             times[name].append((time.perf_counter() - start) * 1e3 / calls[name])
     return {name: statistics.median(t) for name, t in times.items()}
