@@ -156,6 +156,15 @@ def test_gradcheck_float64(device):
     assert torch.autograd.gradcheck(lambda v, om: dcnv4(v, om, *args), (value, offset_mask), eps=1e-6, atol=1e-6)
 
 
+def test_second_derivative_is_an_error(device):
+    value, offset_mask, kwargs = make_case(1, 5, 4, 2, 3, seed=6)
+    value = value.to(device).requires_grad_(True)
+    offset_mask = offset_mask.to(device).requires_grad_(True)
+    (grad_value,) = torch.autograd.grad(dcnv4(value, offset_mask, *call_args(kwargs)).sum(), value, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivative of dcnv4 is not implemented"):
+        grad_value.sum().backward()
+
+
 def test_opcheck(device):
     value, offset_mask, args = case("13x9", torch.float32)
     value, offset_mask = value.to(device), offset_mask.to(device)

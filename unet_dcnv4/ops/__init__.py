@@ -1,7 +1,8 @@
 """The DCNv4 operator: `dcnv4(...)`, one entry point over the compiled kernels and the reference.
 
-The compiled op lives in the `unet_dcnv4` torch.library namespace (schema in csrc/ops.cpp); this module
-adds its fake kernel and autograd so that torch.compile and torch.library.opcheck see a normal op.
+The compiled op lives in the `unet_dcnv4` torch.library namespace (schema in csrc/ops.cpp); its autograd is
+C++ (csrc/autograd.cpp) and this module adds its fake kernels, so that torch.compile and
+torch.library.opcheck see a normal op.
 Which implementation runs, and which CUDA backward kernel, are arguments of `dcnv4` (`impl`,
 `cuda_backward`), so that a saved config says what ran.
 """
@@ -161,7 +162,7 @@ def dcnv4(
 
 
 def _register_python_parts() -> None:
-    """Fake kernels and autograd for the compiled op (the schema is declared in C++)."""
+    """Fake kernels of the compiled op (its schema and autograd are in C++: csrc/ops.cpp, csrc/autograd.cpp)."""
 
     @torch.library.register_fake("unet_dcnv4::dcnv4_forward")
     def _(value, offset_mask, kernel_size, stride, padding, dilation, groups, offset_scale, remove_center,
@@ -174,16 +175,3 @@ def _register_python_parts() -> None:
     def _(grad_output, value, offset_mask, kernel_size, stride, padding, dilation, groups, offset_scale,
           remove_center, cuda_backward="atomic"):
         return torch.empty_like(value), torch.empty_like(offset_mask)
-
-    def setup_context(ctx, inputs, output):
-        value, offset_mask, *args = inputs
-        ctx.save_for_backward(value, offset_mask)
-        ctx.args = args
-
-    def backward(ctx, grad_output):
-        value, offset_mask = ctx.saved_tensors
-        grad_value, grad_offset_mask = torch.ops.unet_dcnv4.dcnv4_backward(
-            grad_output.contiguous(), value, offset_mask, *ctx.args)
-        return grad_value, grad_offset_mask, None, None, None, None, None, None, None, None
-
-    torch.library.register_autograd("unet_dcnv4::dcnv4_forward", backward, setup_context=setup_context)
