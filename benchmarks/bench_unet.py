@@ -124,9 +124,9 @@ def bench_layers(device, batch, dtypes, warmup, iters, group_channels, min_ms=0.
 
 
 def bench_unets(device, size, sample_size, batch, dtypes, warmup, iters, group_channels, min_ms=0.0) -> list[dict]:
-    """One AdamW training step (noise-prediction MSE) and one no-grad evaluation of the DCNv4 U-Net
-    (without and with recompute_value, and widened to the conv U-Net's parameters) and the conv U-Net, all
-    four timed in interleaved rounds."""
+    """One training step (noise-prediction MSE, the fused AdamW as train_ldm.py uses) and one no-grad
+    evaluation of the DCNv4 U-Net (without and with recompute_value, and widened to the conv U-Net's
+    parameters) and the conv U-Net, all four timed in interleaved rounds."""
     models = {}
     # dcnv4_rv: the DCNv4 U-Net with recompute_value; dcnv4_mp: with match: params.
     for name in ("dcnv4", "dcnv4_rv", "dcnv4_mp", "conv"):
@@ -136,7 +136,7 @@ def bench_unets(device, size, sample_size, batch, dtypes, warmup, iters, group_c
         if name == "dcnv4_rv":
             model.enable_value_recompute()
         model = model.to(device, memory_format=torch.channels_last).train()
-        models[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+        models[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True))
     x = torch.randn(batch, 4, sample_size, sample_size, device=device).to(memory_format=torch.channels_last)
     noise = torch.randn_like(x)
     t = torch.randint(0, 1000, (batch,), device=device)
