@@ -8,7 +8,8 @@
 // compile-time trip counts for the common group widths (4, 8, 16, 32, 64), so the accumulators stay in
 // vector registers; other widths take a runtime loop. A corner outside the image reads a row of zeros
 // (zero padding without a branch); in the backward it sends its gradient to a scratch row. With AVX2,
-// the float32 backward reduces the four corners' dot products together. The forward is parallel over
+// the backward reduces the four corners' dot products together, and the 16-bit types' channel loops
+// convert eight values at a time. The forward is parallel over
 // output pixels; the backward over (image, group) pairs, each of which owns its slice of grad_value, so
 // it needs no atomics and is deterministic, and it computes the value, offset and mask gradients in one
 // pass. The backward works on a compact copy of the slice (value in, gradient summed in the accumulation
@@ -31,13 +32,31 @@
 #include "dcnv4.h"
 #include "dcnv4_torch.h"
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define DCNV4_CPU_AVX2 1
 #endif
 
 namespace dcnv4 {
 namespace {
+
+#ifdef DCNV4_CPU_AVX2
+// Eight channels as float32, from float32, bfloat16 (the upper half of a float32's bits: widen and shift)
+// or float16 (F16C). The compiler does not vectorise c10's scalar conversions of the 16-bit types, which
+// left their channel loops at one element a step.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+// The types whose channel loops take the AVX2 paths (those that accumulate in float32), at widths kD % 8 == 0.
+template <typename scalar_t, int kD>
+constexpr bool kAvx2Path = kD > 0 && kD % 8 == 0 &&
+                           (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16> ||
+                            std::is_same_v<scalar_t, c10::Half>);
+#endif
 
 // Calls f(std::integral_constant<int, kD>) with kD = D for the group widths that get loops of compile-time
 // length (the accumulators then stay in registers), kD = 0 (runtime width) otherwise.
@@ -170,8 +189,21 @@ void forward_pixels(const Params& p, const scalar_t* value, const scalar_t* offs
         const scalar_t* __restrict__ v1 = i1 >= 0 ? v_g + i1 * C : zero;
         const scalar_t* __restrict__ v2 = i2 >= 0 ? v_g + i2 * C : zero;
         const scalar_t* __restrict__ v3 = i3 >= 0 ? v_g + i3 * C : zero;
+#ifdef DCNV4_CPU_AVX2
+        if constexpr (kAvx2Path<scalar_t, kD> && !std::is_same_v<scalar_t, float>) {
+          for (int64_t d = 0; d < kD; d += 8) {
+            __m256 a = _mm256_loadu_ps(acc + d);
+            a = _mm256_fmadd_ps(_mm256_set1_ps(w0), load8(v0 + d), a);
+            a = _mm256_fmadd_ps(_mm256_set1_ps(w1), load8(v1 + d), a);
+            a = _mm256_fmadd_ps(_mm256_set1_ps(w2), load8(v2 + d), a);
+            a = _mm256_fmadd_ps(_mm256_set1_ps(w3), load8(v3 + d), a);
+            _mm256_storeu_ps(acc + d, a);
+          }
+          continue;
+        }
+#endif
         // No `omp simd` here: it makes GCC emit a scalar loop for the compile-time widths, which it
-        // otherwise unrolls and vectorises completely.
+        // otherwise unrolls and vectorises completely (float32 and float64).
         for (int64_t d = 0; d < width; ++d) {
           acc[d] += w0 * static_cast<acc_t>(v0[d]) + w1 * static_cast<acc_t>(v1[d]) +
                     w2 * static_cast<acc_t>(v2[d]) + w3 * static_cast<acc_t>(v3[d]);
@@ -223,17 +255,18 @@ void forward_cpu_kernel(const Params& p, const scalar_t* value, const scalar_t* 
 }
 
 #ifdef DCNV4_CPU_AVX2
-// The backward's channel loop for float32 groups of kD % 8 == 0 channels with AVX2: adds coef[c] *
-// grad_out to corner c's grad_value row and returns the four dot products <grad_out, corner c>, their
-// lanes summed once for all four corners (three horizontal adds) instead of once per corner. The corners
-// are updated one after the other, so corners clamped onto the same pixel stay right.
-template <int kD>
-inline __m128 corner_dots_avx2(const float* go, const float* const v[4], float* const gv[4], const float coef[4]) {
+// The backward's channel loop for groups of kD % 8 == 0 channels with AVX2 (kAvx2Path: value in float32,
+// bfloat16 or float16; grad_out and grad_value rows in float32): adds coef[c] * grad_out to corner c's
+// grad_value row and returns the four dot products <grad_out, corner c>, their lanes summed once for all
+// four corners (three horizontal adds) instead of once per corner. The corners are updated one after the
+// other, so corners clamped onto the same pixel stay right.
+template <int kD, typename scalar_t>
+inline __m128 corner_dots_avx2(const float* go, const scalar_t* const v[4], float* const gv[4], const float coef[4]) {
   __m256 dot[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int d = 0; d < kD; d += 8) {
     const __m256 g = _mm256_loadu_ps(go + d);
     for (int c = 0; c < 4; ++c) {
-      dot[c] = _mm256_fmadd_ps(g, _mm256_loadu_ps(v[c] + d), dot[c]);
+      dot[c] = _mm256_fmadd_ps(g, load8(v[c] + d), dot[c]);
       _mm256_storeu_ps(gv[c] + d, _mm256_fmadd_ps(_mm256_set1_ps(coef[c]), g, _mm256_loadu_ps(gv[c] + d)));
     }
   }
@@ -308,12 +341,12 @@ void backward_image_group(const Params& p, const scalar_t* grad_output, const sc
         const acc_t c0 = m * t.w[0][k], c1 = m * t.w[1][k], c2 = m * t.w[2][k], c3 = m * t.w[3][k];
         acc_t dot0 = 0, dot1 = 0, dot2 = 0, dot3 = 0;  // <grad_out, corner c>, 0 outside
 #ifdef DCNV4_CPU_AVX2
-        if constexpr (std::is_same_v<scalar_t, float> && kD > 0 && kD % 8 == 0) {
-          const float* const v[4] = {v0, v1, v2, v3};
+        if constexpr (kAvx2Path<scalar_t, kD>) {
+          const scalar_t* const v[4] = {v0, v1, v2, v3};
           float* const gv[4] = {gv0, gv1, gv2, gv3};
           const float coef[4] = {c0, c1, c2, c3};
           alignas(16) float dots[4];
-          _mm_store_ps(dots, corner_dots_avx2<kD>(go_reg, v, gv, coef));
+          _mm_store_ps(dots, corner_dots_avx2<kD, scalar_t>(go_reg, v, gv, coef));
           dot0 = dots[0], dot1 = dots[1], dot2 = dots[2], dot3 = dots[3];
         } else
 #endif
