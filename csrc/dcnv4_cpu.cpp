@@ -9,14 +9,13 @@
 // vector registers; other widths take a runtime loop. A corner outside the image reads a row of zeros
 // (zero padding without a branch); in the backward it sends its gradient to a scratch row. With AVX2,
 // the backward reduces the four corners' dot products together, and the 16-bit types' channel loops
-// convert eight values at a time. The forward is parallel over
-// output pixels; the backward over (image, group) pairs, each of which owns its slice of grad_value, so
-// it needs no atomics and is deterministic, and it computes the value, offset and mask gradients in one
-// pass. The backward works on a compact copy of the slice (value in, gradient summed in the accumulation
-// type, then written out): a group's channels of neighbouring pixels lie C apart in memory, and at
-// C >= 64 that layout made the 3x3 windows' rows evict each other from L1. Beyond their outputs the
-// kernels allocate only that per-thread slice (backward) and stack scratch up to 64 points and 64
-// channels a group.
+// convert eight values at a time. The forward is parallel over output pixels; the backward over (image,
+// group) pairs, each of which owns its slice of grad_value, so it needs no atomics and is deterministic,
+// and it computes the value, offset and mask gradients in one pass. It works on a compact copy of the
+// slice (value in, gradient summed in the accumulation type, then written out): a group's channels of
+// neighbouring pixels lie C apart in memory, and at C >= 64 that layout made the 3x3 windows' rows evict
+// each other from L1. Beyond their outputs the kernels allocate only that per-thread slice (backward) and
+// stack scratch up to 64 points and 64 channels a group.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -436,10 +435,11 @@ std::tuple<at::Tensor, at::Tensor> dcnv4_backward_cpu(const at::Tensor& grad_out
   at::Tensor grad_offset_mask = at::empty_like(offset_mask);
   const int64_t used = 3 * p.G * p.K;
   if (p.P > used) grad_offset_mask.narrow(3, used, p.P - used).zero_();
-  // Every element is written by the kernel (zeros where no sample reaches), so no zero fill here.
+  // The kernel writes every element (zeros where no sample reaches), so no zero fill first.
   at::Tensor grad_value = at::empty_like(value);
-  if (grad_output.numel() == 0) grad_value.zero_();  // no output pixels: nothing samples value
-  if (grad_output.numel() > 0) {
+  if (grad_output.numel() == 0) {
+    grad_value.zero_();  // no output pixels: nothing samples value
+  } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "dcnv4_backward_cpu", [&] {
       backward_cpu_kernel<scalar_t>(p, grad_output.const_data_ptr<scalar_t>(), value.const_data_ptr<scalar_t>(),
                                     offset_mask.const_data_ptr<scalar_t>(),
