@@ -378,10 +378,16 @@ void backward_image_group(const Params& p, const scalar_t* grad_output, const sc
   for (int64_t i = 0; i < pixels; ++i) {
     for (int64_t d = 0; d < D; ++d) out[i * C + d] = static_cast<scalar_t>(gv_g[i * D + d]);
   }
+  // The last group also zeroes the image's padding channels of grad_offset_mask (past 3 * G * K), here
+  // where its rows are in cache rather than by a strided fill of the whole tensor afterwards.
+  const int64_t used = 3 * p.G * K;
+  if (g == p.G - 1 && p.P > used) {
+    scalar_t* row = grad_offset_mask + n * p.Ho * p.Wo * p.P;
+    for (int64_t i = 0; i < p.Ho * p.Wo; ++i) std::fill(row + i * p.P + used, row + (i + 1) * p.P, scalar_t(0));
+  }
 }
 
-// Writes every element of grad_value (N, H, W, C) and every used channel of grad_offset_mask; the
-// latter's padding channels are left as they are.
+// Writes every element of grad_value (N, H, W, C) and of grad_offset_mask (zeros in its padding channels).
 template <typename scalar_t>
 void backward_cpu_kernel(const Params& p, const scalar_t* grad_output, const scalar_t* value,
                          const scalar_t* offset_mask, scalar_t* grad_value, scalar_t* grad_offset_mask) {
@@ -431,14 +437,12 @@ std::tuple<at::Tensor, at::Tensor> dcnv4_backward_cpu(const at::Tensor& grad_out
       make_params(value, offset_mask, kernel_size, stride, padding, dilation, groups, offset_scale, remove_center);
   check_grad_output(grad_output, value, p);
   check_pixel_count(p);
-  // The kernel writes every used channel; only the padding channels need zeros.
+  // The kernel writes every element of both (zeros where no sample reaches, and in grad_offset_mask's
+  // padding channels), so no zero fill first.
   at::Tensor grad_offset_mask = at::empty_like(offset_mask);
-  const int64_t used = 3 * p.G * p.K;
-  if (p.P > used) grad_offset_mask.narrow(3, used, p.P - used).zero_();
-  // The kernel writes every element (zeros where no sample reaches), so no zero fill first.
   at::Tensor grad_value = at::empty_like(value);
   if (grad_output.numel() == 0) {
-    grad_value.zero_();  // no output pixels: nothing samples value
+    grad_value.zero_();  // no output pixels: nothing samples value (and grad_offset_mask is empty)
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "dcnv4_backward_cpu", [&] {
       backward_cpu_kernel<scalar_t>(p, grad_output.const_data_ptr<scalar_t>(), value.const_data_ptr<scalar_t>(),
