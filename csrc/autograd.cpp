@@ -8,9 +8,10 @@
 // the dispatcher's fallback, which warns and leaves the gradients None). The
 // forward still goes through the dispatcher, so torch.compile, opcheck and dispatch modes (selective
 // checkpointing, the tests' op log) see unet_dcnv4::dcnv4_forward and dcnv4_backward as before.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+
+#include "op_calls.h"
 
 #include <string>
 #include <tuple>
@@ -21,32 +22,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-at::Tensor forward_op(const at::Tensor& value, const at::Tensor& offset_mask, at::IntArrayRef kernel_size,
-                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                      double offset_scale, bool remove_center, c10::string_view cuda_backward) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("unet_dcnv4::dcnv4_forward", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
-                                         at::IntArrayRef, at::IntArrayRef, int64_t, double, bool,
-                                         c10::string_view)>();
-  return op.call(value, offset_mask, kernel_size, stride, padding, dilation, groups, offset_scale, remove_center,
-                 cuda_backward);
-}
-
-std::tuple<at::Tensor, at::Tensor> backward_op(const at::Tensor& grad_output, const at::Tensor& value,
-                                               const at::Tensor& offset_mask, at::IntArrayRef kernel_size,
-                                               at::IntArrayRef stride, at::IntArrayRef padding,
-                                               at::IntArrayRef dilation, int64_t groups, double offset_scale,
-                                               bool remove_center, c10::string_view cuda_backward) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("unet_dcnv4::dcnv4_backward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
-                           at::IntArrayRef, at::IntArrayRef, int64_t, double, bool, c10::string_view)>();
-  return op.call(grad_output, value, offset_mask, kernel_size, stride, padding, dilation, groups, offset_scale,
-                 remove_center, cuda_backward);
-}
 
 class DCNv4Function : public torch::autograd::Function<DCNv4Function> {
  public:

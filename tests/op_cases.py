@@ -87,7 +87,8 @@ CASES = {
 
 
 class OpLog(TorchDispatchMode):
-    """Records the calls of the compiled op, forward and backward, as (name, arguments after the tensors)."""
+    """Records the calls of the compiled ops (the op's and the layer's, forward and backward) as (name,
+    arguments from kernel_size on: the hyper-parameters after the tensors)."""
 
     def __init__(self):
         super().__init__()
@@ -95,6 +96,6 @@ class OpLog(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace == "unet_dcnv4":
-            tensors = 3 if "backward" in func.name() else 2
+            tensors = next(i for i, a in enumerate(args) if isinstance(a, (list, tuple)))
             self.calls.append((func.name().split("::")[-1], args[tensors:]))
         return func(*args, **(kwargs or {}))

@@ -46,16 +46,23 @@ def _composition(m: DCNv4, x: torch.Tensor) -> torch.Tensor:
     (4, 32, dict(dw_kernel_size=3), (5, 6)),                     # like conv_in, depthwise offset branch
     (32, 32, dict(stride=2, group_channels=8), (7, 6)),          # like the downsample conv
     (16, 16, dict(padding=0, remove_center=True, offset_scale=0.5), (6, 6)),
+    (16, 32, dict(bias=False, dw_kernel_size=3, stride=2), (7, 7)),  # no output bias, both offset inputs
 ])
 def test_dcnv4conv2d_matches_float64_composition(cin, cout, kwargs, hw):
+    """Output and every gradient (input and parameters) against autograd through the composition: the
+    layer's backward is written out by hand (csrc/layer.cpp)."""
     torch.manual_seed(0)
     m = DCNv4Conv2d(cin, cout, 3, **kwargs).double()
     _randomise(m)
-    x = torch.randn(2, cin, *hw, dtype=torch.float64)
+    x = torch.randn(2, cin, *hw, dtype=torch.float64, requires_grad=True)
     y = m(x)
     expected = _composition(m, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
     assert y.shape == expected.shape
     torch.testing.assert_close(y, expected, rtol=1e-9, atol=1e-9)
+    grad = torch.randn_like(expected)
+    inputs = [x, *m.parameters()]
+    for got, want in zip(torch.autograd.grad(y, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
     conv = torch.nn.Conv2d(cin, cout, 3, stride=kwargs.get("stride", 1), padding=kwargs.get("padding", 1))
     assert y.shape == conv(x.float()).shape
 
@@ -135,16 +142,14 @@ def test_autocast_keeps_one_half_precision_copy_of_the_input():
     assert len(input_copies) == 1, saved
 
 
-# The checkpoint warns that saved-tensor hooks may see the tensors it keeps in future releases: those
-# are the op's outputs, which output_proj keeps (and the hook sees) as well.
-@pytest.mark.filterwarnings("ignore:A saved_tensors_hooks context:FutureWarning")
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
 def test_recompute_value_is_exact_and_keeps_less(autocast):
     """recompute_value gives bit-identical outputs and gradients and keeps no copy of value."""
     torch.manual_seed(0)
-    plain = DCNv4Conv2d(16, 32)
+    # Strided, so that value (at the input's size) and the op's output (kept either way) differ in shape.
+    plain = DCNv4Conv2d(16, 32, stride=2)
     _randomise(plain, scale=0.3)
-    recomputing = DCNv4Conv2d(16, 32, recompute_value=True)
+    recomputing = DCNv4Conv2d(16, 32, stride=2, recompute_value=True)
     recomputing.load_state_dict(plain.state_dict())
     x = torch.randn(2, 16, 7, 5, requires_grad=True)
     results, saved = [], []
@@ -190,8 +195,9 @@ def test_impl_and_cuda_backward_reach_the_op(impl, cuda_backward):
     else:
         # The dispatcher leaves out an argument equal to its schema default ("atomic").
         passed = () if cuda_backward == "atomic" else (cuda_backward,)
-        assert [(name, args[7:]) for name, args in log.calls] == [("dcnv4_forward", passed),
-                                                                   ("dcnv4_backward", passed)]
+        # One op for the whole layer (projections, op, output projection), forward and backward.
+        assert [(name, args[7:]) for name, args in log.calls] == [("dcnv4_layer_forward", passed),
+                                                                   ("dcnv4_layer_backward", passed)]
     torch.testing.assert_close(y, _composition(m, x.detach().permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
 
 

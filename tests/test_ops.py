@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from op_cases import BWD_TOL, CASES, FWD_TOL, OpLog, call_args, make_case, poison_allocator, rel_err
-from unet_dcnv4.ops import dcnv4, dcnv4_reference, load_extension, output_size
+from unet_dcnv4.ops import dcnv4, dcnv4_layer, dcnv4_reference, load_extension, output_size
 from unet_dcnv4.ops.reference import pair, sampling_points
 
 
@@ -184,6 +184,87 @@ def test_opcheck(device):
                                                                         *op_args[2:], "tiled"))
 
 
+def _layer_case(device, dtype=torch.float32, own_offset_input=False, biases=True, seed=0):
+    """Arguments of the layer op: x (2, 6, 5, 8) -> C = 16 (G = 2) -> 12 channels out, 3x3; with
+    `own_offset_input` a stride-2 layer whose offset branch reads its own (2, 3, 3, 8) input."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=0.5):
+        return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+
+    stride = 2 if own_offset_input else 1
+    P = 3 * 2 * 9 + 2  # two padding channels
+    bias = (lambda n: rand(n)) if biases else (lambda n: None)
+    tensors = [rand(2, 6, 5, 8), rand(2, 3, 3, 8) if own_offset_input else None, rand(16, 8), bias(16),
+               rand(P, 8, scale=0.3), bias(P), rand(12, 16), bias(12)]
+    return tensors, [[3, 3], [stride, stride], [1, 1], [1, 1], 2, 1.0, False]
+
+
+@pytest.mark.parametrize("own_offset_input,biases", [(False, True), (True, False)], ids=["x_biases", "own_no_bias"])
+def test_layer_opcheck(device, own_offset_input, biases):
+    """The layer op (projections, op, output projection in one): schema, fake kernels, autograd registration
+    and AOT dispatch, forward and backward, with offset_input and the biases given and absent."""
+    tensors, hyper = _layer_case(device, own_offset_input=own_offset_input, biases=biases)
+    forward = torch.ops.unet_dcnv4.dcnv4_layer_forward.default
+    torch.library.opcheck(forward, (*tensors, *hyper))
+    for t in tensors:
+        if t is not None:
+            t.requires_grad_(True)
+    torch.library.opcheck(forward, (*tensors, *hyper))
+    torch.library.opcheck(forward, (*tensors, *hyper, "tiled", True))  # recompute_value: the backward recomputes
+    out, value, offset_mask, sampled = (t.detach() for t in forward(*tensors, *hyper))
+    detached = [None if t is None else t.detach() for t in tensors]
+    x, offset_input, *weights = detached
+    for kept_value in (value, None):  # None: value recomputed from x
+        torch.library.opcheck(torch.ops.unet_dcnv4.dcnv4_layer_backward.default,
+                              (torch.randn_like(out), x, offset_input, kept_value, offset_mask, sampled, *weights,
+                               *hyper))
+
+
+def test_layer_gradcheck_float64(device):
+    tensors, hyper = _layer_case(device, torch.float64, own_offset_input=True, seed=3)
+    for t in tensors:
+        t.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda *t: dcnv4_layer(*t, *hyper), tuple(tensors), eps=1e-6, atol=1e-6)
+
+
+def test_layer_second_derivative_is_an_error(device):
+    tensors, hyper = _layer_case(device, torch.float64)
+    x = tensors[0].requires_grad_(True)
+    (grad_x,) = torch.autograd.grad(dcnv4_layer(*tensors, *hyper).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivative of the DCNv4 layer is not implemented"):
+        grad_x.sum().backward()
+
+
+def test_layer_needs_offset_input_when_the_size_changes():
+    tensors, hyper = _layer_case("cpu", own_offset_input=True)
+    tensors[1] = None
+    with pytest.raises(ValueError, match="offset_input is needed when the output size differs"):
+        dcnv4_layer(*tensors, *hyper)
+
+
+def test_flop_counter_counts_the_layer_projections():
+    """torch.utils.flop_counter sees the layer op where it saw three Linears: the same matrix-product FLOPs,
+    forward and backward (the sampling itself is not counted, as for dcnv4_forward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tensors, hyper = _layer_case("cpu", own_offset_input=True)
+    for t in tensors:
+        t.requires_grad_(True)
+    x, offset_input, vw, vb, ow, ob, pw, pb = tensors
+    counts = []
+    for fused in (True, False):
+        with FlopCounterMode(display=False) as counter:
+            if fused:
+                out = dcnv4_layer(*tensors, *hyper)
+            else:
+                value, om = torch.nn.functional.linear(x, vw, vb), torch.nn.functional.linear(offset_input, ow, ob)
+                out = torch.nn.functional.linear(dcnv4(value, om, *hyper), pw, pb)
+            out.sum().backward()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
+
+
 def test_torch_compile_fullgraph(device):
     value, offset_mask, args = case("13x9", torch.float32)
     value, offset_mask = value.to(device), offset_mask.to(device)
@@ -227,7 +308,7 @@ def test_auto_runs_the_reference_where_there_are_no_kernels():
     with OpLog() as log:
         out = dcnv4(value.to("meta"), offset_mask.to("meta"), *args)
     assert not log.calls and out.device.type == "meta" and out.shape == value.shape
-    with pytest.raises(ValueError, match="impl='kernel' needs value on a CPU or CUDA device, got meta"):
+    with pytest.raises(ValueError, match="impl='kernel' needs tensors on a CPU or CUDA device, got meta"):
         dcnv4(value.to("meta"), offset_mask.to("meta"), *args, impl="kernel")
 
 

@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from unet_dcnv4 import training
+from unet_dcnv4.ops import dcnv4_layer
 from unet_dcnv4.training import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,21 +146,20 @@ def test_resume_is_exact(assets, straight_run, tmp_path):
     assert json.loads((tmp_path / "train_stats.json").read_text())["train_seconds"] > first
 
 
-@pytest.mark.filterwarnings("ignore:A saved_tensors_hooks context:FutureWarning")
 def test_recompute_value_trains_the_same_weights(assets, straight_run, tmp_path, monkeypatch):
     """recompute_value trades memory for a matrix multiply; the weights it trains are the same bits."""
     import unet_dcnv4.modules
 
-    checkpointed = []
+    recomputing = []
 
-    def counting_checkpoint(*a, **kw):
-        checkpointed.append(1)
-        return torch.utils.checkpoint.checkpoint(*a, **kw)
+    def recording_layer(*a, recompute_value, **kw):
+        recomputing.append(recompute_value)
+        return dcnv4_layer(*a, recompute_value=recompute_value, **kw)
 
-    monkeypatch.setattr(unet_dcnv4.modules, "checkpoint", counting_checkpoint)
+    monkeypatch.setattr(unet_dcnv4.modules, "dcnv4_layer", recording_layer)
     common = dict(gradient_accumulation_steps=2, sample_every_steps=6, num_samples=4, sample_inference_steps=2)
     assert train_ldm.main(args(assets, tmp_path, 6, recompute_value=True, **common)) == 0
-    assert checkpointed, "the DCNv4 layers did not recompute"
+    assert any(recomputing), "the DCNv4 layers did not recompute"
     assert_same(weights(straight_run / "checkpoints" / "checkpoint-6"), weights(tmp_path / "checkpoints" / "checkpoint-6"))
 
 

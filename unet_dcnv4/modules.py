@@ -25,15 +25,13 @@ between the two xavier-initialised projections, and every parameter gets a gradi
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ._checks import positive_int
-from .ops import check_impl, dcnv4
+from .ops import check_impl, dcnv4, dcnv4_layer
 from .ops.reference import output_size, pair
 
 __all__ = ["DCNv4", "DCNv4Conv2d", "resolve_groups"]
@@ -82,8 +80,8 @@ class DCNv4(nn.Module):
         out_channels: output width (default C); `output_proj` writes this many channels.
         official_init: use the official initialisation (all masks zero) instead of the box-filter start.
         recompute_value: keep no copy of `value_proj`'s output for the backward; recompute it there (one
-            more matrix multiply per backward, C values less per pixel of activation memory). Also settable
-            later through the `recompute_value` attribute.
+            more matrix multiply per backward, C values less per pixel of activation memory; compiled
+            kernels only). Also settable later through the `recompute_value` attribute.
         impl: which implementation of the op runs: "auto", "kernel" or "reference" (see `dcnv4`).
         cuda_backward: the CUDA backward kernel, "atomic" or "tiled" (see `dcnv4`).
         Both are kept as attributes of the same names and can be changed later.
@@ -192,47 +190,30 @@ class DCNv4(nn.Module):
         H_out, W_out = output_size(H, W, self.kernel_size, self.stride, self.padding, self.dilation)
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type) and x.is_floating_point() and not self.without_pointwise:
-            # Cast once for both projections: autocast would cast x for each Linear and autograd would
-            # keep both copies for the backward. (Without the projections the op samples x itself, in
-            # x's dtype.)
+            # Cast once for every reader: autocast would cast x for each projection and autograd would keep
+            # each copy for the backward. (Without the projections the op samples x itself, in x's dtype.)
             x = x.to(torch.get_autocast_dtype(device_type))
-        # One contiguous copy for all readers (NCHW input seen as NHWC is not): each Linear would make its
-        # own, and keep it for the backward.
+        # One contiguous copy for all readers (NCHW input seen as NHWC is not).
         x = x.contiguous()
-        offset_mask = self.offset_mask(self._offset_input(x, H_out, W_out))  # (N, H_out, W_out, P)
+        own_offset_input = self.dw_kernel_size is not None or (H_out, W_out) != (H, W)
+        offset_input = self._offset_input(x, H_out, W_out) if own_offset_input else None
         if self.without_pointwise:
-            return self._sample(x, offset_mask)
-        if self.recompute_value and torch.is_grad_enabled():
-            # Selective checkpoint: the op's output is kept (output_proj keeps it anyway), value_proj is
-            # run again in the backward, so value itself is not kept.
-            out = checkpoint(self._project_and_sample, x, offset_mask, use_reentrant=False,
-                             context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_op_output))
-        else:
-            out = self._project_and_sample(x, offset_mask)
-        return self.output_proj(out)
-
-    def _project_and_sample(self, x: torch.Tensor, offset_mask: torch.Tensor) -> torch.Tensor:
-        return self._sample(self.value_proj(x), offset_mask)
-
-    def _sample(self, value: torch.Tensor, offset_mask: torch.Tensor) -> torch.Tensor:
-        """(N, H, W, C) value -> (N, H_out, W_out, C). Under autocast the Linears may run in fp16/bf16
-        while value (without_pointwise) stays fp32: the op takes one dtype, that of value."""
-        return dcnv4(value, offset_mask.to(value.dtype), self.kernel_size, self.stride, self.padding,
-                     self.dilation, self.group, self.offset_scale, self.remove_center, impl=self.impl,
-                     cuda_backward=self.cuda_backward)
+            offset_mask = self.offset_mask(x if offset_input is None else offset_input)
+            return dcnv4(x, offset_mask.to(x.dtype), self.kernel_size, self.stride, self.padding, self.dilation,
+                         self.group, self.offset_scale, self.remove_center, impl=self.impl,
+                         cuda_backward=self.cuda_backward)
+        # The projections, the op and the output projection: one op with one autograd node on the kernels.
+        return dcnv4_layer(x, offset_input, self.value_proj.weight, self.value_proj.bias, self.offset_mask.weight,
+                           self.offset_mask.bias, self.output_proj.weight, self.output_proj.bias, self.kernel_size,
+                           self.stride, self.padding, self.dilation, self.group, self.offset_scale,
+                           self.remove_center, impl=self.impl, cuda_backward=self.cuda_backward,
+                           recompute_value=self.recompute_value and torch.is_grad_enabled())
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}->{self.channels}->{self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, groups={self.group}, "
                 f"offset_scale={self.offset_scale}, remove_center={self.remove_center}, impl={self.impl}, "
                 f"cuda_backward={self.cuda_backward}")
-
-
-def _keep_op_output(ctx, func, *args, **kwargs) -> CheckpointPolicy:
-    """Selective-checkpoint policy of `recompute_value`: save the compiled op's output, recompute the rest."""
-    if str(func) == "unet_dcnv4.dcnv4_forward.default":
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 class DCNv4Conv2d(DCNv4):

@@ -1,20 +1,26 @@
-"""The DCNv4 operator: `dcnv4(...)`, one entry point over the compiled kernels and the reference.
+"""The DCNv4 operator: `dcnv4(...)`, one entry point over the compiled kernels and the reference, and
+`dcnv4_layer(...)`, the whole layer (projections, op, output projection) in one call.
 
-The compiled op lives in the `unet_dcnv4` torch.library namespace (schema in csrc/ops.cpp); its autograd is
-C++ (csrc/autograd.cpp) and this module adds its fake kernels, so that torch.compile and
-torch.library.opcheck see a normal op.
+The compiled ops live in the `unet_dcnv4` torch.library namespace (schemas in csrc/ops.cpp); their autograd
+is C++ (csrc/autograd.cpp, csrc/layer.cpp) and this module adds their fake kernels and the layer's FLOP
+formulas, so that torch.compile, torch.library.opcheck and torch.utils.flop_counter see normal ops.
 Which implementation runs, and which CUDA backward kernel, are arguments of `dcnv4` (`impl`,
 `cuda_backward`), so that a saved config says what ran.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 from .._checks import positive_int
 from .reference import dcnv4_reference, output_size, pair
 
-__all__ = ["dcnv4", "dcnv4_reference", "output_size", "load_extension", "check_impl", "IMPLS", "CUDA_BACKWARDS"]
+__all__ = ["dcnv4", "dcnv4_layer", "dcnv4_reference", "output_size", "load_extension", "check_impl", "IMPLS",
+           "CUDA_BACKWARDS"]
 
 # "auto": the compiled kernels on CPU and CUDA tensors, the reference on devices that have no kernels
 # here (e.g. MPS); "kernel": the compiled kernels or an error; "reference": the pure-PyTorch reference.
@@ -146,23 +152,101 @@ def dcnv4(
     check_impl(impl, cuda_backward)
     k, s, p, d = _check_inputs(value, offset_mask, kernel_size, stride, padding, dilation, groups,
                                offset_scale, remove_center)
-    if impl == "reference" or (impl == "auto" and value.device.type not in _KERNEL_DEVICES):
+    if not _uses_kernels(value, impl):
         return dcnv4_reference(value, offset_mask, k, s, p, d, groups, offset_scale, remove_center)
-    if value.device.type not in _KERNEL_DEVICES:
-        raise ValueError(f"impl='kernel' needs value on a CPU or CUDA device, got {value.device}; "
-                         "use impl='auto' or 'reference' there")
-    load_extension()
-    if value.is_cuda and not _cuda_kernels_available():
-        raise RuntimeError(f"unet_dcnv4: value is on {value.device} but the kernels were built without CUDA, "
-                           "which needs nvcc: install the CUDA toolkit (or set CUDA_HOME to one) and start a new "
-                           "process to build them, or pass impl='reference' to run the slow PyTorch reference")
+    _load_for(value)
     return torch.ops.unet_dcnv4.dcnv4_forward(value.contiguous(), offset_mask.contiguous(), list(k), list(s),
                                                list(p), list(d), groups, float(offset_scale), remove_center,
                                                cuda_backward)
 
 
+def _uses_kernels(t: torch.Tensor, impl: str) -> bool:
+    """Whether `impl` runs the compiled kernels for tensors on t's device (raising where it cannot)."""
+    if impl == "reference" or (impl == "auto" and t.device.type not in _KERNEL_DEVICES):
+        return False
+    if t.device.type not in _KERNEL_DEVICES:
+        raise ValueError(f"impl='kernel' needs tensors on a CPU or CUDA device, got {t.device}; "
+                         "use impl='auto' or 'reference' there")
+    return True
+
+
+def _load_for(t: torch.Tensor) -> None:
+    """Load the kernels, and check that they cover t's device."""
+    load_extension()
+    if t.is_cuda and not _cuda_kernels_available():
+        raise RuntimeError(f"unet_dcnv4: the input is on {t.device} but the kernels were built without CUDA, "
+                           "which needs nvcc: install the CUDA toolkit (or set CUDA_HOME to one) and start a new "
+                           "process to build them, or pass impl='reference' to run the slow PyTorch reference")
+
+
+def dcnv4_layer(
+    x: torch.Tensor,
+    offset_input: torch.Tensor | None,
+    value_weight: torch.Tensor,
+    value_bias: torch.Tensor | None,
+    offset_weight: torch.Tensor,
+    offset_bias: torch.Tensor | None,
+    output_weight: torch.Tensor,
+    output_bias: torch.Tensor | None,
+    kernel_size=3,
+    stride=1,
+    padding=1,
+    dilation=1,
+    groups: int = 1,
+    offset_scale: float = 1.0,
+    remove_center: bool = False,
+    *,
+    impl: str = "auto",
+    cuda_backward: str = "atomic",
+    recompute_value: bool = False,
+) -> torch.Tensor:
+    """The DCNv4 layer: `F.linear(dcnv4(F.linear(x, value_weight, value_bias), F.linear(offset_input,
+    offset_weight, offset_bias), ...), output_weight, output_bias)`, on channels-last tensors.
+
+    With the compiled kernels this is one op with one autograd node and a hand-written backward
+    (csrc/layer.cpp), which spares a small layer most of the per-call cost of three Linear modules around
+    the op; under autocast every floating input is cast to the autocast dtype first, as the Linears would
+    be. With the reference (`impl`, as for `dcnv4`) it is that composition of PyTorch ops.
+
+    Args:
+        x: (N, H, W, C_in).
+        offset_input: (N, H_out, W_out, C_in) input of the offset/mask projection, or None to use x (needs
+            H_out, W_out == H, W).
+        value_weight, value_bias: (C, C_in), (C,) or None.
+        offset_weight, offset_bias: (P, C_in), (P,) or None; P >= 3 * groups * K as for `dcnv4`.
+        output_weight, output_bias: (C_out, C), (C_out,) or None.
+        kernel_size, stride, padding, dilation, groups, offset_scale, remove_center, impl, cuda_backward:
+            as for `dcnv4`.
+        recompute_value: keep no copy of value for the backward, which recomputes it from x (compiled
+            kernels only; the reference keeps what its autograd keeps).
+
+    Returns:
+        (N, H_out, W_out, C_out).
+    """
+    check_impl(impl, cuda_backward)
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a 4-D (N, H, W, C_in) tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not isinstance(recompute_value, bool):
+        raise TypeError(f"recompute_value must be a bool, got {recompute_value!r}")
+    if not _uses_kernels(x, impl):
+        offset_mask = F.linear(x if offset_input is None else offset_input, offset_weight, offset_bias)
+        value = F.linear(x, value_weight, value_bias)
+        return F.linear(dcnv4(value, offset_mask.to(value.dtype), kernel_size, stride, padding, dilation, groups,
+                              offset_scale, remove_center, impl="reference"), output_weight, output_bias)
+    k, s, p, d = (pair(kernel_size, "kernel_size"), pair(stride, "stride"), pair(padding, "padding"),
+                  pair(dilation, "dilation"))
+    if offset_input is None and output_size(x.shape[1], x.shape[2], k, s, p, d) != tuple(x.shape[1:3]):
+        raise ValueError(f"offset_input is needed when the output size differs from x's ({tuple(x.shape[1:3])}: "
+                         f"kernel_size {k}, stride {s}, padding {p}, dilation {d})")
+    _load_for(x)
+    return torch.ops.unet_dcnv4.dcnv4_layer_forward(
+        x, offset_input, value_weight, value_bias, offset_weight, offset_bias, output_weight, output_bias, list(k),
+        list(s), list(p), list(d), groups, float(offset_scale), remove_center, cuda_backward, recompute_value)[0]
+
+
 def _register_python_parts() -> None:
-    """Fake kernels of the compiled op (its schema and autograd are in C++: csrc/ops.cpp, csrc/autograd.cpp)."""
+    """Fake kernels of the compiled ops and the layer's FLOP formulas (their schemas and autograd are in C++)."""
 
     @torch.library.register_fake("unet_dcnv4::dcnv4_forward")
     def _(value, offset_mask, kernel_size, stride, padding, dilation, groups, offset_scale, remove_center,
@@ -175,3 +259,38 @@ def _register_python_parts() -> None:
     def _(grad_output, value, offset_mask, kernel_size, stride, padding, dilation, groups, offset_scale,
           remove_center, cuda_backward="atomic"):
         return torch.empty_like(value), torch.empty_like(offset_mask)
+
+    @torch.library.register_fake("unet_dcnv4::dcnv4_layer_forward")
+    def _(x, offset_input, value_weight, value_bias, offset_weight, offset_bias, output_weight, output_bias,
+          kernel_size, stride, padding, dilation, groups, offset_scale, remove_center, cuda_backward="atomic",
+          recompute_value=False):
+        N, H, W, _ = x.shape
+        Ho, Wo = output_size(H, W, kernel_size, stride, padding, dilation)
+        C = value_weight.shape[0]
+        return (x.new_empty((N, Ho, Wo, output_weight.shape[0])), x.new_empty((N, H, W, C)),
+                x.new_empty((N, Ho, Wo, offset_weight.shape[0])), x.new_empty((N, Ho, Wo, C)))
+
+    @torch.library.register_fake("unet_dcnv4::dcnv4_layer_backward")
+    def _(grad_output, x, offset_input, value, offset_mask, sampled, value_weight, value_bias, offset_weight,
+          offset_bias, output_weight, output_bias, *args):
+        like = [x, offset_input, value_weight, value_bias, offset_weight, offset_bias, output_weight, output_bias]
+        return tuple(None if t is None else torch.empty_like(t) for t in like)
+
+    # The counter sees the layer op where it used to see three Linears: their matrix products, counted as
+    # it counts them (2 FLOPs a multiply-add; the backward twice the forward, plus the recomputed value).
+    # The sampling itself is not counted, as for dcnv4_forward (see unet_dcnv4.unet.dcnv4_flops).
+    def projection_flops(x_shape, offset_input_shape, value_weight_shape, offset_weight_shape, output_weight_shape):
+        m_in, m_out = math.prod(x_shape[:3]), math.prod(offset_input_shape[:3])
+        return 2 * (m_in * math.prod(value_weight_shape) + m_out * math.prod(offset_weight_shape)
+                    + m_out * math.prod(output_weight_shape))
+
+    @register_flop_formula(torch.ops.unet_dcnv4.dcnv4_layer_forward)
+    def _(x, offset_input, value_weight, value_bias, offset_weight, offset_bias, output_weight, *args,
+          out_shape=None, **kwargs):
+        return projection_flops(x, out_shape[2], value_weight, offset_weight, output_weight)
+
+    @register_flop_formula(torch.ops.unet_dcnv4.dcnv4_layer_backward)
+    def _(grad_output, x, offset_input, value, offset_mask, sampled, value_weight, value_bias, offset_weight,
+          offset_bias, output_weight, *args, out_shape=None, **kwargs):
+        recomputed = 2 * math.prod(x[:3]) * math.prod(value_weight) if value is None else 0
+        return 2 * projection_flops(x, offset_mask, value_weight, offset_weight, output_weight) + recomputed

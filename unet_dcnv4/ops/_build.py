@@ -21,7 +21,7 @@ import torch
 
 # A folder on disk in every supported install (wheel, editable): the compiler needs real paths.
 CSRC = Path(str(importlib.resources.files("unet_dcnv4._csrc")))
-CPU_SOURCES = ("ops.cpp", "autograd.cpp", "dcnv4_cpu.cpp")
+CPU_SOURCES = ("ops.cpp", "autograd.cpp", "layer.cpp", "dcnv4_cpu.cpp")
 CUDA_SOURCES = ("cuda/dcnv4_cuda.cpp", "cuda/dcnv4_cuda.cu")
 # The C++ standard is the one torch asks for. -fopenmp: at::parallel_for is a header template whose
 # OpenMP pragma only takes effect when the extension itself is compiled with OpenMP.

@@ -1,0 +1,300 @@
+// The whole DCNv4 layer as one op with one autograd node: value = x Wv^T + bv, offset_mask =
+// offset_input Wom^T + bom (offset_input is x unless the layer's offset branch has its own input: a
+// depthwise conv, a strided layer's centre pixels), sampled = dcnv4(value, offset_mask), out = sampled
+// Wo^T + bo, all channels-last (N, H, W, C). The backward is written out: the three weight gradients are
+// matrix products and the bias gradients sums over the pixels, the op's gradients come from
+// dcnv4_backward, and x's gradient is one accumulated pair of products.
+//
+// Why: as three nn.Linear modules around the op, a layer's training step made about 120 more ATen calls
+// and eight more autograd nodes than a conv's; at the small layers of a CPU U-Net that per-call cost was a
+// measurable part of the step (benchmarks/NOTES.md, "CPU speed").
+//
+// dcnv4_layer_forward returns (out, value, offset_mask, sampled): the intermediates are outputs so that
+// torch.compile's traced graph holds what the backward needs (its autograd marks them non-differentiable).
+// recompute_value only tells the autograd not to keep value: the backward then recomputes it from x.
+// Under autocast every floating input is cast to the autocast dtype first, as nn.Linear would be.
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "op_calls.h"
+
+namespace dcnv4 {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<at::Tensor>;
+using LayerOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using LayerGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                              at::Tensor>;
+
+bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+// (N, H, W, C_in) -> (N, H, W, C_out): x W^T + b as one matrix product on the pixel rows.
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias) {
+  TORCH_CHECK(x.dim() == 4, "dcnv4_layer: inputs must be 4-D (N, H, W, C), got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(3), "dcnv4_layer: a projection weight of shape ",
+              weight.sizes(), " does not take ", x.size(3), " input channels");
+  const at::Tensor rows = x.reshape({-1, x.size(3)});
+  const at::Tensor y = present(bias) ? at::addmm(*bias, rows, weight.t()) : at::mm(rows, weight.t());
+  return y.view({x.size(0), x.size(1), x.size(2), weight.size(0)});
+}
+
+at::Tensor rows_of(const at::Tensor& t) { return t.reshape({-1, t.size(-1)}); }
+
+LayerOutputs layer_forward(const at::Tensor& x_in, const OptTensor& offset_input, const at::Tensor& value_weight,
+                           const OptTensor& value_bias, const at::Tensor& offset_weight, const OptTensor& offset_bias,
+                           const at::Tensor& output_weight, const OptTensor& output_bias, at::IntArrayRef kernel_size,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                           double offset_scale, bool remove_center, c10::string_view cuda_backward,
+                           bool /*recompute_value: read by the autograd only*/) {
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor value = linear_rows(x, value_weight, value_bias);
+  const at::Tensor offset_mask =
+      linear_rows(present(offset_input) ? offset_input->contiguous() : x, offset_weight, offset_bias);
+  const at::Tensor sampled = forward_op(value, offset_mask, kernel_size, stride, padding, dilation, groups,
+                                        offset_scale, remove_center, cuda_backward);
+  return {linear_rows(sampled, output_weight, output_bias), value, offset_mask, sampled};
+}
+
+LayerGrads layer_backward(const at::Tensor& grad_output, const at::Tensor& x_in, const OptTensor& offset_input,
+                          const OptTensor& value_in, const at::Tensor& offset_mask, const at::Tensor& sampled,
+                          const at::Tensor& value_weight, const OptTensor& value_bias, const at::Tensor& offset_weight,
+                          const OptTensor& offset_bias, const at::Tensor& output_weight, const OptTensor& output_bias,
+                          at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef dilation, int64_t groups, double offset_scale, bool remove_center,
+                          c10::string_view cuda_backward) {
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor value = present(value_in) ? *value_in : linear_rows(x, value_weight, value_bias);
+  // Output projection.
+  const at::Tensor grad_rows = rows_of(grad_output.contiguous());
+  const at::Tensor grad_output_weight = grad_rows.t().mm(rows_of(sampled));
+  const at::Tensor grad_output_bias = present(output_bias) ? grad_rows.sum(0) : at::Tensor();
+  const at::Tensor grad_sampled = grad_rows.mm(output_weight).view(sampled.sizes());
+  // The op.
+  auto [grad_value, grad_offset_mask] = backward_op(grad_sampled, value, offset_mask, kernel_size, stride, padding,
+                                                    dilation, groups, offset_scale, remove_center, cuda_backward);
+  const at::Tensor gv = rows_of(grad_value), gom = rows_of(grad_offset_mask), x_rows = rows_of(x);
+  // The two input projections; x's gradient gathers both when the offset branch reads x itself.
+  const at::Tensor grad_value_weight = gv.t().mm(x_rows);
+  const at::Tensor grad_value_bias = present(value_bias) ? gv.sum(0) : at::Tensor();
+  const bool own_input = present(offset_input);
+  const at::Tensor offset_rows = own_input ? rows_of(offset_input->contiguous()) : x_rows;
+  const at::Tensor grad_offset_weight = gom.t().mm(offset_rows);
+  const at::Tensor grad_offset_bias = present(offset_bias) ? gom.sum(0) : at::Tensor();
+  at::Tensor grad_x = gv.mm(value_weight);
+  at::Tensor grad_offset_input;
+  if (own_input) {
+    grad_offset_input = gom.mm(offset_weight).view(offset_input->sizes());
+  } else {
+    grad_x.addmm_(gom, offset_weight);
+  }
+  return {grad_x.view(x.sizes()), grad_offset_input, grad_value_weight, grad_value_bias, grad_offset_weight,
+          grad_offset_bias, grad_output_weight, grad_output_bias};
+}
+
+// Calls of the layer ops through the dispatcher (from the autograd kernels, below autograd; from the autocast
+// kernels, below autocast).
+LayerOutputs layer_forward_op(const at::Tensor& x, const OptTensor& offset_input, const at::Tensor& value_weight,
+                              const OptTensor& value_bias, const at::Tensor& offset_weight,
+                              const OptTensor& offset_bias, const at::Tensor& output_weight,
+                              const OptTensor& output_bias, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, double offset_scale,
+                              bool remove_center, c10::string_view cuda_backward, bool recompute_value) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("unet_dcnv4::dcnv4_layer_forward", "")
+                       .typed<decltype(layer_forward)>();
+  return op.call(x, offset_input, value_weight, value_bias, offset_weight, offset_bias, output_weight, output_bias,
+                 kernel_size, stride, padding, dilation, groups, offset_scale, remove_center, cuda_backward,
+                 recompute_value);
+}
+
+LayerGrads layer_backward_op(const at::Tensor& grad_output, const at::Tensor& x, const OptTensor& offset_input,
+                             const OptTensor& value, const at::Tensor& offset_mask, const at::Tensor& sampled,
+                             const at::Tensor& value_weight, const OptTensor& value_bias,
+                             const at::Tensor& offset_weight, const OptTensor& offset_bias,
+                             const at::Tensor& output_weight, const OptTensor& output_bias,
+                             at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation, int64_t groups, double offset_scale, bool remove_center,
+                             c10::string_view cuda_backward) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("unet_dcnv4::dcnv4_layer_backward", "")
+                       .typed<decltype(layer_backward)>();
+  return op.call(grad_output, x, offset_input, value, offset_mask, sampled, value_weight, value_bias, offset_weight,
+                 offset_bias, output_weight, output_bias, kernel_size, stride, padding, dilation, groups,
+                 offset_scale, remove_center, cuda_backward);
+}
+
+// The hyper-parameters, kept by the forward's node for the backward.
+struct Hyper {
+  std::vector<int64_t> kernel_size, stride, padding, dilation;
+  int64_t groups;
+  double offset_scale;
+  bool remove_center;
+  std::string cuda_backward;
+};
+
+struct HyperHolder : torch::CustomClassHolder {
+  explicit HyperHolder(Hyper h) : hyper(std::move(h)) {}
+  Hyper hyper;
+};
+
+at::Tensor or_undefined(const OptTensor& t) { return present(t) ? *t : at::Tensor(); }
+OptTensor or_none(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+class LayerFunction : public torch::autograd::Function<LayerFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& offset_input,
+                               const at::Tensor& value_weight, const OptTensor& value_bias,
+                               const at::Tensor& offset_weight, const OptTensor& offset_bias,
+                               const at::Tensor& output_weight, const OptTensor& output_bias,
+                               at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, int64_t groups, double offset_scale, bool remove_center,
+                               c10::string_view cuda_backward, bool recompute_value) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, value, offset_mask, sampled] =
+        layer_forward_op(x, offset_input, value_weight, value_bias, offset_weight, offset_bias, output_weight,
+                         output_bias, kernel_size, stride, padding, dilation, groups, offset_scale, remove_center,
+                         cuda_backward, recompute_value);
+    ctx->save_for_backward({x, or_undefined(offset_input), recompute_value ? at::Tensor() : value, offset_mask,
+                            sampled, value_weight, or_undefined(value_bias), offset_weight, or_undefined(offset_bias),
+                            output_weight, or_undefined(output_bias)});
+    ctx->saved_data["hyper"] = c10::IValue::make_capsule(c10::make_intrusive<HyperHolder>(
+        Hyper{kernel_size.vec(), stride.vec(), padding.vec(), dilation.vec(), groups, offset_scale, remove_center,
+              std::string(cuda_backward)}));
+    ctx->mark_non_differentiable({value, offset_mask, sampled});
+    ctx->set_materialize_grads(false);  // no zero gradients made for those three
+    return {out, value, offset_mask, sampled};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list s = ctx->get_saved_variables();
+    if (!grad_outputs[0].defined()) return variable_list(17);  // out's gradient: none, so none for the inputs
+    const auto holder = ctx->saved_data.at("hyper").toCapsule();
+    const Hyper& h = static_cast<const HyperHolder*>(holder.get())->hyper;
+    auto [grad_x, grad_offset_input, grad_vw, grad_vb, grad_ow, grad_ob, grad_pw, grad_pb] = layer_backward_op(
+        grad_outputs[0], s[0], or_none(s[1]), or_none(s[2]), s[3], s[4], s[5], or_none(s[6]), s[7], or_none(s[8]),
+        s[9], or_none(s[10]), h.kernel_size, h.stride, h.padding, h.dilation, h.groups, h.offset_scale,
+        h.remove_center, h.cuda_backward);
+    // One gradient per forward argument: none for the hyper-parameters.
+    return {grad_x, grad_offset_input, grad_vw, grad_vb, grad_ow, grad_ob, grad_pw, grad_pb,
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor()};
+  }
+
+};
+
+// The backward op under autograd: runs the computation and raises if a second derivative reaches it.
+class LayerBackwardFunction : public torch::autograd::Function<LayerBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext*, const at::Tensor& grad_output, const at::Tensor& x,
+                               const OptTensor& offset_input, const OptTensor& value, const at::Tensor& offset_mask,
+                               const at::Tensor& sampled, const at::Tensor& value_weight, const OptTensor& value_bias,
+                               const at::Tensor& offset_weight, const OptTensor& offset_bias,
+                               const at::Tensor& output_weight, const OptTensor& output_bias,
+                               at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, int64_t groups, double offset_scale, bool remove_center,
+                               c10::string_view cuda_backward) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [a, b, c, d, e, f, g, i] =
+        layer_backward_op(grad_output, x, offset_input, value, offset_mask, sampled, value_weight, value_bias,
+                          offset_weight, offset_bias, output_weight, output_bias, kernel_size, stride, padding,
+                          dilation, groups, offset_scale, remove_center, cuda_backward);
+    // The gradients of absent inputs are undefined, and a custom Function's outputs must be defined: only
+    // the defined ones are returned (layer_backward_autograd puts them back in place).
+    variable_list defined;
+    for (const at::Tensor& t : {a, b, c, d, e, f, g, i}) {
+      if (t.defined()) defined.push_back(t);
+    }
+    return defined;
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, "unet_dcnv4: the second derivative of the DCNv4 layer is not implemented (the backward was "
+                       "run with create_graph=True and its result differentiated again)");
+  }
+};
+
+LayerOutputs layer_forward_autograd(const at::Tensor& x, const OptTensor& offset_input,
+                                    const at::Tensor& value_weight, const OptTensor& value_bias,
+                                    const at::Tensor& offset_weight, const OptTensor& offset_bias,
+                                    const at::Tensor& output_weight, const OptTensor& output_bias,
+                                    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation, int64_t groups, double offset_scale,
+                                    bool remove_center, c10::string_view cuda_backward, bool recompute_value) {
+  const variable_list out =
+      LayerFunction::apply(x, offset_input, value_weight, value_bias, offset_weight, offset_bias, output_weight,
+                           output_bias, kernel_size, stride, padding, dilation, groups, offset_scale, remove_center,
+                           cuda_backward, recompute_value);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+LayerGrads layer_backward_autograd(const at::Tensor& grad_output, const at::Tensor& x, const OptTensor& offset_input,
+                                   const OptTensor& value, const at::Tensor& offset_mask, const at::Tensor& sampled,
+                                   const at::Tensor& value_weight, const OptTensor& value_bias,
+                                   const at::Tensor& offset_weight, const OptTensor& offset_bias,
+                                   const at::Tensor& output_weight, const OptTensor& output_bias,
+                                   at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                   at::IntArrayRef dilation, int64_t groups, double offset_scale, bool remove_center,
+                                   c10::string_view cuda_backward) {
+  const variable_list g = LayerBackwardFunction::apply(
+      grad_output, x, offset_input, value, offset_mask, sampled, value_weight, value_bias, offset_weight, offset_bias,
+      output_weight, output_bias, kernel_size, stride, padding, dilation, groups, offset_scale, remove_center,
+      cuda_backward);
+  // Back in place: the gradients of absent inputs (offset_input, the biases) are undefined.
+  const bool has[8] = {true, present(offset_input), true, present(value_bias), true, present(offset_bias), true,
+                       present(output_bias)};
+  at::Tensor out[8];
+  size_t next = 0;
+  for (int i = 0; i < 8; ++i) {
+    if (has[i]) out[i] = g.at(next++);
+  }
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7]};
+}
+
+// Autocast: every floating input in the autocast dtype (float64 stays), then the op below autocast.
+template <c10::DeviceType device_type>
+LayerOutputs layer_forward_autocast(const at::Tensor& x, const OptTensor& offset_input,
+                                    const at::Tensor& value_weight, const OptTensor& value_bias,
+                                    const at::Tensor& offset_weight, const OptTensor& offset_bias,
+                                    const at::Tensor& output_weight, const OptTensor& output_bias,
+                                    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation, int64_t groups, double offset_scale,
+                                    bool remove_center, c10::string_view cuda_backward, bool recompute_value) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(device_type));
+  const at::ScalarType dtype = at::autocast::get_autocast_dtype(device_type);
+  auto cast = [&](const auto& t) { return at::autocast::cached_cast(dtype, t, device_type); };
+  return layer_forward_op(cast(x), cast(offset_input), cast(value_weight), cast(value_bias), cast(offset_weight),
+                          cast(offset_bias), cast(output_weight), cast(output_bias), kernel_size, stride, padding,
+                          dilation, groups, offset_scale, remove_center, cuda_backward, recompute_value);
+}
+
+}  // namespace
+}  // namespace dcnv4
+
+// The computation is written with ATen ops and the op's own dispatcher calls, so one kernel serves every
+// device the op has kernels for.
+TORCH_LIBRARY_IMPL(unet_dcnv4, CompositeExplicitAutograd, m) {
+  m.impl("dcnv4_layer_forward", &dcnv4::layer_forward);
+  m.impl("dcnv4_layer_backward", &dcnv4::layer_backward);
+}
+
+TORCH_LIBRARY_IMPL(unet_dcnv4, Autograd, m) {
+  m.impl("dcnv4_layer_forward", &dcnv4::layer_forward_autograd);
+  m.impl("dcnv4_layer_backward", &dcnv4::layer_backward_autograd);
+}
+
+TORCH_LIBRARY_IMPL(unet_dcnv4, AutocastCPU, m) {
+  m.impl("dcnv4_layer_forward", &dcnv4::layer_forward_autocast<c10::DeviceType::CPU>);
+}
+
+TORCH_LIBRARY_IMPL(unet_dcnv4, AutocastCUDA, m) {
+  m.impl("dcnv4_layer_forward", &dcnv4::layer_forward_autocast<c10::DeviceType::CUDA>);
+}
