@@ -229,6 +229,12 @@ LayerOutputs layer_forward_autograd(const at::Tensor& x, const OptTensor& offset
                                     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                     at::IntArrayRef dilation, int64_t groups, double offset_scale,
                                     bool remove_center, c10::string_view cuda_backward, bool recompute_value) {
+  if (!at::GradMode::is_enabled()) {  // no graph to record (sampling, evaluation): no node, nothing kept
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return layer_forward_op(x, offset_input, value_weight, value_bias, offset_weight, offset_bias, output_weight,
+                            output_bias, kernel_size, stride, padding, dilation, groups, offset_scale, remove_center,
+                            cuda_backward, recompute_value);
+  }
   const variable_list out =
       LayerFunction::apply(x, offset_input, value_weight, value_bias, offset_weight, offset_bias, output_weight,
                            output_bias, kernel_size, stride, padding, dilation, groups, offset_scale, remove_center,

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ._checks import positive_int
-from .ops import check_impl, dcnv4, dcnv4_layer
+from .ops import _uses_kernels, check_impl, dcnv4, dcnv4_layer
 from .ops.reference import output_size, pair
 
 __all__ = ["DCNv4", "DCNv4Conv2d", "resolve_groups"]
@@ -188,11 +188,12 @@ class DCNv4(nn.Module):
             raise ValueError(f"x must have shape (N, H, W, {self.in_channels}), got {tuple(x.shape)}")
         N, H, W, _ = x.shape
         H_out, W_out = output_size(H, W, self.kernel_size, self.stride, self.padding, self.dilation)
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type) and x.is_floating_point() and not self.without_pointwise:
-            # Cast once for every reader: autocast would cast x for each projection and autograd would keep
-            # each copy for the backward. (Without the projections the op samples x itself, in x's dtype.)
-            x = x.to(torch.get_autocast_dtype(device_type))
+        if not self.without_pointwise and not _uses_kernels(x, self.impl):
+            device_type = x.device.type
+            if torch.is_autocast_enabled(device_type) and x.is_floating_point():
+                # The reference composition: cast once for both projections, which autocast would cast x for
+                # each, keeping both copies for the backward. (The kernels' layer op casts in C++, once.)
+                x = x.to(torch.get_autocast_dtype(device_type))
         # One contiguous copy for all readers (NCHW input seen as NHWC is not).
         x = x.contiguous()
         own_offset_input = self.dw_kernel_size is not None or (H_out, W_out) != (H, W)

@@ -11,6 +11,8 @@ import torch
 
 def pair(x, name: str) -> tuple[int, int]:
     """An int or an (h, w) pair as a tuple of two ints."""
+    if type(x) is tuple and len(x) == 2 and type(x[0]) is int and type(x[1]) is int:
+        return x  # already one (every layer call passes its own): no further checks
     if isinstance(x, bool):
         raise TypeError(f"{name} must be an int or a pair of ints, got {x!r}")
     if isinstance(x, int):
