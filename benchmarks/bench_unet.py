@@ -21,7 +21,6 @@ import contextlib
 import json
 import platform
 import sys
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -65,10 +64,7 @@ def saved_mib(fn, exclude=()) -> float:
             seen[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), warnings.catch_warnings():
-        # Selective checkpointing (recompute_value) warns that hooks may see its saved tensors in future
-        # releases; the tensors it keeps are kept by output_proj as well, so they are counted either way.
-        warnings.simplefilter("ignore", FutureWarning)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(seen.values()) / 2**20
 

@@ -157,10 +157,10 @@ def test_pipeline_folder_with_the_dcnv4_unet_loads(tmp_path):
 
 @pytest.mark.parametrize("recompute_value", [False, True], ids=["default", "recompute_value"])
 def test_torch_compile_matches_eager(recompute_value):
-    # One graph, no breaks, forward and backward through AOTAutograd and the op's fake kernel. The
+    # One graph, no breaks, forward and backward through AOTAutograd and the layer op's fake kernels. The
     # aot_eager backend skips inductor's C++ code generation, which takes minutes for a whole U-Net on
     # two CPU cores; the graph it runs is the one inductor would compile. With recompute_value the
-    # graph holds a selective checkpoint per DCNv4 layer.
+    # backward graph recomputes each layer's value.
     torch.manual_seed(0)
     model = build_unet("dcnv4", "tiny", 8)
     model.enable_value_recompute(recompute_value)
