@@ -233,6 +233,45 @@ def test_model_report_counts_parameters_and_the_dcnv4_op():
     assert dcnv4_flops(layer, torch.empty(2, 8, 8, 32)) == 2 * 5 * 2 * 8 * 8 * 32 * 9
 
 
+def test_report_counts_the_dcnv4_layers_in_a_fresh_process():
+    """The CLI's report, in a process that has not loaded the kernels yet, counts every DCNv4 layer's three
+    projections (one op, counted by its FLOP formula) and its sampling, besides the other modules' FLOPs."""
+    import json
+    import subprocess
+    import sys
+
+    from diffusers.models.attention_processor import Attention
+
+    run = subprocess.run([sys.executable, "-m", "unet_dcnv4.unet", "--size", "tiny", "--sample_size", "8", "--report",
+                          "--json"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    fresh = {r["model_type"]: r for r in json.loads(run.stdout)}["dcnv4"]
+    model, counted = build_unet("dcnv4", "tiny", 8), []
+
+    def count(module, args, out):
+        if isinstance(module, DCNv4Conv2d):
+            x, out = args[0], out.permute(0, 2, 3, 1)
+            pixels_in, pixels_out = x.numel() // x.shape[1], out.numel() // out.shape[-1]
+            counted.append(2 * (pixels_in * module.value_proj.weight.numel()
+                                + pixels_out * module.offset_mask.weight.numel()
+                                + pixels_out * module.output_proj.weight.numel()) + dcnv4_flops(module, out))
+        elif isinstance(module, nn.Conv2d):
+            counted.append(2 * module.in_channels // module.groups * math.prod(module.kernel_size) * out.numel())
+        elif isinstance(module, nn.Linear):  # those outside the DCNv4 layers (theirs are not called)
+            counted.append(2 * module.in_features * out.numel())
+        else:
+            tokens = math.prod(out.shape[2:])
+            counted.append(4 * out.shape[0] * tokens * tokens * module.inner_dim)
+
+    for m in model.modules():
+        if isinstance(m, (DCNv4Conv2d, nn.Conv2d, nn.Linear, Attention)):
+            m.register_forward_hook(count)
+    with torch.no_grad():
+        model(torch.zeros(1, 4, 8, 8), torch.tensor([1]))
+    assert fresh["gflops"] * 1e9 == pytest.approx(sum(counted), abs=0.5)
+    assert fresh["gflops"] == pytest.approx(model_report("dcnv4", "tiny", 8)["gflops"], abs=1e-9)
+
+
 def test_cli_report_and_user_errors(capsys):
     assert main(["--size", "tiny", "--sample_size", "8", "--report"]) == 0
     out = capsys.readouterr().out

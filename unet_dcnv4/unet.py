@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ._checks import positive_int
 from .modules import DCNv4, DCNv4Conv2d
-from .ops import check_impl
+from .ops import _uses_kernels, check_impl, load_extension
 
 __all__ = ["DCNv4UNet2DModel", "UNET_SIZES", "REPLACEABLE", "DCNV4_OPTIONS", "MODEL_TYPES", "BUDGETS",
            "build_unet", "matched_widths", "model_report", "dcnv4_flops"]
@@ -421,6 +421,10 @@ def model_report(
     x = torch.zeros(1, cfg.in_channels, *hw, device=device)
     labels = torch.zeros(1, dtype=torch.long, device=device) if model.class_embedding is not None else None
 
+    if any(isinstance(m, DCNv4) and not m.without_pointwise and _uses_kernels(x, m.impl) for m in model.modules()):
+        # The layer op's FLOP formula is registered when the kernels load, and the counter copies the
+        # registry when it is made: load them first, or a fresh process would count no projection.
+        load_extension()
     op_flops = []
     hooks = [m.register_forward_hook(lambda m, args, out: op_flops.append(
         dcnv4_flops(m, out.permute(0, 2, 3, 1) if isinstance(m, DCNv4Conv2d) else out)))

@@ -207,6 +207,8 @@ def dcnv4_layer(
     (csrc/layer.cpp), which spares a small layer most of the per-call cost of three Linear modules around
     the op; under autocast every floating input is cast to the autocast dtype first, as the Linears would
     be. With the reference (`impl`, as for `dcnv4`) it is that composition of PyTorch ops.
+    `torch.utils.flop_counter` counts the compiled op's matrix products by a formula registered when the
+    kernels load (`load_extension()`): a `FlopCounterMode` made before that does not know it.
 
     Args:
         x: (N, H, W, C_in).
