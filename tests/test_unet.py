@@ -137,6 +137,7 @@ def test_impl_and_cuda_backward_are_saved_and_run(tmp_path, monkeypatch):
     x, t, _ = _inputs(model)
     with torch.no_grad():
         assert torch.isfinite(loaded(x, t).sample).all()
+    monkeypatch.undo()  # a layer with the default impl loads the kernels when made
     # A config saved before these fields existed loads with the defaults.
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in saved.items()
                                                       if k not in ("impl", "cuda_backward")}))
@@ -173,6 +174,23 @@ def test_torch_compile_matches_eager(recompute_value):
     compiled.square().mean().backward()
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(weight.grad, eager_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_torch_compile_in_a_fresh_process():
+    """A process that compiles a DCNv4 layer before any eager call: the layer loads the kernels when made,
+    so tracing finds the ops (building them is not something torch.compile can trace)."""
+    import subprocess
+    import sys
+
+    script = ("import torch\n"
+              "from unet_dcnv4.modules import DCNv4Conv2d\n"
+              "m = DCNv4Conv2d(16, 16)\n"
+              "x = torch.randn(1, 16, 5, 5, requires_grad=True)\n"
+              "y = torch.compile(m, backend='aot_eager', fullgraph=True)(x)\n"
+              "y.sum().backward()\n"
+              "assert torch.allclose(y, m(x), atol=1e-6) and x.grad is not None\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

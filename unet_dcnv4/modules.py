@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ._checks import positive_int
-from .ops import _uses_kernels, check_impl, dcnv4, dcnv4_layer
+from .ops import _uses_kernels, check_impl, dcnv4, dcnv4_layer, preload_extension
 from .ops.reference import output_size, pair
 
 __all__ = ["DCNv4", "DCNv4Conv2d", "resolve_groups"]
@@ -135,6 +135,8 @@ class DCNv4(nn.Module):
         check_impl(impl, cuda_backward)
         self.impl = impl
         self.cuda_backward = cuda_backward
+        if impl != "reference":
+            preload_extension()  # so that torch.compile finds the ops: it cannot build them while it traces
 
         if without_pointwise and (self.in_channels != channels or self.out_channels != channels):
             raise ValueError(f"without_pointwise needs in_channels == out_channels == channels ({channels}), "

@@ -53,6 +53,17 @@ def load_extension() -> None:
     _loaded = True
 
 
+def preload_extension() -> None:
+    """Load the kernels now if they can be built: torch.compile cannot build them while it traces, so the
+    layers load them when made. A build failure is left for the first call of the op to report."""
+    from ._build import BuildError
+
+    try:
+        load_extension()
+    except BuildError:
+        pass
+
+
 def _cuda_kernels_available() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("unet_dcnv4::dcnv4_forward", "CUDA")
 
