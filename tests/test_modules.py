@@ -201,6 +201,32 @@ def test_impl_and_cuda_backward_reach_the_op(impl, cuda_backward):
     torch.testing.assert_close(y, _composition(m, x.detach().permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
 
 
+def test_hooks_and_wrapped_projections_are_honoured():
+    """The layer op takes the projections' weights; a projection with a hook, or replaced by another module
+    (an adapter), is called instead, so that neither is silently skipped."""
+    torch.manual_seed(0)
+    m = DCNv4Conv2d(16, 16)
+    _randomise(m, scale=0.3)
+    x = torch.randn(2, 16, 5, 5)
+    plain = m(x)
+    calls = []
+    handle = m.value_proj.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    torch.testing.assert_close(m(x), plain, rtol=1e-5, atol=1e-6)
+    assert calls == [(2, 5, 5, 16)]
+    handle.remove()
+
+    class Doubled(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, t):
+            return 2 * self.inner(t)
+
+    m.output_proj = Doubled(m.output_proj)
+    torch.testing.assert_close(m(x), 2 * plain, rtol=1e-5, atol=1e-6)
+
+
 def test_channels_last_input_gives_channels_last_output():
     torch.manual_seed(0)
     m = DCNv4Conv2d(16, 32)

@@ -80,11 +80,16 @@ class DCNv4(nn.Module):
         out_channels: output width (default C); `output_proj` writes this many channels.
         official_init: use the official initialisation (all masks zero) instead of the box-filter start.
         recompute_value: keep no copy of `value_proj`'s output for the backward; recompute it there (one
-            more matrix multiply per backward, C values less per pixel of activation memory; compiled
-            kernels only). Also settable later through the `recompute_value` attribute.
+            more matrix multiply per backward, C values less per pixel of activation memory; on the layer
+            op, see below). Also settable later through the `recompute_value` attribute.
         impl: which implementation of the op runs: "auto", "kernel" or "reference" (see `dcnv4`).
         cuda_backward: the CUDA backward kernel, "atomic" or "tiled" (see `dcnv4`).
         Both are kept as attributes of the same names and can be changed later.
+
+    With the compiled kernels the layer runs as one op (`dcnv4_layer`), which takes the three projections'
+    weights instead of calling the `nn.Linear`s. A projection with a forward hook, or replaced by another
+    module (an adapter, a quantised layer), makes the layer call the modules one by one instead, so
+    neither is skipped; `recompute_value` then has no effect.
     """
 
     def __init__(
@@ -190,27 +195,42 @@ class DCNv4(nn.Module):
             raise ValueError(f"x must have shape (N, H, W, {self.in_channels}), got {tuple(x.shape)}")
         N, H, W, _ = x.shape
         H_out, W_out = output_size(H, W, self.kernel_size, self.stride, self.padding, self.dilation)
-        if not self.without_pointwise and not _uses_kernels(x, self.impl):
+        fused = not self.without_pointwise and self._plain_projections() and _uses_kernels(x, self.impl)
+        if not fused and not self.without_pointwise:
             device_type = x.device.type
             if torch.is_autocast_enabled(device_type) and x.is_floating_point():
-                # The reference composition: cast once for both projections, which autocast would cast x for
-                # each, keeping both copies for the backward. (The kernels' layer op casts in C++, once.)
+                # Cast once for both projections, which autocast would cast x for each, keeping both copies
+                # for the backward. (The layer op casts in C++, once; without the projections the op
+                # samples x itself, in x's dtype.)
                 x = x.to(torch.get_autocast_dtype(device_type))
         # One contiguous copy for all readers (NCHW input seen as NHWC is not).
         x = x.contiguous()
         own_offset_input = self.dw_kernel_size is not None or (H_out, W_out) != (H, W)
         offset_input = self._offset_input(x, H_out, W_out) if own_offset_input else None
-        if self.without_pointwise:
-            offset_mask = self.offset_mask(x if offset_input is None else offset_input)
-            return dcnv4(x, offset_mask.to(x.dtype), self.kernel_size, self.stride, self.padding, self.dilation,
-                         self.group, self.offset_scale, self.remove_center, impl=self.impl,
-                         cuda_backward=self.cuda_backward)
-        # The projections, the op and the output projection: one op with one autograd node on the kernels.
-        return dcnv4_layer(x, offset_input, self.value_proj.weight, self.value_proj.bias, self.offset_mask.weight,
-                           self.offset_mask.bias, self.output_proj.weight, self.output_proj.bias, self.kernel_size,
-                           self.stride, self.padding, self.dilation, self.group, self.offset_scale,
-                           self.remove_center, impl=self.impl, cuda_backward=self.cuda_backward,
-                           recompute_value=self.recompute_value and torch.is_grad_enabled())
+        if fused:
+            # The projections, the op and the output projection: one op with one autograd node.
+            return dcnv4_layer(x, offset_input, self.value_proj.weight, self.value_proj.bias,
+                               self.offset_mask.weight, self.offset_mask.bias, self.output_proj.weight,
+                               self.output_proj.bias, self.kernel_size, self.stride, self.padding, self.dilation,
+                               self.group, self.offset_scale, self.remove_center, impl=self.impl,
+                               cuda_backward=self.cuda_backward,
+                               recompute_value=self.recompute_value and torch.is_grad_enabled())
+        # The modules called one by one: the reference, or projections with hooks or replaced by wrappers.
+        offset_mask = self.offset_mask(x if offset_input is None else offset_input)
+        value = x if self.without_pointwise else self.value_proj(x)
+        out = dcnv4(value, offset_mask.to(value.dtype), self.kernel_size, self.stride, self.padding, self.dilation,
+                    self.group, self.offset_scale, self.remove_center, impl=self.impl,
+                    cuda_backward=self.cuda_backward)
+        return out if self.without_pointwise else self.output_proj(out)
+
+    def _plain_projections(self) -> bool:
+        """Whether the three projections are plain `nn.Linear`s without hooks, whose weights the layer op can
+        take in their place. Otherwise they are called, so that hooks and wrappers (adapters, quantised
+        layers) run as they would in any module."""
+        for m in (self.value_proj, self.offset_mask, self.output_proj):
+            if type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks:
+                return False
+        return True
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}->{self.channels}->{self.out_channels}, kernel_size={self.kernel_size}, "
