@@ -175,8 +175,8 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const variable_list s = ctx->get_saved_variables();
     if (!grad_outputs[0].defined()) return variable_list(17);  // out's gradient: none, so none for the inputs
+    const variable_list s = ctx->get_saved_variables();
     const auto holder = ctx->saved_data.at("hyper").toCapsule();
     const Hyper& h = static_cast<const HyperHolder*>(holder.get())->hyper;
     auto [grad_x, grad_offset_input, grad_vw, grad_vb, grad_ow, grad_ob, grad_pw, grad_pb] = layer_backward_op(
@@ -188,7 +188,6 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor()};
   }
-
 };
 
 // The backward op under autograd: runs the computation and raises if a second derivative reaches it.
