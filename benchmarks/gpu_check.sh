@@ -1,22 +1,30 @@
 #!/usr/bin/env bash
-# One-call check of the DCNv4 CUDA kernels on a GPU machine (H100/H200): build for sm_90, run the CUDA
-# and CPU op tests, memcheck and racecheck on a few CUDA cases, the operator benchmark, then (where
-# diffusers is installed) the layer and U-Net step benchmark. Logs and JSON go to $OUT (or
-# benchmarks/out); the tables are printed last.
+# One-call check of the DCNv4 CUDA kernels and the training path on a GPU machine (H100/H200): build for
+# sm_90, then with the GPU to themselves the operator benchmark and the layer and U-Net step benchmark,
+# then side by side the CUDA op tests, memcheck and racecheck on a few cases, a resume check of bf16
+# training (benchmarks/resume_check.py) and the twemoji64 training (benchmarks/twemoji64_compare.sh).
+# Logs and JSON go to $LOGDIR (benchmarks/out); the tables are printed last.
 #
-#     bash benchmarks/gpu_check.sh                      # every stage
-#     STAGES="tests op" bash benchmarks/gpu_check.sh    # some of: tests sanitizers op unet
+#     bash benchmarks/gpu_check.sh                          # every stage
+#     STAGES="tests op" bash benchmarks/gpu_check.sh        # some of: op unet tests sanitizers resume twemoji
 #
-# The build always runs (a few minutes the first time on a machine, cached after). The stages' time
-# limits add up to more than 10 minutes at worst (tests 6, sanitizers 3.5, unet 3; op has no limit and
-# is estimated at 1-2). None of it has run on a GPU yet: where one call may take 10 minutes, split the
-# stages over two calls, e.g. STAGES="tests sanitizers" then STAGES="op unet".
+# Wheels in .whl/ (diffusers and what else the machine lacks) are installed into
+# /tmp/site first. The twemoji64 stage needs the images in .data/twemoji64/images; it trains with
+# TW_VAE_STEPS and TW_STEPS steps (default 800 each) and, with TW_FID=0 (the default: the machine has no
+# Inception weights), writes both models' samples for FID to be measured elsewhere. With $OUT set (the
+# device tool), the logs come back as $OUT/gpu_check_logs.tar.gz and the samples as tar parts of at most
+# 15 MB. Stage time limits: op 150 s, unet 150 s, then the side-by-side stages within TW_LIMIT (340 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-OUTDIR="${OUT:-benchmarks/out}"
+OUTDIR="${LOGDIR:-benchmarks/out}"
 mkdir -p "$OUTDIR"
 PY="${PYTHON:-python3}"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >"$OUTDIR/wheels.log" 2>&1 || { echo "gpu_check: installing .whl/*.whl failed; see $OUTDIR/wheels.log"; exit 1; }
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 # The checkout is installed in editable mode without its dependencies (nothing is fetched): the build
 # finds the kernels' sources through the installed package. diffusers is not needed for the op and its
 # tests.
@@ -29,12 +37,23 @@ export TORCH_CUDA_ARCH_LIST=9.0
 export MAX_JOBS="${MAX_JOBS:-16}"
 export UNET_DCNV4_BUILD_DIR="${UNET_DCNV4_BUILD_DIR:-/tmp/unet_dcnv4_build}"
 
-STAGES="${STAGES:-tests sanitizers op unet}"
+STAGES="${STAGES:-op unet tests sanitizers resume twemoji}"
 wants() { [[ " $STAGES " == *" $1 "* ]]; }
 status=0
 tests_rc=skipped
 bench_rc=skipped
 step() { echo "== $* ($(date +%T))"; }
+# BUDGET (seconds, optional): the whole script's time, e.g. under a remote command's limit. Each later
+# stage's time limit is cut to what is left of it, keeping 30 s to pack and print the results.
+limit() {
+  local want=$1 left
+  if [ "${BUDGET:-0}" -gt 0 ]; then
+    left=$((BUDGET - SECONDS - 30))
+    [ "$left" -lt "$want" ] && want=$left
+    [ "$want" -lt 10 ] && want=10
+  fi
+  echo "$want"
+}
 
 step "device"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 | tee "$OUTDIR/gpu.txt"
@@ -50,58 +69,29 @@ from unet_dcnv4.ops import load_extension
 load_extension()
 has = torch._C._dispatch_has_kernel_for_dispatch_key("unet_dcnv4::dcnv4_forward", "CUDA")
 print(f"build and load: {time.time() - t0:.1f} s; CUDA kernels registered: {has}")
-raise SystemExit(0 if has else 1)
+if not torch.cuda.is_available():
+    print("no GPU: a dry run (the CUDA tests skip; the op and U-Net benchmarks fail on --device cuda)")
+raise SystemExit(0 if has or not torch.cuda.is_available() else 1)
 EOF
 if [ "${PIPESTATUS[0]}" -ne 0 ]; then
   echo "gpu_check: the build failed or has no CUDA kernels; see $OUTDIR/build.log"
   exit 1
 fi
 
-if wants tests; then
-  step "tests: tests/test_cuda.py tests/test_ops.py"
-  # The full-build test is left out: the build step above just did the same build.
-  timeout 360 "$PY" -m pytest tests/test_cuda.py tests/test_ops.py -q -p no:cacheprovider -rfE \
-    -k "not full_cuda_build" >"$OUTDIR/tests.log" 2>&1
-  tests_rc=$?
-  tail -n 25 "$OUTDIR/tests.log"
-  [ "$tests_rc" -eq 0 ] || status=1
-fi
-
-if wants sanitizers && command -v compute-sanitizer >/dev/null; then
-  step "compute-sanitizer memcheck on a few CUDA cases"
-  timeout 120 compute-sanitizer --tool memcheck --report-api-errors no --print-limit 20 --error-exitcode 97 \
-    "$PY" -m pytest tests/test_cuda.py tests/test_ops.py -q -p no:cacheprovider \
-    -k "(13x9 or D264 or far_offsets or scale_D1 or misaligned) and float32 and not cpu and not compile and not full_cuda_build" \
-    >"$OUTDIR/memcheck.log" 2>&1
-  mc_rc=$?
-  grep -E "ERROR SUMMARY|passed|failed" "$OUTDIR/memcheck.log" | tail -n 3
-  [ "$mc_rc" -eq 124 ] && echo "memcheck: stopped at its time limit (not counted as a failure)"
-  [ "$mc_rc" -ne 0 ] && [ "$mc_rc" -ne 124 ] && status=1
-
-  step "compute-sanitizer racecheck of the tiled backward's shared memory"
-  timeout 90 compute-sanitizer --tool racecheck --print-limit 20 --error-exitcode 98 \
-    "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider \
-    -k "backward and tiled and (13x9 or stride2 or 28x28) and float32" >"$OUTDIR/racecheck.log" 2>&1
-  rc_rc=$?
-  grep -E "RACECHECK SUMMARY|ERROR SUMMARY|passed|failed" "$OUTDIR/racecheck.log" | tail -n 3
-  [ "$rc_rc" -eq 124 ] && echo "racecheck: stopped at its time limit (not counted as a failure)"
-  [ "$rc_rc" -ne 0 ] && [ "$rc_rc" -ne 124 ] && status=1
-fi
-
 if wants op; then
   step "operator benchmark"
-  "$PY" benchmarks/bench_op.py --device cuda --out "$OUTDIR/bench_op.json" >"$OUTDIR/bench.log" 2>&1
+  timeout "$(limit 150)" "$PY" benchmarks/bench_op.py --device cuda --out "$OUTDIR/bench_op.json" >"$OUTDIR/bench.log" 2>&1
   bench_rc=$?
   [ "$bench_rc" -eq 0 ] || { status=1; tail -n 30 "$OUTDIR/bench.log"; }
 fi
 
-# The layer and U-Net benchmarks need diffusers (carried as wheels on a machine without it, see
-# ../.library/device/README.md); without it they are skipped, not failed.
+# The layer and U-Net benchmarks need diffusers (carried as wheels in .whl/ on a machine without it);
+# without it they are skipped, not failed.
 unet_rc=skipped
 if wants unet; then
   if "$PY" -c "import diffusers" 2>/dev/null; then
     step "layer and U-Net step benchmark"
-    timeout 180 "$PY" benchmarks/bench_unet.py --device cuda --out "$OUTDIR/bench_unet.json" \
+    timeout "$(limit 150)" "$PY" benchmarks/bench_unet.py --device cuda --out "$OUTDIR/bench_unet.json" \
       >"$OUTDIR/bench_unet.log" 2>&1
     unet_rc=$?
     [ "$unet_rc" -eq 0 ] || { status=1; tail -n 30 "$OUTDIR/bench_unet.log"; }
@@ -110,7 +100,84 @@ if wants unet; then
   fi
 fi
 
-step "done: tests rc=$tests_rc, op benchmark rc=$bench_rc, U-Net benchmark rc=$unet_rc; logs in $OUTDIR"
+# Side by side: the GPU is shared from here on, so nothing below is timed for a table.
+resume_rc=skipped
+twemoji_rc=skipped
+if wants resume; then
+  step "resume check in the background (bf16, 40 steps, checkpoint at 20)"
+  ( rm -rf /tmp/resume_check
+    timeout "$(limit 300)" "$PY" benchmarks/resume_check.py --root /tmp/resume_check --out "$OUTDIR/resume.json" \
+      >"$OUTDIR/resume.log" 2>&1
+    echo $? >"$OUTDIR/resume.rc" ) &
+fi
+if wants twemoji; then
+  if [ -d .data/twemoji64/images ]; then
+    step "twemoji64 training in the background (VAE ${TW_VAE_STEPS:-800}, U-Nets ${TW_STEPS:-800} steps)"
+    ( rm -rf /tmp/twemoji64
+      FID="${TW_FID:-0}" RUNS=/tmp/twemoji64 VAE_STEPS="${TW_VAE_STEPS:-800}" STEPS="${TW_STEPS:-800}" \
+        timeout "$(limit "${TW_LIMIT:-340}")" bash benchmarks/twemoji64_compare.sh >"$OUTDIR/twemoji.log" 2>&1
+      echo $? >"$OUTDIR/twemoji.rc" ) &
+  else
+    echo "== twemoji64 skipped: no .data/twemoji64/images"
+  fi
+fi
+
+if wants sanitizers && command -v compute-sanitizer >/dev/null; then
+  step "compute-sanitizer memcheck and racecheck in the background"
+  ( timeout "$(limit 150)" compute-sanitizer --tool memcheck --report-api-errors no --print-limit 20 --error-exitcode 97 \
+      "$PY" -m pytest tests/test_cuda.py tests/test_ops.py -q -p no:cacheprovider \
+      -k "(13x9 or D264 or far_offsets or scale_D1 or misaligned) and float32 and not cpu and not compile and not full_cuda_build" \
+      >"$OUTDIR/memcheck.log" 2>&1
+    echo $? >"$OUTDIR/memcheck.rc"
+    # The tiled backward's shared memory.
+    timeout "$(limit 90)" compute-sanitizer --tool racecheck --print-limit 20 --error-exitcode 98 \
+      "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider \
+      -k "backward and tiled and (13x9 or stride2 or 28x28) and float32" >"$OUTDIR/racecheck.log" 2>&1
+    echo $? >"$OUTDIR/racecheck.rc" ) &
+fi
+
+if wants tests; then
+  step "tests: tests/test_cuda.py tests/test_ops.py"
+  XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 6")
+  # The full-build test is left out: the build step above just did the same build.
+  timeout "$(limit 300)" "$PY" -m pytest tests/test_cuda.py tests/test_ops.py -q -p no:cacheprovider -rfE $XDIST \
+    -k "not full_cuda_build" >"$OUTDIR/tests.log" 2>&1
+  tests_rc=$?
+  tail -n 25 "$OUTDIR/tests.log"
+  [ "$tests_rc" -eq 0 ] || status=1
+fi
+
+step "waiting for the background stages"
+wait
+[ -f "$OUTDIR/resume.rc" ] && resume_rc=$(cat "$OUTDIR/resume.rc")
+[ -f "$OUTDIR/twemoji.rc" ] && twemoji_rc=$(cat "$OUTDIR/twemoji.rc")
+for rc in "$resume_rc" "$twemoji_rc"; do [ "$rc" = skipped ] || [ "$rc" -eq 0 ] || status=1; done
+# A sanitizer stopped at its time limit (124) is reported, not counted as a failure.
+for tool in memcheck racecheck; do
+  [ -f "$OUTDIR/$tool.rc" ] || continue
+  rc=$(cat "$OUTDIR/$tool.rc")
+  echo "$tool: rc=$rc; $(grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUTDIR/$tool.log" | tail -n 2 | tr '\n' ' ')"
+  [ "$rc" -eq 0 ] || [ "$rc" -eq 124 ] || status=1
+done
+[ -f "$OUTDIR/twemoji.log" ] && tail -n 8 "$OUTDIR/twemoji.log"
+
+if [ -n "${OUT:-}" ]; then
+  # The device tool brings back at most 8 files of 16 MiB: one archive of the logs (with the twemoji64
+  # runs' small files) and the samples in parts.
+  mkdir -p "$OUTDIR/twemoji64"
+  if [ -d /tmp/twemoji64 ]; then
+    (cd /tmp/twemoji64 && find . \( -name "*.json" -o -name "*.yaml" -o -name "grid.png" -o -name "step-*.png" \) \
+      -not -path "*/images/*" -not -path "*/checkpoints/*" | tar cf - -T -) | tar xf - -C "$OUTDIR/twemoji64"
+    for model in dcnv4 conv; do
+      [ -d "/tmp/twemoji64/samples_$model/images" ] &&
+        tar cf - -C /tmp/twemoji64 "samples_$model" | split -b 15m - "$OUT/samples_$model.tar.part"
+    done
+  fi
+  tar czf "$OUT/gpu_check_logs.tar.gz" -C "$OUTDIR" .
+fi
+
+step "done: tests rc=$tests_rc, op benchmark rc=$bench_rc, U-Net benchmark rc=$unet_rc, resume rc=$resume_rc, twemoji64 rc=$twemoji_rc; logs in $OUTDIR"
+[ -f "$OUTDIR/resume.log" ] && tail -n 4 "$OUTDIR/resume.log"
 # The tables: the op benchmark prints its table after its JSON lines.
 [ -f "$OUTDIR/bench_unet.log" ] && grep -v "^W[0-9]" "$OUTDIR/bench_unet.log" | tail -n 20
 [ -f "$OUTDIR/bench.log" ] && sed -n '/^shape (N,H,W,C,G)/,$p' "$OUTDIR/bench.log"

