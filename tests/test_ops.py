@@ -281,6 +281,22 @@ def test_torch_compile_fullgraph(device):
     assert value.grad is not None and torch.isfinite(value.grad).all()
 
 
+def test_the_cuda_kernel_check_traces_without_a_graph_break():
+    """dcnv4 asks whether the loaded kernels cover CUDA on every CUDA call; torch.compile(fullgraph=True)
+    must trace that question (a dispatcher query would break the graph there)."""
+    from unet_dcnv4 import ops
+
+    load_extension()
+
+    def f(x):
+        return x + 1 if ops._cuda_kernels_available() else x - 1
+
+    x = torch.ones(2)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(x), f(x))
+    assert ops._cuda_kernels_available() == torch._C._dispatch_has_kernel_for_dispatch_key(
+        "unet_dcnv4::dcnv4_forward", "CUDA")
+
+
 @pytest.mark.parametrize("impl,compiled", [("auto", True), ("kernel", True), ("reference", False)])
 def test_impl_chooses_the_implementation(impl, compiled):
     value, offset_mask, args = case("13x9")

@@ -31,6 +31,9 @@ CUDA_BACKWARDS = ("atomic", "tiled")
 _KERNEL_DEVICES = ("cpu", "cuda")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _loaded = False
+# Whether the loaded kernels include CUDA ones, read once when they load: torch.compile cannot trace the
+# dispatcher query, and a plain bool it can.
+_has_cuda_kernels = False
 
 
 def check_impl(impl: str, cuda_backward: str) -> None:
@@ -43,13 +46,14 @@ def check_impl(impl: str, cuda_backward: str) -> None:
 
 def load_extension() -> None:
     """Build (first use, cached) and load the compiled kernels; registers the op's Python parts."""
-    global _loaded
+    global _loaded, _has_cuda_kernels
     if _loaded:
         return
     from ._build import load
 
     load()
     _register_python_parts()
+    _has_cuda_kernels = torch._C._dispatch_has_kernel_for_dispatch_key("unet_dcnv4::dcnv4_forward", "CUDA")
     _loaded = True
 
 
@@ -65,7 +69,7 @@ def preload_extension() -> None:
 
 
 def _cuda_kernels_available() -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("unet_dcnv4::dcnv4_forward", "CUDA")
+    return _has_cuda_kernels
 
 
 def _check_inputs(value, offset_mask, kernel_size, stride, padding, dilation, groups, offset_scale, remove_center):
