@@ -4,10 +4,10 @@ gradient) and one training step and one no-grad evaluation of the DCNv4 U-Net ag
 are timed in interleaved rounds (medians), so that load from other processes falls on all of them alike.
 Prints a table with the ratios and writes JSON.
 
-Memory is reported two ways: the CUDA allocator's peak (GPU only), and on every device the bytes of
-the tensors autograd keeps for the backward ("saved", activations plus autocast's weight copies) and
-the training state (parameters, gradients and AdamW's two moments, float32), whose sum is the step's
-memory bar the allocator's transients.
+Memory is reported two ways: the CUDA allocator's peak above what was held before the call (GPU
+only), and on every device the bytes of the tensors autograd keeps for the backward ("saved",
+activations plus autocast's weight copies) and the training state (parameters, gradients and AdamW's
+two moments, float32), whose sum is the step's memory bar the allocator's transients.
 
     python benchmarks/bench_unet.py --device cuda --out bench_unet_h100.json
     python benchmarks/bench_unet.py --device cpu     # small batch, few iterations: about a minute
@@ -38,14 +38,18 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def _peak_mib(fn, device: torch.device) -> float | None:
-    """Peak CUDA memory of one call of fn in MiB; None on other devices."""
+    """Peak CUDA memory of one call of fn above what was allocated before it (activations, gradients,
+    workspaces: not the inputs, weights and optimizer state already held), in MiB; None on other devices.
+    Measured from the memory in use before the call, so that the other candidates' tensors, resident
+    while they are timed in the same rounds, do not count."""
     if device.type != "cuda":
         return None
     synchronize(device)
+    before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     fn()
     synchronize(device)
-    return torch.cuda.max_memory_allocated(device) / 2**20
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

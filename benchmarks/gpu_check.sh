@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # One-call check of the DCNv4 CUDA kernels and the training path on a GPU machine (H100/H200): build for
-# sm_90, then with the GPU to themselves the operator benchmark and the layer and U-Net step benchmark,
-# then side by side the CUDA op tests, memcheck and racecheck on a few cases, a resume check of bf16
-# training (benchmarks/resume_check.py) and the twemoji64 training (benchmarks/twemoji64_compare.sh).
-# Logs and JSON go to $LOGDIR (benchmarks/out); the tables are printed last.
+# sm_90; then, with the GPU to themselves, the operator benchmark, the layer and U-Net step benchmark and
+# an Nsight Compute profile of the op's kernels (benchmarks/profile_op.py); then side by side the CUDA op
+# tests, memcheck and racecheck on a few cases and a resume check of bf16 training
+# (benchmarks/resume_check.py). Logs and JSON go to $LOGDIR (benchmarks/out); the tables are printed
+# last. On an H100 these stages (without the profile) took 9 minutes with the twemoji64 training beside them.
 #
-#     bash benchmarks/gpu_check.sh                          # every stage
-#     STAGES="tests op" bash benchmarks/gpu_check.sh        # some of: op unet tests sanitizers resume twemoji
+#     BUDGET=560 bash benchmarks/gpu_check.sh               # the default stages within 560 s
+#     STAGES=twemoji BUDGET=560 bash benchmarks/gpu_check.sh  # the twemoji64 training, in a call of its own
+#     STAGES="tests op" bash benchmarks/gpu_check.sh        # some of: op unet profile tests sanitizers resume twemoji
 #
-# Wheels in .whl/ (diffusers and what else the machine lacks) are installed into
-# /tmp/site first. The twemoji64 stage needs the images in .data/twemoji64/images; it trains with
+# Wheels in .whl/ (diffusers and what else the machine lacks) are installed into /tmp/site first. The
+# twemoji64 stage needs the images in .data/twemoji64/images; it trains the VAE and both U-Nets with
 # TW_VAE_STEPS and TW_STEPS steps (default 800 each) and, with TW_FID=0 (the default: the machine has no
-# Inception weights), writes both models' samples for FID to be measured elsewhere. With $OUT set (the
-# device tool), the logs come back as $OUT/gpu_check_logs.tar.gz and the samples as tar parts of at most
-# 15 MB. Stage time limits: op 150 s, unet 150 s, then the side-by-side stages within TW_LIMIT (340 s).
+# Inception weights), writes both models' samples for FID to be measured elsewhere. Beside the tests it
+# did not fit: 800 VAE steps took 136 s and 800 DCNv4 U-Net steps 110 s, and the conv U-Net was cut off.
+# With $OUT set (the device tool), the logs come back as $OUT/gpu_check_logs.tar.gz and the samples as
+# tar parts of at most 15 MB. Stage time limits: op 150 s, unet 150 s, profile 150 s, tests 300 s,
+# resume 300 s, twemoji64 TW_LIMIT (340 s), each cut to what BUDGET leaves.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,7 +41,7 @@ export TORCH_CUDA_ARCH_LIST=9.0
 export MAX_JOBS="${MAX_JOBS:-16}"
 export UNET_DCNV4_BUILD_DIR="${UNET_DCNV4_BUILD_DIR:-/tmp/unet_dcnv4_build}"
 
-STAGES="${STAGES:-op unet tests sanitizers resume twemoji}"
+STAGES="${STAGES:-op unet profile tests sanitizers resume}"
 wants() { [[ " $STAGES " == *" $1 "* ]]; }
 status=0
 tests_rc=skipped
@@ -100,6 +104,31 @@ if wants unet; then
   fi
 fi
 
+# Where the op's kernels spend their time: Nsight Compute's speed-of-light, memory and occupancy
+# sections of one forward and one backward per dtype at a U-Net shape (the second call of each).
+if wants profile && command -v ncu >/dev/null; then
+  step "ncu profile of the op's kernels (64x32x32x256, G=16)"
+  timeout "$(limit 150)" ncu --clock-control none -k regex:"forward_kernel|backward_kernel" \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --csv --page details \
+    "$PY" benchmarks/profile_op.py >"$OUTDIR/ncu.csv" 2>"$OUTDIR/ncu.log"
+  echo "ncu rc=$?"
+  "$PY" - "$OUTDIR/ncu.csv" <<'EOF2' | tee "$OUTDIR/ncu_summary.txt"
+import csv, re, sys
+wanted = ["Duration", "Memory Throughput", "DRAM Throughput", "L1/TEX Hit Rate", "L2 Hit Rate",
+          "Compute (SM) Throughput", "Achieved Occupancy", "Registers Per Thread"]
+rows = {}
+with open(sys.argv[1], newline="") as f:
+    lines = [line for line in f if line.startswith('"')]
+for r in csv.DictReader(lines):
+    match = re.search(r"\w+_kernel<[^>]*>", r["Kernel Name"])
+    kernel = match.group(0) if match else r["Kernel Name"][:60]
+    rows.setdefault((int(r["ID"]), kernel), {})[r["Metric Name"]] = f'{r["Metric Value"]} {r["Metric Unit"]}'.strip()
+print("kernel | " + " | ".join(wanted))
+for (i, kernel), m in sorted(rows.items()):
+    print(f"{i} {kernel} | " + " | ".join(m.get(w, "-") for w in wanted))
+EOF2
+fi
+
 # Side by side: the GPU is shared from here on, so nothing below is timed for a table.
 resume_rc=skipped
 twemoji_rc=skipped
@@ -143,8 +172,16 @@ if wants tests; then
   timeout "$(limit 300)" "$PY" -m pytest tests/test_cuda.py tests/test_ops.py -q -p no:cacheprovider -rfE $XDIST \
     -k "not full_cuda_build" >"$OUTDIR/tests.log" 2>&1
   tests_rc=$?
-  tail -n 25 "$OUTDIR/tests.log"
+  grep -v "^DEBUG" "$OUTDIR/tests.log" | tail -n 25
   [ "$tests_rc" -eq 0 ] || status=1
+  # A test that crashed its worker: its C++ backtrace, for the next session to read.
+  crashed=$(grep -oE "crashed while running '[^']+'" "$OUTDIR/tests.log" | head -n 1 | cut -d"'" -f2)
+  if [ -n "$crashed" ] && command -v cuda-gdb >/dev/null; then
+    step "backtrace of the crash in $crashed"
+    timeout "$(limit 90)" cuda-gdb -batch -ex run -ex bt --args "$PY" -m pytest "$crashed" -q -p no:cacheprovider \
+      >"$OUTDIR/crash_bt.log" 2>&1
+    grep -E "^#[0-9]+ " "$OUTDIR/crash_bt.log" | cut -c1-240 | head -n 16
+  fi
 fi
 
 step "waiting for the background stages"

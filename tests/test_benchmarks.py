@@ -95,3 +95,21 @@ def test_time_interleaved_alternates_the_functions_and_batches_short_calls():
     assert 1 + 2 * 2 <= len(calls) <= 1 + 2 * 6  # batches of about 20 ms of 4 ms calls (fewer when the sleeps overrun)
     with pytest.raises(ValueError, match="iters must be >= 1"):
         time_interleaved({"fast": fast}, iters=0)
+
+
+def test_resume_check_compares_against_the_run_to_run_spread():
+    """A resumed run passes when it is as close to the straight run as a rerun is; with bit-identical
+    reruns it must be bit-identical too."""
+    check = _load("resume_check")
+    straight = {"model.w": torch.tensor([1.0, 2.0]), "ema.0": torch.tensor([3.0])}
+    rerun = {"model.w": torch.tensor([1.0, 2.001]), "ema.0": torch.tensor([3.0])}
+    far = {"model.w": torch.tensor([1.5, 2.0]), "ema.0": torch.tensor([3.0])}
+    spread = check.distance(straight, rerun, "model.")
+    assert spread["different_tensors"] == 1 and spread["max_abs"] == pytest.approx(0.001, rel=1e-3)
+    assert check.resume_ok(spread, check.distance(straight, rerun, "model."), tolerance=4.0)
+    assert not check.resume_ok(spread, check.distance(straight, far, "model."), tolerance=4.0)
+    same = check.distance(straight, straight, "ema.")
+    assert same["rel_l2"] == 0 and check.resume_ok(same, same, 4.0)
+    assert not check.resume_ok(same, check.distance(straight, rerun, "model."), 4.0)
+    with pytest.raises(ValueError, match="different tensors"):
+        check.distance(straight, {"model.w": straight["model.w"]}, "model.")
