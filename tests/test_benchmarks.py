@@ -113,3 +113,49 @@ def test_resume_check_compares_against_the_run_to_run_spread():
     assert not check.resume_ok(same, check.distance(straight, rerun, "model."), 4.0)
     with pytest.raises(ValueError, match="different tensors"):
         check.distance(straight, {"model.w": straight["model.w"]}, "model.")
+
+
+def _write_pngs(folder: Path, images) -> None:
+    from PIL import Image
+
+    (folder / "images").mkdir(parents=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / "images" / f"{i:06d}.png")
+
+
+def _gradients(n: int, seed: int):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 1, 32)[None, :, None]
+    return [(a * (1 - ramp) + b * ramp + np.zeros((32, 1, 1))).astype(np.uint8)
+            for a, b in (rng.uniform(0, 255, (2, 3)) for _ in range(n))]
+
+
+def test_compare_samples_measures_two_folders_and_refuses_unlike_ones(tmp_path, capsys):
+    import numpy as np
+
+    compare = _load("compare_samples")
+    close, far, reference = tmp_path / "close", tmp_path / "far", tmp_path / "reference"
+    _write_pngs(close, _gradients(12, seed=1))
+    _write_pngs(far, [np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8) for i in range(12)])
+    _write_pngs(reference, _gradients(12, seed=2))
+    manifest = {"sampler": "ddim", "num_inference_steps": 50, "seed": 0, "precision": "bf16"}
+    for folder in (close, far):
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    (close / "grid.png").write_bytes((close / "images" / "000000.png").read_bytes())  # not a sample
+
+    out = tmp_path / "report"
+    argv = [str(close), str(far), "--labels", "DCNv4", "conv", "--reference", str(reference / "images"),
+            "--output_dir", str(out), "--bootstrap", "50", "--cache_dir", str(tmp_path / "cache")]
+    assert compare.main(argv) == 0
+    summary = json.loads((out / "comparison.json").read_text())
+    assert [a["num_images"] for a in summary["arms"]] == [12, 12]
+    low, high = summary["fid_difference"]["ci95"]
+    assert summary["arms"][0]["fid"] < summary["arms"][1]["fid"] and low <= summary["fid_difference"]["value"] <= high
+    assert high < 0 and summary["verdict"] == "DCNv4 lower FID"
+    assert "DCNv4 lower FID" in (out / "comparison.md").read_text()
+
+    (far / "manifest.json").write_text(json.dumps({**manifest, "seed": 1}))
+    assert compare.main(argv) == 2
+    assert "seed (0 vs 1)" in capsys.readouterr().err
