@@ -1,24 +1,26 @@
 #!/usr/bin/env bash
-# One-call check of the DCNv4 CUDA kernels and the training path on a GPU machine (H100/H200): build for
-# sm_90; then, with the GPU to themselves, the operator benchmark, the layer and U-Net step benchmark and
-# an Nsight Compute profile of the op's kernels (benchmarks/profile_op.py); then side by side the CUDA op
-# tests, memcheck and racecheck on a few cases and a resume check of bf16 training
-# (benchmarks/resume_check.py). Logs and JSON go to $LOGDIR (benchmarks/out); the tables are printed
-# last. On an H100 these stages (without the profile) took 9 minutes with the twemoji64 training beside them.
+# One-call check of the DCNv4 CUDA kernels and the training path on a GPU machine (H100/H200). It builds
+# for sm_90. Then, with the GPU to themselves: the operator benchmark, the layer and U-Net step benchmark,
+# an Nsight Compute profile of the op's kernels (benchmarks/profile_op.py), and a kernel variant against
+# the default (the 16-bit backward's channels a lane). Then side by side: the CUDA op tests, memcheck
+# and racecheck on a few cases, and a resume check of bf16 training (benchmarks/resume_check.py). Logs
+# and JSON go to $LOGDIR (benchmarks/out); the tables are printed last. On an H100 the first version of
+# these stages (no profile, no variant) took 9 minutes with the twemoji64 training beside them.
 #
-#     BUDGET=560 bash benchmarks/gpu_check.sh               # the default stages within 560 s
+#     BUDGET=560 bash benchmarks/gpu_check.sh                 # the default stages within 560 s
 #     STAGES=twemoji BUDGET=560 bash benchmarks/gpu_check.sh  # the twemoji64 training, in a call of its own
-#     STAGES="tests op" bash benchmarks/gpu_check.sh        # some of: op unet profile tests sanitizers resume twemoji
+#     STAGES="tests op" bash benchmarks/gpu_check.sh          # of: op unet profile variants tests
+#                                                             #     sanitizers resume twemoji
 #
 # Wheels in .whl/ (diffusers and what else the machine lacks) are installed into /tmp/site first. The
 # twemoji64 stage needs the images in .data/twemoji64/images; it trains the VAE and both U-Nets with
 # TW_VAE_STEPS and TW_STEPS steps (default 800 each) and, with TW_FID=0 (the default: the machine has no
 # Inception weights), writes both models' samples for benchmarks/compare_samples.py to measure
-# elsewhere. Beside the tests it
-# did not fit: 800 VAE steps took 136 s and 800 DCNv4 U-Net steps 110 s, and the conv U-Net was cut off.
-# With $OUT set (the device tool), the logs come back as $OUT/gpu_check_logs.tar.gz and the samples as
-# tar parts of at most 15 MB. Stage time limits: op 150 s, unet 150 s, profile 150 s, tests 300 s,
-# resume 300 s, twemoji64 TW_LIMIT (340 s), each cut to what BUDGET leaves.
+# elsewhere. Beside the tests it did not fit: 800 VAE steps took 136 s and 800 DCNv4 U-Net steps 110 s,
+# and the conv U-Net was cut off. With $OUT set (the device tool), the logs come back as
+# $OUT/gpu_check_logs.tar.gz and the samples as tar parts of at most 15 MB. Stage time limits: op,
+# unet and profile 150 s each, variants 150 + 2 x 120 s, tests 300 s, resume 300 s, twemoji64
+# TW_LIMIT (340 s), each cut to what BUDGET leaves.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,7 +44,7 @@ export TORCH_CUDA_ARCH_LIST=9.0
 export MAX_JOBS="${MAX_JOBS:-16}"
 export UNET_DCNV4_BUILD_DIR="${UNET_DCNV4_BUILD_DIR:-/tmp/unet_dcnv4_build}"
 
-STAGES="${STAGES:-op unet profile tests sanitizers resume}"
+STAGES="${STAGES:-op unet profile variants tests sanitizers resume}"
 wants() { [[ " $STAGES " == *" $1 "* ]]; }
 status=0
 tests_rc=skipped
@@ -130,6 +132,40 @@ for (i, kernel), m in sorted(rows.items()):
 EOF2
 fi
 
+# A kernel variant built beside the default (UNET_DCNV4_NVCC_FLAGS): the 16-bit backward with 4
+# channels a lane instead of 8 (DCNV4_BWD16_V in csrc/cuda/dcnv4_cuda.cu). Its GPU tests, then both
+# builds' 16-bit backward at the first four anchor shapes, one after the other on the quiet GPU.
+if wants variants; then
+  step "variant DCNV4_BWD16_V=4: its 16-bit backward tests and both builds' timings"
+  UNET_DCNV4_NVCC_FLAGS="-DDCNV4_BWD16_V=4" timeout "$(limit 150)" "$PY" -m pytest tests/test_cuda.py -q \
+    -p no:cacheprovider -k "backward_matches and (float16 or bfloat16)" >"$OUTDIR/variant_tests.log" 2>&1
+  variant_tests_rc=$?
+  grep -v "^DEBUG" "$OUTDIR/variant_tests.log" | tail -n 3
+  [ "$variant_tests_rc" -eq 0 ] || status=1
+  for v in 8 4; do
+    flags=""
+    [ "$v" = 4 ] && flags="-DDCNV4_BWD16_V=4"
+    UNET_DCNV4_NVCC_FLAGS="$flags" timeout "$(limit 120)" "$PY" benchmarks/bench_op.py --device cuda --quick \
+      --dtypes float16,bfloat16 --out "$OUTDIR/bench_bwd16_v$v.json" >"$OUTDIR/bench_bwd16_v$v.log" 2>&1 ||
+      echo "bench_op.py with DCNV4_BWD16_V=$v failed; see $OUTDIR/bench_bwd16_v$v.log"
+  done
+  "$PY" - "$OUTDIR" <<'EOF3' | tee "$OUTDIR/bench_bwd16.txt"
+import json, sys
+from pathlib import Path
+runs = {}
+for v in (8, 4):
+    path = Path(sys.argv[1]) / f"bench_bwd16_v{v}.json"
+    if path.exists():
+        runs[v] = {(r["N"], r["H"], r["W"], r["C"], r["G"], r["dtype"]): r for r in json.loads(path.read_text())["rows"]}
+print("shape dtype | bwd ms V=8 | bwd ms V=4 | V=8 / V=4 | tiled V=8 / V=4")
+for key in runs.get(8, {}):
+    a, b = runs[8][key], runs.get(4, {}).get(key)
+    if b:
+        print(f"{key} | {a['bwd_ms']:.4f} | {b['bwd_ms']:.4f} | {a['bwd_ms'] / b['bwd_ms']:.2f} | "
+              f"{a['bwd_tiled_ms'] / b['bwd_tiled_ms']:.2f}")
+EOF3
+fi
+
 # Side by side: the GPU is shared from here on, so nothing below is timed for a table.
 resume_rc=skipped
 twemoji_rc=skipped
@@ -203,7 +239,7 @@ if [ -n "${OUT:-}" ]; then
   # The device tool brings back at most 8 files of 16 MiB: one archive of the logs (with the twemoji64
   # runs' small files) and the samples in parts.
   mkdir -p "$OUTDIR/twemoji64"
-  if [ -d /tmp/twemoji64 ]; then
+  if wants twemoji && [ -d /tmp/twemoji64 ]; then
     (cd /tmp/twemoji64 && find . \( -name "*.json" -o -name "*.yaml" -o -name "grid.png" -o -name "step-*.png" \) \
       -not -path "*/images/*" -not -path "*/checkpoints/*" | tar cf - -T -) | tar xf - -C "$OUTDIR/twemoji64"
     for model in dcnv4 conv; do

@@ -396,6 +396,20 @@ def test_build_is_cached_and_reports_missing_compiler(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+def test_extra_nvcc_flags_join_the_build_and_its_hash(monkeypatch):
+    """$UNET_DCNV4_NVCC_FLAGS (a kernel variant's define) joins the flags build() gives nvcc and the hash
+    that names the build folder."""
+    from unet_dcnv4.ops import _build
+
+    monkeypatch.delenv(_build.NVCC_FLAGS_ENV, raising=False)
+    default = _build.cuda_flags()
+    assert default == _build.NVCC_FLAGS
+    monkeypatch.setenv(_build.NVCC_FLAGS_ENV, "-DDCNV4_BWD16_V=4  -Xptxas -v")
+    assert _build.cuda_flags() == default + ["-DDCNV4_BWD16_V=4", "-Xptxas", "-v"]
+    sources = _build._sources(True)
+    assert _build._digest(sources, _build.cuda_flags()) != _build._digest(sources, default)
+
+
 def test_build_hash_covers_every_source(tmp_path, monkeypatch):
     """An edit to any source or header, CPU or CUDA, names a new build folder (CUDA files: CUDA builds)."""
     from unet_dcnv4.ops import _build

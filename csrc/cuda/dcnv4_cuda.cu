@@ -139,6 +139,38 @@ struct VecIO<__half, 8> : VecIO16<__half> {};
 template <>
 struct VecIO<__nv_bfloat16, 8> : VecIO16<__nv_bfloat16> {};
 
+// 4 half-precision channels as one uint2 (8 bytes, same alignment rule): the 16-bit backward's lane
+// width when built with DCNV4_BWD16_V=4 (see backward_cuda).
+template <typename scalar_t>
+struct VecIO16x4 {
+  using pair_t = typename Pair16<scalar_t>::type;
+  static __device__ __forceinline__ void load(const scalar_t* p, float (&o)[4]) {
+    const uint2 r = __ldg(reinterpret_cast<const uint2*>(p));
+    const unsigned int w[2] = {r.x, r.y};
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      pair_t h;
+      *reinterpret_cast<unsigned int*>(&h) = w[i];
+      const float2 f = Pair16<scalar_t>::to_float2(h);
+      o[2 * i] = f.x;
+      o[2 * i + 1] = f.y;
+    }
+  }
+  static __device__ __forceinline__ void store(scalar_t* p, const float (&o)[4]) {
+    unsigned int w[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const pair_t h = Pair16<scalar_t>::from_floats(o[2 * i], o[2 * i + 1]);
+      w[i] = *reinterpret_cast<const unsigned int*>(&h);
+    }
+    *reinterpret_cast<uint2*>(p) = make_uint2(w[0], w[1]);
+  }
+};
+template <>
+struct VecIO<__half, 4> : VecIO16x4<__half> {};
+template <>
+struct VecIO<__nv_bfloat16, 4> : VecIO16x4<__nv_bfloat16> {};
+
 // grad_value += v over V consecutive channels. Hopper has 16-byte float atomics (one instruction for
 // four channels); older targets fall back to one atomic per channel.
 template <int V>
@@ -639,6 +671,16 @@ cudaError_t forward_cuda(const Params& p, DType dtype, const void* value, const 
   return cudaErrorInvalidValue;
 }
 
+// Channels per lane of the 16-bit backward: 8 (one 16-byte load per lane) unless built with
+// DCNV4_BWD16_V=4 (one 8-byte load per lane; UNET_DCNV4_NVCC_FLAGS=-DDCNV4_BWD16_V=4). At 16 channels a group, 8 gives a task 2 lanes, whose float4
+// atomics each fill half of two 32-byte sectors; 4 gives it 4 lanes filling whole sectors, as the fp32
+// backward does. The first H100 run found the 16-bit backward 1.7x slower than the fp32 one; which
+// width is faster is for a GPU run to measure (benchmarks/NOTES.md, "First GPU run").
+#ifndef DCNV4_BWD16_V
+#define DCNV4_BWD16_V 8
+#endif
+static_assert(DCNV4_BWD16_V == 4 || DCNV4_BWD16_V == 8, "DCNV4_BWD16_V must be 4 or 8");
+
 cudaError_t backward_cuda(const Params& p, DType dtype, const void* grad_output, const void* value,
                           const void* offset_mask, void* grad_value_acc, void* grad_offset_mask,
                           cudaStream_t stream, BackwardVariant variant) {
@@ -648,11 +690,11 @@ cudaError_t backward_cuda(const Params& p, DType dtype, const void* grad_output,
       return backward_typed<float, 4>(variant, p, grad_output, value, offset_mask, grad_value_acc, grad_offset_mask,
                                       stream);
     case DType::kFloat16:
-      return backward_typed<__half, 8>(variant, p, grad_output, value, offset_mask, grad_value_acc,
-                                       grad_offset_mask, stream);
+      return backward_typed<__half, DCNV4_BWD16_V>(variant, p, grad_output, value, offset_mask, grad_value_acc,
+                                                   grad_offset_mask, stream);
     case DType::kBFloat16:
-      return backward_typed<__nv_bfloat16, 8>(variant, p, grad_output, value, offset_mask, grad_value_acc,
-                                              grad_offset_mask, stream);
+      return backward_typed<__nv_bfloat16, DCNV4_BWD16_V>(variant, p, grad_output, value, offset_mask,
+                                                          grad_value_acc, grad_offset_mask, stream);
     case DType::kFloat64:
       return launch_backward_variant<double, 1>(variant, p, grad_output, value, offset_mask, grad_value_acc,
                                                 grad_offset_mask, stream);

@@ -5,6 +5,7 @@ package), found through the import system, so an installed wheel builds from its
 The build folder is named by a hash of the sources, the compiler flags and the torch version, so an
 edit triggers exactly one rebuild and unchanged sources load from the cache. CUDA sources are added
 when torch has CUDA, a GPU is visible and nvcc is found (or when forced, as the compile test does).
+$UNET_DCNV4_NVCC_FLAGS adds nvcc flags (a kernel variant's define, say) and a build folder of their own.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import importlib.resources
 import os
 import platform
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -34,6 +36,8 @@ CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]
 X86_AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
 LD_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
+# Extra nvcc flags for experiments with the CUDA kernels (e.g. "-DDCNV4_BWD16_V=4"), part of the hash.
+NVCC_FLAGS_ENV = "UNET_DCNV4_NVCC_FLAGS"
 
 _loaded_path: str | None = None
 
@@ -86,6 +90,11 @@ def isa_flags() -> list[str]:
     return []
 
 
+def cuda_flags() -> list[str]:
+    """nvcc's flags: NVCC_FLAGS, then those in $UNET_DCNV4_NVCC_FLAGS (shell-split)."""
+    return NVCC_FLAGS + shlex.split(os.environ.get(NVCC_FLAGS_ENV, ""))
+
+
 def _sources(with_cuda: bool) -> list[Path]:
     names = CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())
     return [CSRC / n for n in names]
@@ -125,7 +134,8 @@ def build(with_cuda: bool | None = None, verbose: bool = False) -> str:
     includes = [str(CSRC)] + (_cuda_env() if with_cuda else [])
     sources = _sources(with_cuda)
     flags = CXX_FLAGS + isa_flags() + (["-DDCNV4_WITH_CUDA"] if with_cuda else [])
-    tag = _digest(sources, flags + LD_FLAGS + (NVCC_FLAGS if with_cuda else []))
+    nvcc_flags = cuda_flags()
+    tag = _digest(sources, flags + LD_FLAGS + (nvcc_flags if with_cuda else []))
     name = f"unet_dcnv4_{'cuda' if with_cuda else 'cpu'}_{tag}"
     folder = cache_root() / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -140,7 +150,7 @@ def build(with_cuda: bool | None = None, verbose: bool = False) -> str:
             extra_include_paths=includes,
             extra_cflags=flags,
             extra_ldflags=list(LD_FLAGS),  # copies: cpp_extension appends to the lists it is given
-            extra_cuda_cflags=list(NVCC_FLAGS) if with_cuda else None,
+            extra_cuda_cflags=nvcc_flags if with_cuda else None,
             build_directory=str(folder),
             with_cuda=with_cuda,
             is_python_module=False,
