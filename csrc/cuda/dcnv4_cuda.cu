@@ -66,8 +66,9 @@ __device__ __forceinline__ typename Acc<scalar_t>::type load1(const scalar_t* p)
 }
 
 // Loads and stores of V consecutive channels, widened to / narrowed from the accumulation type.
-// V = 1 is the scalar path (any D, any alignment); the other widths move 16 bytes at once and need
-// 16-byte aligned addresses, which the launcher guarantees before choosing them.
+// V = 1 is the scalar path (any D, any alignment); the other widths move 16 bytes at once (8 for the
+// 16-bit types at V = 4) and need 16-byte aligned addresses, which the launcher guarantees before
+// choosing them.
 template <typename scalar_t, int V>
 struct VecIO;
 
@@ -672,10 +673,11 @@ cudaError_t forward_cuda(const Params& p, DType dtype, const void* value, const 
 }
 
 // Channels per lane of the 16-bit backward: 8 (one 16-byte load per lane) unless built with
-// DCNV4_BWD16_V=4 (one 8-byte load per lane; UNET_DCNV4_NVCC_FLAGS=-DDCNV4_BWD16_V=4). At 16 channels a group, 8 gives a task 2 lanes, whose float4
-// atomics each fill half of two 32-byte sectors; 4 gives it 4 lanes filling whole sectors, as the fp32
-// backward does. The first H100 run found the 16-bit backward 1.7x slower than the fp32 one; which
-// width is faster is for a GPU run to measure (benchmarks/NOTES.md, "First GPU run").
+// DCNV4_BWD16_V=4 (one 8-byte load per lane; UNET_DCNV4_NVCC_FLAGS=-DDCNV4_BWD16_V=4 builds it). At 16
+// channels a group, 8 gives a task 2 lanes, whose float4 atomics each fill half of two 32-byte sectors;
+// 4 gives it 4 lanes filling whole sectors, as the fp32 backward does. The first H100 run found the
+// 16-bit backward 1.7x slower than the fp32 one; which width is faster is for a GPU run to measure
+// (benchmarks/NOTES.md, "First GPU run").
 #ifndef DCNV4_BWD16_V
 #define DCNV4_BWD16_V 8
 #endif
