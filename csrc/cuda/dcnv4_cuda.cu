@@ -13,6 +13,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 
 #include "dcnv4_cuda.h"
 
@@ -109,68 +111,47 @@ struct Pair16<__nv_bfloat16> {
   static __device__ __forceinline__ type from_floats(float a, float b) { return __floats2bfloat162_rn(a, b); }
 };
 
-// 8 half-precision channels travel as one uint4; each 32-bit word is a pair converted at once.
-template <typename scalar_t>
+// V half-precision channels travel as one word: 8 as a uint4 (16 bytes), or 4 as a uint2 (8 bytes,
+// the 16-bit backward's lane width when built with DCNV4_BWD16_V=4, see backward_cuda). Each 32-bit
+// part of the word is a pair converted at once.
+template <typename scalar_t, int V>
 struct VecIO16 {
+  static_assert(V == 8 || V == 4, "16-bit vectors are 8 or 4 channels");
   using pair_t = typename Pair16<scalar_t>::type;
-  static __device__ __forceinline__ void load(const scalar_t* p, float (&o)[8]) {
-    const uint4 r = __ldg(reinterpret_cast<const uint4*>(p));
-    const unsigned int w[4] = {r.x, r.y, r.z, r.w};
+  using word_t = std::conditional_t<V == 8, uint4, uint2>;
+  static __device__ __forceinline__ void load(const scalar_t* p, float (&o)[V]) {
+    const word_t r = __ldg(reinterpret_cast<const word_t*>(p));
+    unsigned int w[V / 2];
+    memcpy(w, &r, sizeof(r));
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < V / 2; ++i) {
       pair_t h;
-      *reinterpret_cast<unsigned int*>(&h) = w[i];
+      memcpy(&h, &w[i], sizeof(h));
       const float2 f = Pair16<scalar_t>::to_float2(h);
       o[2 * i] = f.x;
       o[2 * i + 1] = f.y;
     }
   }
-  static __device__ __forceinline__ void store(scalar_t* p, const float (&o)[8]) {
-    unsigned int w[4];
+  static __device__ __forceinline__ void store(scalar_t* p, const float (&o)[V]) {
+    unsigned int w[V / 2];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < V / 2; ++i) {
       const pair_t h = Pair16<scalar_t>::from_floats(o[2 * i], o[2 * i + 1]);
-      w[i] = *reinterpret_cast<const unsigned int*>(&h);
+      memcpy(&w[i], &h, sizeof(h));
     }
-    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+    word_t r;
+    memcpy(&r, w, sizeof(r));
+    *reinterpret_cast<word_t*>(p) = r;
   }
 };
 template <>
-struct VecIO<__half, 8> : VecIO16<__half> {};
+struct VecIO<__half, 8> : VecIO16<__half, 8> {};
 template <>
-struct VecIO<__nv_bfloat16, 8> : VecIO16<__nv_bfloat16> {};
-
-// 4 half-precision channels as one uint2 (8 bytes, same alignment rule): the 16-bit backward's lane
-// width when built with DCNV4_BWD16_V=4 (see backward_cuda).
-template <typename scalar_t>
-struct VecIO16x4 {
-  using pair_t = typename Pair16<scalar_t>::type;
-  static __device__ __forceinline__ void load(const scalar_t* p, float (&o)[4]) {
-    const uint2 r = __ldg(reinterpret_cast<const uint2*>(p));
-    const unsigned int w[2] = {r.x, r.y};
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      pair_t h;
-      *reinterpret_cast<unsigned int*>(&h) = w[i];
-      const float2 f = Pair16<scalar_t>::to_float2(h);
-      o[2 * i] = f.x;
-      o[2 * i + 1] = f.y;
-    }
-  }
-  static __device__ __forceinline__ void store(scalar_t* p, const float (&o)[4]) {
-    unsigned int w[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const pair_t h = Pair16<scalar_t>::from_floats(o[2 * i], o[2 * i + 1]);
-      w[i] = *reinterpret_cast<const unsigned int*>(&h);
-    }
-    *reinterpret_cast<uint2*>(p) = make_uint2(w[0], w[1]);
-  }
-};
+struct VecIO<__nv_bfloat16, 8> : VecIO16<__nv_bfloat16, 8> {};
 template <>
-struct VecIO<__half, 4> : VecIO16x4<__half> {};
+struct VecIO<__half, 4> : VecIO16<__half, 4> {};
 template <>
-struct VecIO<__nv_bfloat16, 4> : VecIO16x4<__nv_bfloat16> {};
+struct VecIO<__nv_bfloat16, 4> : VecIO16<__nv_bfloat16, 4> {};
 
 // grad_value += v over V consecutive channels. Hopper has 16-byte float atomics (one instruction for
 // four channels); older targets fall back to one atomic per channel.
