@@ -37,67 +37,149 @@ using LayerGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
 
 bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
 
-// (N, H, W, C_in) -> (N, H, W, C_out): x W^T + b as one matrix product on the pixel rows.
-at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias) {
+// Whether t (N, H, W, C) is the channels-last view of an NCHW-contiguous tensor: a network that runs in
+// NCHW (the U-Nets do) hands its layers such views. The layer then reads x and writes its output and x's
+// gradient in that layout with batched matrix products (one per image, the pixels of an image being a
+// strided matrix there), so that nothing is copied to another layout and the ops around the layer (group
+// norms, activations, 1x1 convs) see the layout they were given: with a channels-last output among NCHW
+// tensors they took mixed-layout paths, which cost a CPU U-Net's training step more than the copies would.
+bool nchw_view(const at::Tensor& t) {
+  if (t.dim() != 4 || t.is_contiguous()) return false;
+  // The strides of a contiguous (N, C, H, W), read from the innermost dimension out (W, H, C, N); a
+  // dimension of size 1 may have any stride. (Read from the strides: a permuted tensor is an allocation.)
+  int64_t expected = 1;
+  for (const int64_t d : {2, 1, 3, 0}) {
+    if (t.size(d) != 1 && t.stride(d) != expected) return false;
+    expected *= t.size(d);
+  }
+  return true;
+}
+
+void check_weight(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(x.dim() == 4, "dcnv4_layer: inputs must be 4-D (N, H, W, C), got ", x.sizes());
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(3), "dcnv4_layer: a projection weight of shape ",
               weight.sizes(), " does not take ", x.size(3), " input channels");
-  const at::Tensor rows = x.reshape({-1, x.size(3)});
-  const at::Tensor y = present(bias) ? at::addmm(*bias, rows, weight.t()) : at::mm(rows, weight.t());
-  return y.view({x.size(0), x.size(1), x.size(2), weight.size(0)});
 }
 
 at::Tensor rows_of(const at::Tensor& t) { return t.reshape({-1, t.size(-1)}); }
 
-LayerOutputs layer_forward(const at::Tensor& x_in, const OptTensor& offset_input, const at::Tensor& value_weight,
+// The pixels of each image of an NCHW view t (N, H, W, C) as a (N, H * W, C) strided view (no copy).
+at::Tensor image_rows(const at::Tensor& t) {
+  return t.permute({0, 3, 1, 2}).view({t.size(0), t.size(3), t.size(1) * t.size(2)}).transpose(1, 2);
+}
+
+// (N, H, W, C_in) -> (N, H, W, C_out) contiguous: x W^T + b, one matrix product on the pixel rows, or one
+// per image when x is an NCHW view.
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias) {
+  check_weight(x, weight);
+  const auto shape = {x.size(0), x.size(1), x.size(2), weight.size(0)};
+  if (nchw_view(x)) {
+    const at::Tensor wt = weight.t().expand({x.size(0), weight.size(1), weight.size(0)});
+    const at::Tensor rows = image_rows(x);
+    return (present(bias) ? at::baddbmm(*bias, rows, wt) : at::bmm(rows, wt)).view(shape);
+  }
+  const at::Tensor rows = rows_of(x.contiguous());
+  return (present(bias) ? at::addmm(*bias, rows, weight.t()) : at::mm(rows, weight.t())).view(shape);
+}
+
+// The output projection: contiguous rows (N, H, W, C) -> (N, H, W, C_out), written in NCHW memory (and
+// returned as its channels-last view) when `nchw`.
+at::Tensor linear_out(const at::Tensor& rows, const at::Tensor& weight, const OptTensor& bias, bool nchw) {
+  if (!nchw) return linear_rows(rows, weight, bias);
+  check_weight(rows, weight);
+  const int64_t N = rows.size(0), C_out = weight.size(0);
+  const at::Tensor cols = rows.view({N, -1, rows.size(3)}).transpose(1, 2);  // (N, C, H * W)
+  const at::Tensor w = weight.expand({N, C_out, weight.size(1)});
+  const at::Tensor y = present(bias) ? at::baddbmm(bias->view({1, C_out, 1}), w, cols) : at::bmm(w, cols);
+  return y.view({N, C_out, rows.size(1), rows.size(2)}).permute({0, 2, 3, 1});
+}
+
+// sum over pixels of grad^T input: the gradient of a projection's weight, (C_out, C_in), from its output's
+// gradient (N, H, W, C_out) contiguous and its input (N, H, W, C_in) in either layout.
+at::Tensor weight_grad(const at::Tensor& grad, const at::Tensor& input) {
+  if (nchw_view(input)) {
+    return at::bmm(grad.view({grad.size(0), -1, grad.size(3)}).transpose(1, 2), image_rows(input)).sum(0);
+  }
+  return rows_of(grad).t().mm(rows_of(input.contiguous()));
+}
+
+// grad W: the gradient of a projection's input from its output's gradient (N, H, W, C_out) contiguous, in
+// the layout of `like` (the input), added to `acc` when that is given (same layout).
+at::Tensor input_grad(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& like,
+                      const at::Tensor& acc = at::Tensor()) {
+  if (nchw_view(like)) {
+    const int64_t N = grad.size(0), C_in = weight.size(1);
+    const at::Tensor wt = weight.t().expand({N, C_in, weight.size(0)});
+    const at::Tensor g = grad.view({N, -1, grad.size(3)}).transpose(1, 2);  // (N, C_out, H * W)
+    if (acc.defined()) {
+      at::Tensor a = acc.permute({0, 3, 1, 2}).view({N, C_in, -1});
+      a.baddbmm_(wt, g);
+      return acc;
+    }
+    return at::bmm(wt, g).view({N, C_in, like.size(1), like.size(2)}).permute({0, 2, 3, 1});
+  }
+  if (acc.defined()) {
+    rows_of(acc).addmm_(rows_of(grad), weight);
+    return acc;
+  }
+  return rows_of(grad).mm(weight).view(like.sizes());
+}
+
+LayerOutputs layer_forward(const at::Tensor& x, const OptTensor& offset_input, const at::Tensor& value_weight,
                            const OptTensor& value_bias, const at::Tensor& offset_weight, const OptTensor& offset_bias,
                            const at::Tensor& output_weight, const OptTensor& output_bias, at::IntArrayRef kernel_size,
                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                            double offset_scale, bool remove_center, c10::string_view cuda_backward,
                            bool /*recompute_value: read by the autograd only*/) {
-  const at::Tensor x = x_in.contiguous();
   const at::Tensor value = linear_rows(x, value_weight, value_bias);
-  const at::Tensor offset_mask =
-      linear_rows(present(offset_input) ? offset_input->contiguous() : x, offset_weight, offset_bias);
+  const at::Tensor offset_mask = linear_rows(present(offset_input) ? *offset_input : x, offset_weight, offset_bias);
   const at::Tensor sampled = forward_op(value, offset_mask, kernel_size, stride, padding, dilation, groups,
                                         offset_scale, remove_center, cuda_backward);
-  return {linear_rows(sampled, output_weight, output_bias), value, offset_mask, sampled};
+  return {linear_out(sampled, output_weight, output_bias, nchw_view(x)), value, offset_mask, sampled};
 }
 
-LayerGrads layer_backward(const at::Tensor& grad_output, const at::Tensor& x_in, const OptTensor& offset_input,
+LayerGrads layer_backward(const at::Tensor& grad_output, const at::Tensor& x, const OptTensor& offset_input,
                           const OptTensor& value_in, const at::Tensor& offset_mask, const at::Tensor& sampled,
                           const at::Tensor& value_weight, const OptTensor& value_bias, const at::Tensor& offset_weight,
                           const OptTensor& offset_bias, const at::Tensor& output_weight, const OptTensor& output_bias,
                           at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                           at::IntArrayRef dilation, int64_t groups, double offset_scale, bool remove_center,
                           c10::string_view cuda_backward) {
-  const at::Tensor x = x_in.contiguous();
   const at::Tensor value = present(value_in) ? *value_in : linear_rows(x, value_weight, value_bias);
-  // Output projection.
-  const at::Tensor grad_rows = rows_of(grad_output.contiguous());
-  const at::Tensor grad_output_weight = grad_rows.t().mm(rows_of(sampled));
-  const at::Tensor grad_output_bias = present(output_bias) ? grad_rows.sum(0) : at::Tensor();
-  const at::Tensor grad_sampled = grad_rows.mm(output_weight).view(sampled.sizes());
+  // Output projection, on the output's gradient in the layout the output had (x's).
+  at::Tensor grad_output_weight, grad_output_bias, grad_sampled;
+  if (nchw_view(x)) {
+    const int64_t N = grad_output.size(0), C_out = grad_output.size(3);
+    const at::Tensor g = grad_output.permute({0, 3, 1, 2}).contiguous().view({N, C_out, -1});  // (N, C_out, HW)
+    grad_output_weight = at::bmm(g, sampled.view({N, -1, sampled.size(3)})).sum(0);
+    if (present(output_bias)) grad_output_bias = g.sum({0, 2});
+    grad_sampled = at::bmm(g.transpose(1, 2), output_weight.expand({N, C_out, output_weight.size(1)}))
+                       .view(sampled.sizes());
+  } else {
+    const at::Tensor grad_rows = rows_of(grad_output.contiguous());
+    grad_output_weight = grad_rows.t().mm(rows_of(sampled));
+    if (present(output_bias)) grad_output_bias = grad_rows.sum(0);
+    grad_sampled = grad_rows.mm(output_weight).view(sampled.sizes());
+  }
   // The op.
   auto [grad_value, grad_offset_mask] = backward_op(grad_sampled, value, offset_mask, kernel_size, stride, padding,
                                                     dilation, groups, offset_scale, remove_center, cuda_backward);
-  const at::Tensor gv = rows_of(grad_value), gom = rows_of(grad_offset_mask), x_rows = rows_of(x);
   // The two input projections; x's gradient gathers both when the offset branch reads x itself.
-  const at::Tensor grad_value_weight = gv.t().mm(x_rows);
-  const at::Tensor grad_value_bias = present(value_bias) ? gv.sum(0) : at::Tensor();
   const bool own_input = present(offset_input);
-  const at::Tensor offset_rows = own_input ? rows_of(offset_input->contiguous()) : x_rows;
-  const at::Tensor grad_offset_weight = gom.t().mm(offset_rows);
-  const at::Tensor grad_offset_bias = present(offset_bias) ? gom.sum(0) : at::Tensor();
-  at::Tensor grad_x = gv.mm(value_weight);
+  const at::Tensor& offset_in = own_input ? *offset_input : x;
+  const at::Tensor grad_value_weight = weight_grad(grad_value, x);
+  const at::Tensor grad_value_bias = present(value_bias) ? rows_of(grad_value).sum(0) : at::Tensor();
+  const at::Tensor grad_offset_weight = weight_grad(grad_offset_mask, offset_in);
+  const at::Tensor grad_offset_bias = present(offset_bias) ? rows_of(grad_offset_mask).sum(0) : at::Tensor();
+  at::Tensor grad_x = input_grad(grad_value, value_weight, x);
   at::Tensor grad_offset_input;
   if (own_input) {
-    grad_offset_input = gom.mm(offset_weight).view(offset_input->sizes());
+    grad_offset_input = input_grad(grad_offset_mask, offset_weight, offset_in);
   } else {
-    grad_x.addmm_(gom, offset_weight);
+    grad_x = input_grad(grad_offset_mask, offset_weight, x, grad_x);
   }
-  return {grad_x.view(x.sizes()), grad_offset_input, grad_value_weight, grad_value_bias, grad_offset_weight,
-          grad_offset_bias, grad_output_weight, grad_output_bias};
+  return {grad_x, grad_offset_input, grad_value_weight, grad_value_bias, grad_offset_weight, grad_offset_bias,
+          grad_output_weight, grad_output_bias};
 }
 
 // Calls of the layer ops through the dispatcher (from the autograd kernels, below autograd; from the autocast

@@ -48,13 +48,15 @@ def _composition(m: DCNv4, x: torch.Tensor) -> torch.Tensor:
     (16, 16, dict(padding=0, remove_center=True, offset_scale=0.5), (6, 6)),
     (16, 32, dict(bias=False, dw_kernel_size=3, stride=2), (7, 7)),  # no output bias, both offset inputs
 ])
-def test_dcnv4conv2d_matches_float64_composition(cin, cout, kwargs, hw):
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_dcnv4conv2d_matches_float64_composition(cin, cout, kwargs, hw, memory_format):
     """Output and every gradient (input and parameters) against autograd through the composition: the
-    layer's backward is written out by hand (csrc/layer.cpp)."""
+    layer's backward is written out by hand (csrc/layer.cpp), with matrix products on pixel rows for
+    channels_last input and one per image for NCHW input."""
     torch.manual_seed(0)
     m = DCNv4Conv2d(cin, cout, 3, **kwargs).double()
     _randomise(m)
-    x = torch.randn(2, cin, *hw, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, cin, *hw, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_(True)
     y = m(x)
     expected = _composition(m, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
     assert y.shape == expected.shape
@@ -227,13 +229,28 @@ def test_hooks_and_wrapped_projections_are_honoured():
     torch.testing.assert_close(m(x), 2 * plain, rtol=1e-5, atol=1e-6)
 
 
-def test_channels_last_input_gives_channels_last_output():
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+@pytest.mark.parametrize("kwargs", [dict(), dict(stride=2), dict(dw_kernel_size=3)], ids=["plain", "stride2", "dw"])
+def test_output_and_input_gradient_keep_the_input_memory_format(impl, kwargs):
+    """As a convolution's: NCHW in, NCHW out (the layer op writes it without a copy), channels_last in,
+    channels_last out, on both paths; the input's gradient comes back in the input's format, so that a
+    network run in NCHW sees no channels_last tensors (mixed layouts sent the ops around the layers down
+    slow paths)."""
     torch.manual_seed(0)
-    m = DCNv4Conv2d(16, 32)
+    m = DCNv4Conv2d(16, 32, impl=impl, **kwargs)
     x = torch.randn(2, 16, 6, 6)
-    y_cl = m(x.to(memory_format=torch.channels_last))
-    assert y_cl.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(y_cl, m(x))
+    outs = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xf = x.contiguous(memory_format=fmt).detach().requires_grad_(True)
+        y = m(xf)
+        assert y.is_contiguous(memory_format=fmt) and not y.is_contiguous(
+            memory_format=torch.channels_last if fmt is torch.contiguous_format else torch.contiguous_format)
+        y.backward(torch.ones_like(y))
+        if impl == "auto":  # the layer op's backward; the reference's is autograd's
+            assert xf.grad.is_contiguous(memory_format=fmt)
+        outs.append((y.detach(), xf.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_parameter_names_and_shapes_follow_the_official_layer():

@@ -184,13 +184,15 @@ def test_opcheck(device):
                                                                         *op_args[2:], "tiled"))
 
 
-def _layer_case(device, dtype=torch.float32, own_offset_input=False, biases=True, seed=0):
+def _layer_case(device, dtype=torch.float32, own_offset_input=False, biases=True, seed=0, nchw=False):
     """Arguments of the layer op: x (2, 6, 5, 8) -> C = 16 (G = 2) -> 12 channels out, 3x3; with
-    `own_offset_input` a stride-2 layer whose offset branch reads its own (2, 3, 3, 8) input."""
+    `own_offset_input` a stride-2 layer whose offset branch reads its own (2, 3, 3, 8) input; with `nchw`
+    the 4-D inputs are NHWC views of NCHW tensors."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=0.5):
-        return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+        t = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+        return t.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1) if nchw and t.dim() == 4 else t
 
     stride = 2 if own_offset_input else 1
     P = 3 * 2 * 9 + 2  # two padding channels
@@ -200,11 +202,17 @@ def _layer_case(device, dtype=torch.float32, own_offset_input=False, biases=True
     return tensors, [[3, 3], [stride, stride], [1, 1], [1, 1], 2, 1.0, False]
 
 
-@pytest.mark.parametrize("own_offset_input,biases", [(False, True), (True, False)], ids=["x_biases", "own_no_bias"])
-def test_layer_opcheck(device, own_offset_input, biases):
-    """The layer op (projections, op, output projection in one): schema, fake kernels, autograd registration
-    and AOT dispatch, forward and backward, with offset_input and the biases given and absent."""
-    tensors, hyper = _layer_case(device, own_offset_input=own_offset_input, biases=biases)
+@pytest.mark.parametrize("own_offset_input,biases,nchw", [(False, True, False), (True, False, False),
+                                                         (False, True, True), (True, False, True)],
+                         ids=["x_biases", "own_no_bias", "x_biases_nchw", "own_no_bias_nchw"])
+def test_layer_opcheck(device, own_offset_input, biases, nchw):
+    """The layer op (projections, op, output projection in one): schema, fake kernels (with the output in
+    x's layout), autograd registration and AOT dispatch, forward and backward, with offset_input and the
+    biases given and absent, on NHWC tensors and on NHWC views of NCHW ones."""
+    tensors, hyper = _layer_case(device, own_offset_input=own_offset_input, biases=biases, nchw=nchw)
+    if nchw:  # the output is written in x's layout
+        out = torch.ops.unet_dcnv4.dcnv4_layer_forward.default(*tensors, *hyper)[0]
+        assert out.permute(0, 3, 1, 2).is_contiguous() and not out.is_contiguous()
     forward = torch.ops.unet_dcnv4.dcnv4_layer_forward.default
     torch.library.opcheck(forward, (*tensors, *hyper))
     for t in tensors:
@@ -221,8 +229,9 @@ def test_layer_opcheck(device, own_offset_input, biases):
                                *hyper))
 
 
-def test_layer_gradcheck_float64(device):
-    tensors, hyper = _layer_case(device, torch.float64, own_offset_input=True, seed=3)
+@pytest.mark.parametrize("nchw", [False, True], ids=["nhwc", "nchw"])
+def test_layer_gradcheck_float64(device, nchw):
+    tensors, hyper = _layer_case(device, torch.float64, own_offset_input=True, seed=3, nchw=nchw)
     for t in tensors:
         t.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda *t: dcnv4_layer(*t, *hyper), tuple(tensors), eps=1e-6, atol=1e-6)

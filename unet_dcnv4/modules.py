@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ._checks import positive_int
-from .ops import _uses_kernels, check_impl, dcnv4, dcnv4_layer, preload_extension
+from .ops import _layer_op, _uses_kernels, check_impl, dcnv4, preload_extension
 from .ops.reference import output_size, pair
 
 __all__ = ["DCNv4", "DCNv4Conv2d", "resolve_groups"]
@@ -60,6 +60,10 @@ def resolve_groups(channels: int, groups: int | None, group_channels: int | None
     if channels % groups:
         raise ValueError(f"channels ({channels}) must be divisible by groups ({groups})")
     return groups
+
+
+# The three projections a layer op takes the weights of (see DCNv4._plain_projections).
+PROJECTIONS = ("value_proj", "offset_mask", "output_proj")
 
 
 class DCNv4(nn.Module):
@@ -193,28 +197,31 @@ class DCNv4(nn.Module):
         """(N, H, W, in_channels) -> (N, H_out, W_out, out_channels), H_out as for a convolution."""
         if x.dim() != 4 or x.shape[-1] != self.in_channels:
             raise ValueError(f"x must have shape (N, H, W, {self.in_channels}), got {tuple(x.shape)}")
+        check_impl(self.impl, self.cuda_backward)  # attributes a user may have changed
         N, H, W, _ = x.shape
         H_out, W_out = output_size(H, W, self.kernel_size, self.stride, self.padding, self.dilation)
-        fused = not self.without_pointwise and self._plain_projections() and _uses_kernels(x, self.impl)
-        if not fused and not self.without_pointwise:
+        own_offset_input = self.dw_kernel_size is not None or (H_out, W_out) != (H, W)
+        # (The submodules and parameters are read from their dicts: nn.Module.__getattr__ costs about half a
+        # microsecond a lookup, and a small layer's call is a few tens of them.)
+        modules = self._modules
+        if not self.without_pointwise and self._plain_projections() and _uses_kernels(x, self.impl):
+            # The projections, the op and the output projection: one op with one autograd node. It reads x as
+            # it lies (NHWC, or the NHWC view of NCHW memory, whose output it writes in NCHW memory too).
+            offset_input = self._offset_input(x, H_out, W_out) if own_offset_input else None
+            value_proj, offset_mask, output_proj = (modules[n]._parameters for n in PROJECTIONS)
+            return _layer_op(x, offset_input, value_proj["weight"], value_proj["bias"], offset_mask["weight"],
+                             offset_mask["bias"], output_proj["weight"], output_proj["bias"], self.kernel_size,
+                             self.stride, self.padding, self.dilation, self.group, self.offset_scale,
+                             self.remove_center, self.cuda_backward, self.recompute_value and torch.is_grad_enabled())
+        if not self.without_pointwise:
             device_type = x.device.type
             if torch.is_autocast_enabled(device_type) and x.is_floating_point():
                 # Cast once for both projections, which autocast would cast x for each, keeping both copies
                 # for the backward. (The layer op casts in C++, once; without the projections the op
                 # samples x itself, in x's dtype.)
                 x = x.to(torch.get_autocast_dtype(device_type))
-        # One contiguous copy for all readers (NCHW input seen as NHWC is not).
-        x = x.contiguous()
-        own_offset_input = self.dw_kernel_size is not None or (H_out, W_out) != (H, W)
+        x = x.contiguous()  # one contiguous copy for all readers
         offset_input = self._offset_input(x, H_out, W_out) if own_offset_input else None
-        if fused:
-            # The projections, the op and the output projection: one op with one autograd node.
-            return dcnv4_layer(x, offset_input, self.value_proj.weight, self.value_proj.bias,
-                               self.offset_mask.weight, self.offset_mask.bias, self.output_proj.weight,
-                               self.output_proj.bias, self.kernel_size, self.stride, self.padding, self.dilation,
-                               self.group, self.offset_scale, self.remove_center, impl=self.impl,
-                               cuda_backward=self.cuda_backward,
-                               recompute_value=self.recompute_value and torch.is_grad_enabled())
         # The modules called one by one: the reference, or projections with hooks or replaced by wrappers.
         offset_mask = self.offset_mask(x if offset_input is None else offset_input)
         value = x if self.without_pointwise else self.value_proj(x)
@@ -227,7 +234,9 @@ class DCNv4(nn.Module):
         """Whether the three projections are plain `nn.Linear`s without hooks, whose weights the layer op can
         take in their place. Otherwise they are called, so that hooks and wrappers (adapters, quantised
         layers) run as they would in any module."""
-        for m in (self.value_proj, self.offset_mask, self.output_proj):
+        modules = self._modules
+        for name in PROJECTIONS:
+            m = modules[name]
             if type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks:
                 return False
         return True
@@ -247,8 +256,9 @@ class DCNv4Conv2d(DCNv4):
     where a conv widens or narrows (a U-Net's `ResnetBlock2D.conv1`): no extra layer. When out_channels
     does not split into groups of `group_channels` (a U-Net's `conv_out` to 4 latent channels) the op
     samples at C = in_channels instead and `output_proj` (C -> out_channels) narrows. The state dict is
-    that of `DCNv4` (official names). Input in `torch.channels_last` memory format is read as NHWC
-    without a copy and the output comes back channels_last.
+    that of `DCNv4` (official names). The output has the input's memory format, as a convolution's does:
+    NCHW input (a U-Net run in NCHW) is read and written by the layer op's batched matrix products without
+    a copy to NHWC, and `torch.channels_last` input is read as NHWC as it lies.
 
     Args:
         in_channels, out_channels: as for `nn.Conv2d`.
@@ -294,8 +304,12 @@ class DCNv4Conv2d(DCNv4):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, in_channels, H, W) -> (N, out_channels, H_out, W_out), channels_last memory format."""
+        """(N, in_channels, H, W) -> (N, out_channels, H_out, W_out), in x's memory format."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must have shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        out = super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        # The layer op already wrote an NCHW input's output in NCHW memory; the modules called one by one
+        # return channels_last, copied here so that the format never depends on the path.
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 

@@ -226,7 +226,8 @@ def dcnv4_layer(
     kernels load (`load_extension()`): a `FlopCounterMode` made before that does not know it.
 
     Args:
-        x: (N, H, W, C_in).
+        x: (N, H, W, C_in), contiguous or the NHWC view of an NCHW tensor (`x.permute(0, 2, 3, 1)`); the
+            compiled op then reads it without a copy and writes the output in NCHW memory too.
         offset_input: (N, H_out, W_out, C_in) input of the offset/mask projection, or None to use x (needs
             H_out, W_out == H, W).
         value_weight, value_bias: (C, C_in), (C,) or None.
@@ -256,10 +257,22 @@ def dcnv4_layer(
     if offset_input is None and output_size(x.shape[1], x.shape[2], k, s, p, d) != tuple(x.shape[1:3]):
         raise ValueError(f"offset_input is needed when the output size differs from x's ({tuple(x.shape[1:3])}: "
                          f"kernel_size {k}, stride {s}, padding {p}, dilation {d})")
+    return _layer_op(x, offset_input, value_weight, value_bias, offset_weight, offset_bias, output_weight,
+                     output_bias, k, s, p, d, groups, float(offset_scale), remove_center, cuda_backward,
+                     recompute_value)
+
+
+def _layer_op(x, offset_input, value_weight, value_bias, offset_weight, offset_bias, output_weight, output_bias,
+              k, s, p, d, groups, offset_scale, remove_center, cuda_backward, recompute_value):
+    """The compiled layer op on arguments already normalised (pairs as tuples, offset_scale a float), as
+    `dcnv4_layer` leaves them and `DCNv4` keeps them, `impl` and `cuda_backward` checked by the caller:
+    a small layer's call then costs little Python."""
+    if not isinstance(recompute_value, bool):
+        raise TypeError(f"recompute_value must be a bool, got {recompute_value!r}")
     _load_for(x)
     return torch.ops.unet_dcnv4.dcnv4_layer_forward(
         x, offset_input, value_weight, value_bias, offset_weight, offset_bias, output_weight, output_bias, list(k),
-        list(s), list(p), list(d), groups, float(offset_scale), remove_center, cuda_backward, recompute_value)[0]
+        list(s), list(p), list(d), groups, offset_scale, remove_center, cuda_backward, recompute_value)[0]
 
 
 def _register_python_parts() -> None:
@@ -283,8 +296,11 @@ def _register_python_parts() -> None:
           recompute_value=False):
         N, H, W, _ = x.shape
         Ho, Wo = output_size(H, W, kernel_size, stride, padding, dilation)
-        C = value_weight.shape[0]
-        return (x.new_empty((N, Ho, Wo, output_weight.shape[0])), x.new_empty((N, H, W, C)),
+        C, C_out = value_weight.shape[0], output_weight.shape[0]
+        # The output is in x's layout: NCHW memory for the NHWC view of an NCHW tensor (csrc/layer.cpp).
+        nchw = not x.is_contiguous() and x.permute(0, 3, 1, 2).is_contiguous()
+        out = x.new_empty((N, C_out, Ho, Wo)).permute(0, 2, 3, 1) if nchw else x.new_empty((N, Ho, Wo, C_out))
+        return (out, x.new_empty((N, H, W, C)),
                 x.new_empty((N, Ho, Wo, offset_weight.shape[0])), x.new_empty((N, Ho, Wo, C)))
 
     @torch.library.register_fake("unet_dcnv4::dcnv4_layer_backward")
