@@ -1,7 +1,8 @@
 """Benchmark DCNv4Conv2d against a 3x3 nn.Conv2d at U-Net shapes (forward+backward, and forward without
 gradient) and one training step and one no-grad evaluation of the DCNv4 U-Net against its conv baseline
-(images/s, peak memory), in float32 and bf16 autocast, channels_last. The candidates of each comparison
-are timed in interleaved rounds (medians), so that load from other processes falls on all of them alike.
+(images/s, peak memory), in float32 and bf16 autocast, in the memory format train_ldm.py trains in
+(channels_last on a GPU, NCHW on the CPU; `--memory_format` picks). The candidates of each comparison are
+timed in interleaved rounds (medians), so that load from other processes falls on all of them alike.
 Prints a table with the ratios and writes JSON.
 
 Memory is reported two ways: the CUDA allocator's peak above what was held before the call (GPU
@@ -28,6 +29,8 @@ import torch.nn.functional as F
 from unet_dcnv4.modules import DCNv4Conv2d
 from unet_dcnv4.timing import synchronize, time_interleaved
 from unet_dcnv4.unet import UNET_SIZES, build_unet
+
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 LAYER_SHAPES = [(64, 64, 128), (32, 32, 256), (16, 16, 512)]  # (H, W, C) of the U-Net levels (GPU, N = 64)
 # CPU: (U-Net, N, H, W, C_in, C_out) of the tiny U-Net's layers (batch 32, 8x8 latents: a level's convs and
@@ -73,7 +76,8 @@ def saved_mib(fn, exclude=()) -> float:
     return sum(seen.values()) / 2**20
 
 
-def bench_layers(device, batch, dtypes, warmup, iters, group_channels, min_ms=0.0) -> list[dict]:
+def bench_layers(device, batch, dtypes, warmup, iters, group_channels, min_ms=0.0,
+                 memory_format=torch.channels_last) -> list[dict]:
     """Forward+backward and no-grad forward of DCNv4Conv2d(C_in, C_out) and nn.Conv2d(C_in, C_out, 3,
     padding=1), interleaved, at each shape: LAYER_SHAPES (N = batch) on a GPU, CPU_LAYER_SHAPES on the CPU
     (N = batch when given)."""
@@ -83,12 +87,12 @@ def bench_layers(device, batch, dtypes, warmup, iters, group_channels, min_ms=0.
         shapes = [(u, batch or n, H, W, ci, co) for u, n, H, W, ci, co in CPU_LAYER_SHAPES]
     rows = []
     for unet, N, H, W, C_in, C_out in shapes:
-        x = torch.randn(N, C_in, H, W, device=device).to(memory_format=torch.channels_last).requires_grad_()
+        x = torch.randn(N, C_in, H, W, device=device).to(memory_format=memory_format).requires_grad_()
         layers = {
             "dcnv4": DCNv4Conv2d(C_in, C_out, group_channels=group_channels),
             "conv3x3": torch.nn.Conv2d(C_in, C_out, 3, padding=1),
         }
-        layers = {name: layer.to(device, memory_format=torch.channels_last) for name, layer in layers.items()}
+        layers = {name: layer.to(device, memory_format=memory_format) for name, layer in layers.items()}
         for dname in dtypes:
 
             def step(layer):
@@ -123,7 +127,8 @@ def bench_layers(device, batch, dtypes, warmup, iters, group_channels, min_ms=0.
     return rows
 
 
-def bench_unets(device, size, sample_size, batch, dtypes, warmup, iters, group_channels, min_ms=0.0) -> list[dict]:
+def bench_unets(device, size, sample_size, batch, dtypes, warmup, iters, group_channels, min_ms=0.0,
+                memory_format=torch.channels_last) -> list[dict]:
     """One training step (noise-prediction MSE, the fused AdamW as train_ldm.py uses) and one no-grad
     evaluation of the DCNv4 U-Net (without and with recompute_value, and widened to the conv U-Net's
     parameters) and the conv U-Net, all four timed in interleaved rounds."""
@@ -135,9 +140,9 @@ def bench_unets(device, size, sample_size, batch, dtypes, warmup, iters, group_c
         model = build_unet(name.split("_")[0], size, sample_size, group_channels=group_channels, **options)
         if name == "dcnv4_rv":
             model.enable_value_recompute()
-        model = model.to(device, memory_format=torch.channels_last).train()
+        model = model.to(device, memory_format=memory_format).train()
         models[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True))
-    x = torch.randn(batch, 4, sample_size, sample_size, device=device).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 4, sample_size, sample_size, device=device).to(memory_format=memory_format)
     noise = torch.randn_like(x)
     t = torch.randint(0, 1000, (batch,), device=device)
     rows = []
@@ -240,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--skip", choices=["layers", "unet"], default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--memory_format", choices=list(MEMORY_FORMATS), default=None,
+                        help="layout of the inputs and models (default as train_ldm.py trains: channels_last on "
+                             "a GPU, contiguous (NCHW) on the CPU)")
     parser.add_argument("--min_ms", type=float, default=None,
                         help="each round times at least this long a batch of calls (30 on CPU, 0 on GPU)")
     args = parser.parse_args(argv)
@@ -259,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     iters = args.iters or (20 if gpu else 5)
     min_ms = args.min_ms if args.min_ms is not None else (0.0 if gpu else 30.0)
+    memory_format = args.memory_format or ("channels_last" if gpu else "contiguous")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if gpu:
@@ -267,18 +276,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         if args.skip != "layers":
-            rows += bench_layers(device, layer_batch, args.dtypes, warmup, iters, args.group_channels, min_ms)
+            rows += bench_layers(device, layer_batch, args.dtypes, warmup, iters, args.group_channels, min_ms,
+                                 MEMORY_FORMATS[memory_format])
         if args.skip != "unet":
             rows += bench_unets(device, size, sample_size, unet_batch, args.dtypes, warmup, iters,
-                                args.group_channels, min_ms)
+                                args.group_channels, min_ms, MEMORY_FORMATS[memory_format])
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     meta = dict(device=torch.cuda.get_device_name(device) if gpu else platform.processor() or "cpu",
                 torch=torch.__version__, op="compiled",
-                threads=torch.get_num_threads(), warmup=warmup, iters=iters)
+                threads=torch.get_num_threads(), warmup=warmup, iters=iters, memory_format=memory_format)
     print(f"{meta['device']}, torch {meta['torch']}, {meta['threads']} threads, DCNv4 op: {meta['op']}, "
-          f"median of {iters} interleaved rounds")
+          f"{memory_format}, median of {iters} interleaved rounds")
     print(_table(rows))
     if args.out:
         with open(args.out, "w") as f:
