@@ -60,7 +60,8 @@ def test_bench_unet_on_cpu_reports_memory_and_ratios(tmp_path, capsys):
 
 
 def test_saved_mib_counts_what_autograd_keeps():
-    """A 3x3 conv keeps its input; DCNv4Conv2d keeps its input, value, offset_mask and the op's output."""
+    """A 3x3 conv keeps its input; DCNv4Conv2d keeps its input (an NCHW one as it is, not an NHWC copy),
+    value, offset_mask and the op's output."""
     x = torch.randn(2, 32, 16, 16, requires_grad=True)
     conv = torch.nn.Conv2d(32, 32, 3, padding=1)
     dcn = DCNv4Conv2d(32, 32)
@@ -68,7 +69,7 @@ def test_saved_mib_counts_what_autograd_keeps():
     assert conv_mib == pytest.approx(x.numel() * 4 / 2**20)
     dcn_mib = bench_unet.saved_mib(lambda: dcn(x), exclude=[x, *dcn.parameters()])
     pixels = 2 * 16 * 16
-    expected = pixels * (32 + 32 + dcn.offset_mask.out_features + 32) * 4 / 2**20
+    expected = pixels * (32 + dcn.offset_mask.out_features + 32) * 4 / 2**20
     assert dcn_mib == pytest.approx(expected)
 
 
