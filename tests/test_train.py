@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from unet_dcnv4 import training
-from unet_dcnv4.ops import dcnv4_layer
+from unet_dcnv4.ops import _layer_op
 from unet_dcnv4.training import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,11 +152,11 @@ def test_recompute_value_trains_the_same_weights(assets, straight_run, tmp_path,
 
     recomputing = []
 
-    def recording_layer(*a, recompute_value, **kw):
-        recomputing.append(recompute_value)
-        return dcnv4_layer(*a, recompute_value=recompute_value, **kw)
+    def recording_layer(*a):  # the layer op's last argument is recompute_value
+        recomputing.append(a[-1])
+        return _layer_op(*a)
 
-    monkeypatch.setattr(unet_dcnv4.modules, "dcnv4_layer", recording_layer)
+    monkeypatch.setattr(unet_dcnv4.modules, "_layer_op", recording_layer)
     common = dict(gradient_accumulation_steps=2, sample_every_steps=6, num_samples=4, sample_inference_steps=2)
     assert train_ldm.main(args(assets, tmp_path, 6, recompute_value=True, **common)) == 0
     assert any(recomputing), "the DCNv4 layers did not recompute"
