@@ -246,8 +246,7 @@ def test_output_and_input_gradient_keep_the_input_memory_format(impl, kwargs):
         assert y.is_contiguous(memory_format=fmt) and not y.is_contiguous(
             memory_format=torch.channels_last if fmt is torch.contiguous_format else torch.contiguous_format)
         y.backward(torch.ones_like(y))
-        if impl == "auto":  # the layer op's backward; the reference's is autograd's
-            assert xf.grad.is_contiguous(memory_format=fmt)
+        assert xf.grad.is_contiguous(memory_format=fmt)
         outs.append((y.detach(), xf.grad))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
