@@ -1,9 +1,10 @@
 // The whole DCNv4 layer as one op with one autograd node: value = x Wv^T + bv, offset_mask =
 // offset_input Wom^T + bom (offset_input is x unless the layer's offset branch has its own input: a
 // depthwise conv, a strided layer's centre pixels), sampled = dcnv4(value, offset_mask), out = sampled
-// Wo^T + bo, all channels-last (N, H, W, C). The backward is written out: the three weight gradients are
-// matrix products and the bias gradients sums over the pixels, the op's gradients come from
-// dcnv4_backward, and x's gradient is one accumulated pair of products.
+// Wo^T + bo, all (N, H, W, C): x and out either contiguous or, both, the NHWC views of NCHW memory (see
+// nchw_view); value, offset_mask and sampled always contiguous. The backward is written out: the three
+// weight gradients are matrix products and the bias gradients sums over the pixels, the op's gradients
+// come from dcnv4_backward, and x's gradient is one accumulated pair of products.
 //
 // Why: as three nn.Linear modules around the op, a layer's training step made about 120 more ATen calls
 // and eight more autograd nodes than a conv's; at the small layers of a CPU U-Net that per-call cost was a
