@@ -13,6 +13,10 @@ two moments, float32), whose sum is the step's memory bar the allocator's transi
     python benchmarks/bench_unet.py --device cuda --out bench_unet_h100.json
     python benchmarks/bench_unet.py --device cpu     # small batch, few iterations: about a minute
     python benchmarks/bench_unet.py --device cpu --size tiny --sample_size 8 --unet_batch 32   # the CPU ratios
+
+`--profile STEPS` (CPU) adds where each U-Net's training step spends its time: the DCNv4 op's kernels, the
+DCNv4 layers' projections (matrix products) and their other work (copies, bias sums), convolutions, the
+optimizer and everything else, and what the DCNv4 U-Net's step costs more than the conv U-Net's.
 """
 
 from __future__ import annotations
@@ -76,6 +80,56 @@ def saved_mib(fn, exclude=()) -> float:
     return sum(seen.values()) / 2**20
 
 
+# What --profile sorts a training step's time into. An event belongs to the group of the innermost event
+# around it (itself included) that names one: within the DCNv4 layer op, the op's own kernels, the
+# projections' matrix products (with their bias copies) and the rest (copies to pixel rows, bias-gradient
+# sums, the autograd node).
+PROFILE_GROUPS = ("DCNv4 op kernels", "DCNv4 projections", "DCNv4 layers, other", "convolutions", "optimizer",
+                  "everything else")
+_OP_KERNELS = ("unet_dcnv4::dcnv4_forward", "unet_dcnv4::dcnv4_backward")
+_MATRIX_PRODUCTS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::baddbmm", "aten::baddbmm_")
+_CONVOLUTIONS = ("aten::convolution", "aten::convolution_backward", "ConvolutionBackward0")
+
+
+def _in_layer(event) -> bool:
+    return event.name.startswith("unet_dcnv4::dcnv4_layer") or "LayerFunction" in event.name
+
+
+def _profile_group(event) -> str:
+    chain = []
+    while event is not None:
+        chain.append(event)
+        event = event.cpu_parent
+    for i, e in enumerate(chain):
+        if e.name in _OP_KERNELS:
+            return "DCNv4 op kernels"
+        if e.name in _MATRIX_PRODUCTS and any(_in_layer(outer) for outer in chain[i + 1:]):
+            return "DCNv4 projections"
+        if _in_layer(e):
+            return "DCNv4 layers, other"
+        if e.name in _CONVOLUTIONS:
+            return "convolutions"
+        if e.name.startswith("Optimizer."):  # torch.optim's step and zero_grad
+            return "optimizer"
+    return "everything else"
+
+
+def profile_groups(fn, steps: int) -> dict[str, float]:
+    """CPU self time per call of fn (ms) by PROFILE_GROUPS, from torch.profiler over `steps` calls after
+    one unprofiled call. Their sum leaves out the Python between ops and adds the profiler's own cost per
+    op, so it is not the timed step: compare the groups of two models, not a group with the timings."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+    groups = dict.fromkeys(PROFILE_GROUPS, 0.0)
+    for event in prof.events():
+        groups[_profile_group(event)] += event.self_cpu_time_total / 1e3 / steps
+    return groups
+
+
 def bench_layers(device, batch, dtypes, warmup, iters, group_channels, min_ms=0.0,
                  memory_format=torch.channels_last) -> list[dict]:
     """Forward+backward and no-grad forward of DCNv4Conv2d(C_in, C_out) and nn.Conv2d(C_in, C_out, 3,
@@ -128,10 +182,11 @@ def bench_layers(device, batch, dtypes, warmup, iters, group_channels, min_ms=0.
 
 
 def bench_unets(device, size, sample_size, batch, dtypes, warmup, iters, group_channels, min_ms=0.0,
-                memory_format=torch.channels_last) -> list[dict]:
+                memory_format=torch.channels_last, profile_steps=0) -> list[dict]:
     """One training step (noise-prediction MSE, the fused AdamW as train_ldm.py uses) and one no-grad
     evaluation of the DCNv4 U-Net (without and with recompute_value, and widened to the conv U-Net's
-    parameters) and the conv U-Net, all four timed in interleaved rounds."""
+    parameters) and the conv U-Net, all four timed in interleaved rounds; with profile_steps, also each
+    training step's CPU time by PROFILE_GROUPS (rows of kind "profile")."""
     models = {}
     # dcnv4_rv: the DCNv4 U-Net with recompute_value; dcnv4_mp: with match: params.
     for name in ("dcnv4", "dcnv4_rv", "dcnv4_mp", "conv"):
@@ -183,6 +238,10 @@ def bench_unets(device, size, sample_size, batch, dtypes, warmup, iters, group_c
                              peak_mib=_peak_mib(step(model, opt), device),
                              saved_mib=saved_mib(forward(model), exclude=[x, *model.parameters()]),
                              state_mib=4 * 4 * params / 2**20))
+        if profile_steps:
+            for name, (model, opt) in models.items():
+                rows.append(dict(kind="profile", model=name, dtype=dname, steps=profile_steps,
+                                 ms=profile_groups(step(model, opt), profile_steps)))
     return rows
 
 
@@ -227,6 +286,29 @@ def _table(rows: list[dict]) -> str:
                 if d["peak_mib"] is not None:
                     ratios.append(f"peak {d['peak_mib'] / c['peak_mib']:.2f}")
                 lines.append(f"{dcn}/conv {dname}: " + ", ".join(ratios))
+    profile_rows = [r for r in rows if r["kind"] == "profile"]
+    if profile_rows:
+        models = list(dict.fromkeys(r["model"] for r in profile_rows))
+        lines.append(f"profile: CPU self time of a training step, ms ({profile_rows[0]['steps']} profiled steps)")
+        lines.append(f"{'dtype':5} {'group':20} " + " ".join(f"{m:>9}" for m in models))
+        for dname in dict.fromkeys(r["dtype"] for r in profile_rows):
+            by_model = {r["model"]: r["ms"] for r in profile_rows if r["dtype"] == dname}
+            for group in (*PROFILE_GROUPS, "total"):
+                cells = [sum(by_model[m].values()) if group == "total" else by_model[m][group] for m in models]
+                lines.append(f"{dname:5} {group:20} " + " ".join(f"{c:>9.2f}" for c in cells))
+            if "conv" not in by_model:
+                continue
+            conv = by_model["conv"]
+            for dcn in (m for m in models if m != "conv"):
+                d = by_model[dcn]
+                gap = sum(d.values()) - sum(conv.values())
+                layers = sum(d[g] for g in PROFILE_GROUPS[:3])
+                lines.append(f"{dcn}-conv {dname}: {gap:+.2f} ms a step; the DCNv4 layers take {layers:.2f} ms "
+                             f"(op kernels {d['DCNv4 op kernels']:.2f}, projections {d['DCNv4 projections']:.2f}, "
+                             f"other {d['DCNv4 layers, other']:.2f}) where conv's convolutions take "
+                             f"{conv['convolutions'] - d['convolutions']:.2f} ms more; optimizer "
+                             f"{d['optimizer'] - conv['optimizer']:+.2f}, everything else "
+                             f"{d['everything else'] - conv['everything else']:+.2f}")
     return "\n".join(lines)
 
 
@@ -244,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--skip", choices=["layers", "unet"], default=None)
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="also profile STEPS training steps of each U-Net (CPU only) and print where the "
+                             "time goes: the DCNv4 op kernels, projections and other layer work, "
+                             "convolutions, the optimizer, everything else")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--memory_format", choices=list(MEMORY_FORMATS), default=None,
                         help="layout of the inputs and models (default as train_ldm.py trains: channels_last on "
@@ -260,6 +346,16 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --device cuda asked for but no CUDA device is available", file=sys.stderr)
         return 2
     gpu = device.type == "cuda"
+    if args.profile < 0:
+        print(f"error: --profile must be a number of steps >= 0, got {args.profile}", file=sys.stderr)
+        return 2
+    if args.profile and device.type != "cpu":
+        print("error: --profile times the CPU (on a GPU, benchmarks/gpu_check.sh profiles the kernels with "
+              "Nsight Compute)", file=sys.stderr)
+        return 2
+    if args.profile and args.skip == "unet":
+        print("error: --profile profiles the U-Nets' training steps, which --skip unet leaves out", file=sys.stderr)
+        return 2
     layer_batch = args.layer_batch
     size = args.size or ("S" if gpu else "tiny")
     sample_size = args.sample_size or (32 if gpu else 16)
@@ -280,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                                  MEMORY_FORMATS[memory_format])
         if args.skip != "unet":
             rows += bench_unets(device, size, sample_size, unet_batch, args.dtypes, warmup, iters,
-                                args.group_channels, min_ms, MEMORY_FORMATS[memory_format])
+                                args.group_channels, min_ms, MEMORY_FORMATS[memory_format], args.profile)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -47,8 +47,9 @@ def test_bench_unet_on_cpu_reports_memory_and_ratios(tmp_path, capsys):
     out = tmp_path / "unet.json"
     assert bench_unet.main(["--device", "cpu", "--skip", "layers", "--size", "tiny", "--sample_size", "8",
                             "--unet_batch", "2", "--dtypes", "bf16", "--iters", "1", "--warmup", "0",
-                            "--out", str(out)]) == 0
-    rows = {r["model"]: r for r in json.loads(out.read_text())["results"]}
+                            "--profile", "1", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    rows = {r["model"]: r for r in results if r["kind"] == "unet"}
     assert set(rows) == {"dcnv4", "dcnv4_rv", "dcnv4_mp", "conv"}
     assert abs(rows["dcnv4_mp"]["parameters"] / rows["conv"]["parameters"] - 1) <= 0.05
     assert all(r["saved_mib"] > 0 and r["state_mib"] > 0 and r["peak_mib"] is None for r in rows.values())
@@ -57,6 +58,46 @@ def test_bench_unet_on_cpu_reports_memory_and_ratios(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "dcnv4/conv bf16: img/s" in printed and "dcnv4_rv/conv bf16: img/s" in printed
     assert "dcnv4_mp/conv bf16: img/s" in printed
+    # --profile: each U-Net's step by group; only the DCNv4 U-Nets have DCNv4 layers, and their 3x3 convs
+    # are gone from the convolutions.
+    profiles = {r["model"]: r["ms"] for r in results if r["kind"] == "profile"}
+    assert set(profiles) == set(rows)
+    conv = profiles.pop("conv")
+    assert conv["convolutions"] > 0 and conv["optimizer"] > 0 and conv["everything else"] > 0
+    assert conv["DCNv4 op kernels"] == conv["DCNv4 projections"] == conv["DCNv4 layers, other"] == 0
+    for groups in profiles.values():
+        assert groups["DCNv4 op kernels"] > 0 and groups["DCNv4 projections"] > 0
+        assert groups["DCNv4 layers, other"] > 0 and groups["convolutions"] < conv["convolutions"]
+    assert "bf16  DCNv4 op kernels" in printed and "dcnv4-conv bf16: " in printed
+
+
+class _Event:
+    def __init__(self, name, parent=None):
+        self.name, self.cpu_parent = name, parent
+
+
+def test_profile_groups_take_the_innermost_named_event():
+    layer = _Event("unet_dcnv4::dcnv4_layer_backward", _Event("autograd::engine::evaluate_function: x"))
+    product = _Event("aten::baddbmm", layer)
+    group = bench_unet._profile_group
+    assert group(_Event("unet_dcnv4::dcnv4_backward", layer)) == "DCNv4 op kernels"
+    assert group(product) == "DCNv4 projections"
+    assert group(_Event("aten::copy_", product)) == "DCNv4 projections"  # the bias copy of a product
+    assert group(_Event("aten::copy_", layer)) == "DCNv4 layers, other"
+    assert group(layer) == "DCNv4 layers, other"
+    assert group(_Event("aten::mm")) == "everything else"  # a product outside the layers (a Linear)
+    assert group(_Event("aten::mkldnn_convolution", _Event("aten::convolution"))) == "convolutions"
+    assert group(_Event("aten::_fused_adamw_", _Event("Optimizer.step#AdamW.step"))) == "optimizer"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--profile", "-1"], "--profile must be a number of steps >= 0"),
+    (["--profile", "2", "--skip", "unet"], "--skip unet leaves out"),
+    (["--profile", "2", "--device", "meta"], "--profile times the CPU"),
+])
+def test_bench_unet_profile_refuses_what_it_cannot_profile(argv, message, capsys):
+    assert bench_unet.main(argv) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_saved_mib_counts_what_autograd_keeps():
