@@ -20,9 +20,8 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 
-from unet_dcnv4.comparison import bootstrap_fid_difference, verdict
+from unet_dcnv4.comparison import bootstrap_fid_difference, difference_interval, verdict
 from unet_dcnv4.metrics import FrechetResampler, compute_fid_kid, list_images
 from unet_dcnv4.sampling import IMAGES_DIR, MANIFEST_FILE
 
@@ -77,11 +76,10 @@ def compare_samples(folders: list[str], labels: list[str], reference: str, outpu
                      "manifest": manifest})
     draws = bootstrap_fid_difference(prepared, resampler, num_resamples, seed)
     observed = arms[0]["fid"] - arms[1]["fid"]
-    # As in compare.py: resampled sets repeat images, which raises every FID; re-centre on the observed value.
-    low, high = observed + np.quantile(draws - draws.mean(), [0.025, 0.975])
+    low, high = difference_interval(observed, draws)
     summary = {
         "arms": arms,
-        "fid_difference": {"a": labels[0], "b": labels[1], "value": observed, "ci95": [float(low), float(high)],
+        "fid_difference": {"a": labels[0], "b": labels[1], "value": observed, "ci95": [low, high],
                            "num_resamples": num_resamples,
                            "resampled": "sample sets only (one sample set per arm; seed-to-seed variation of "
                                         "training is not included)"},

@@ -171,6 +171,14 @@ def bootstrap_fid_difference(features: dict[str, list[tuple]], resampler, num_re
     return out
 
 
+def difference_interval(observed: float, draws: np.ndarray) -> tuple[float, float]:
+    """The 95% interval of a FID difference from its bootstrap draws, re-centred on the observed value:
+    resampled sample sets repeat images, which raises every FID by a bias; re-centring keeps the draws'
+    spread and drops that bias."""
+    low, high = observed + np.quantile(draws - draws.mean(), [0.025, 0.975])
+    return float(low), float(high)
+
+
 def verdict(labels: list[str], ci95: tuple[float, float]) -> str:
     """"<arm a> lower FID", "<arm b> lower FID" or "no significant difference at 95%" from the interval of a - b."""
     if ci95[1] < 0:
@@ -357,9 +365,7 @@ def compare_arms(
     prepared = {label: [resampler.prepare(f) for f in fs] for label, fs in features.items()}
     draws = bootstrap_fid_difference(prepared, resampler, num_resamples, seed)
     observed = a["fid_mean"] - b["fid_mean"]
-    # Resampled sample sets repeat images, which raises every FID by a bias; re-centring the draws on the
-    # observed difference keeps their spread and drops that bias.
-    low, high = observed + np.quantile(draws - draws.mean(), [0.025, 0.975])
+    low, high = difference_interval(observed, draws)
     one_run = a["num_runs"] == 1 or b["num_runs"] == 1
     conclusion = verdict([a["label"], b["label"]], (low, high))
     summary = {
@@ -368,7 +374,7 @@ def compare_arms(
             "a": a["label"],
             "b": b["label"],
             "value": observed,
-            "ci95": [float(low), float(high)],
+            "ci95": [low, high],
             "verdict": conclusion,
             "num_resamples": num_resamples,
             "resampled": "sample sets only (an arm has one run; seed-to-seed variation is not included)"
