@@ -20,7 +20,6 @@ import os
 import sys
 from pathlib import Path
 
-
 from unet_dcnv4.comparison import bootstrap_fid_difference, difference_interval, verdict
 from unet_dcnv4.metrics import FrechetResampler, compute_fid_kid, list_images
 from unet_dcnv4.sampling import IMAGES_DIR, MANIFEST_FILE
