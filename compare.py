@@ -1,5 +1,6 @@
 """Compare two arms of training runs (e.g. DCNv4 U-Nets and their conv baselines, several seeds each) by FID/KID,
-with a bootstrap interval of the FID difference, cost and throughput.
+with the interval of the FID difference (Welch's t on the per-run FIDs with several runs an arm; image noise
+only with one), cost and throughput.
 
 Every run is sampled with the same sampler, steps, seeds and number of images and measured against one reference
 (the training data), then `comparison.json`, `comparison.md` and `comparison.png` are written to --output_dir.
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache_dir", default=None, help="FID reference features cache (default: torch-fidelity's)")
     parser.add_argument("--no_fid_curve", action="store_true", help="skip FID at the intermediate checkpoints")
     parser.add_argument("--grid_images", type=int, default=36, help="images per grid in the figure")
-    parser.add_argument("--bootstrap", type=int, default=500, help="bootstrap draws of the FID difference")
+    parser.add_argument("--jackknife_groups", type=int, default=50,
+                        help="groups of the jackknife that measures the image noise of an arm of one run")
     parser.add_argument("--allow_mismatch", action="append", default=[], metavar="KEY",
                         help="compare runs that differ in this experiment key anyway (repeatable; 'all' for any)")
     parser.add_argument("--overwrite", action="store_true",
@@ -67,13 +69,15 @@ def main(argv: list[str] | None = None) -> int:
         arms = [[args.runs[0]], [args.runs[1]]] if args.runs else [args.a, args.b]
         if not all(arms):
             raise ValueError("give two positional run folders, or both --a RUN... and --b RUN...")
-        for name in ("num_images", "num_inference_steps", "batch_size", "grid_images", "bootstrap"):
+        for name in ("num_images", "num_inference_steps", "batch_size", "grid_images", "jackknife_groups"):
             if getattr(args, name) is not None:
                 positive_int(f"--{name}", getattr(args, name))
+        if args.jackknife_groups < 2:
+            raise ValueError(f"--jackknife_groups must be >= 2, got {args.jackknife_groups}")
         compare_arms(arms, args.output_dir, samples_dir=args.samples_dir, reference=args.reference, num_images=args.num_images,
                      sampler=args.sampler, num_inference_steps=args.num_inference_steps, batch_size=args.batch_size,
                      seed=args.seed, mixed_precision=args.mixed_precision, cache_dir=args.cache_dir,
-                     fid_curve=not args.no_fid_curve, grid_images=args.grid_images, num_resamples=args.bootstrap,
+                     fid_curve=not args.no_fid_curve, grid_images=args.grid_images, jackknife_groups=args.jackknife_groups,
                      allow_mismatch=tuple(args.allow_mismatch), overwrite=args.overwrite,
                      skip_corrupt=args.skip_corrupt, guidance_scale=args.guidance_scale, class_mix=args.class_mix)
     except (ValueError, TypeError, OSError) as error:

@@ -1,10 +1,12 @@
-"""FID/KID of two folders of samples against one reference, with the bootstrap interval of the FID difference.
+"""FID/KID of two folders of samples against one reference, with the interval of the FID difference.
 
 For samples made on one machine and measured on another: `sample.py` folders, or those that
 `twemoji64_compare.sh` writes with FID=0 on a GPU machine without torch-fidelity's Inception weights.
-compare.py does the same from the training runs themselves (and adds cost, throughput and the FID
-curve); this script needs only the images. Both folders must come from the same sampling settings
-(sampler, steps, seed, precision, number of images), which their manifest.json files are checked for.
+compare.py does the same from the training runs themselves (and adds cost, throughput, the FID
+curve and several runs an arm); this script needs only the images. Both folders must be sample folders
+(a manifest.json beside images/) made with the same sampling settings (sampler, steps, seed, precision,
+EMA, class labels and mix, guidance, number of images). With one sample set an arm, the interval covers
+image noise only (a jackknife of each set), not the seed-to-seed variation of training.
 
     python benchmarks/compare_samples.py outputs/samples_dcnv4 outputs/samples_conv \
         --reference .data/twemoji64/images --output_dir outputs/twemoji64_comparison
@@ -20,69 +22,56 @@ import os
 import sys
 from pathlib import Path
 
-from unet_dcnv4.comparison import bootstrap_fid_difference, difference_interval, verdict
-from unet_dcnv4.metrics import FrechetResampler, compute_fid_kid, list_images
-from unet_dcnv4.sampling import IMAGES_DIR, MANIFEST_FILE
+from unet_dcnv4.comparison import interval_text
+from unet_dcnv4.intervals import difference_interval, jackknife_fid_variance, verdict
+from unet_dcnv4.metrics import FrechetResampler, compute_fid_kid
+from unet_dcnv4.sampling import read_sample_folder
 
 # What must be equal for the two sample sets to be compared (the model and its weights may differ).
-SAMPLING_KEYS = ("sampler", "num_inference_steps", "seed", "precision", "guidance_scale", "class_mix")
+SAMPLING_KEYS = ("sampler", "num_inference_steps", "seed", "precision", "use_ema", "class_labels", "class_mix",
+                 "guidance_scale")
 
 
-def read_folder(folder: str) -> tuple[list[str], dict | None]:
-    """The images of a sample folder (its images/ subfolder when there is one, so that grid.png is left out)
-    and its manifest (None when it has none)."""
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"no sample folder at {folder!r}")
-    images_dir = os.path.join(folder, IMAGES_DIR)
-    paths = list_images(images_dir if os.path.isdir(images_dir) else folder)
-    if not paths:
-        raise ValueError(f"sample folder {folder!r} holds no images")
-    manifest_path = os.path.join(folder, MANIFEST_FILE)
-    manifest = json.loads(Path(manifest_path).read_text()) if os.path.isfile(manifest_path) else None
-    return paths, manifest
-
-
-def check_same_sampling(manifests: list[dict | None], counts: list[int]) -> None:
+def check_same_sampling(manifests: list[dict], counts: list[int]) -> None:
     """Raise ValueError naming each sampling setting, or the image count, in which the two folders differ."""
     problems = []
     if counts[0] != counts[1]:
         problems.append(f"number of images ({counts[0]} vs {counts[1]}; FID's bias depends on it)")
-    if all(m is not None for m in manifests):
-        for key in SAMPLING_KEYS:
-            a, b = (m.get(key) for m in manifests)
-            if a != b:
-                problems.append(f"{key} ({a!r} vs {b!r})")
+    for key in SAMPLING_KEYS:
+        a, b = (m.get(key) for m in manifests)
+        if a != b:
+            problems.append(f"{key} ({a!r} vs {b!r})")
     if problems:
         raise ValueError("the two sample folders were not made alike: " + "; ".join(problems))
 
 
 def compare_samples(folders: list[str], labels: list[str], reference: str, output_dir: str,
-                    resolution: int | None = None, num_resamples: int = 500, seed: int = 0,
+                    resolution: int | None = None, jackknife_groups: int = 50, seed: int = 0,
                     cache_dir: str | None = None, batch_size: int = 50, device: str | None = None) -> dict:
-    """Measure both folders against `reference`, bootstrap the FID difference and write the report."""
-    read = [read_folder(f) for f in folders]
+    """Measure both folders against `reference`, the interval of the FID difference, and write the report."""
+    read = [read_sample_folder(f) for f in folders]
+    if os.path.realpath(folders[0]) == os.path.realpath(folders[1]):
+        raise ValueError(f"sample folder {folders[0]!r} is given twice")
     check_same_sampling([m for _, m in read], [len(p) for p, _ in read])
-    arms, prepared, resampler = [], {}, None
+    arms, image_variances, resampler = [], [], None
     for label, folder, (paths, manifest) in zip(labels, folders, read):
         print(f"[{label}] FID/KID of {len(paths)} images in {folder}", flush=True)
         m = compute_fid_kid(paths, reference, resolution=resolution, cache_dir=cache_dir, batch_size=batch_size,
                             device=device, verbose=False, return_features=True)
         if resampler is None:
             resampler = FrechetResampler(m["reference_features"])
-        prepared[label] = [resampler.prepare(m["sample_features"])]
+        image_variances.append(jackknife_fid_variance(resampler.prepare(m["sample_features"]), resampler,
+                                                      jackknife_groups, seed))
         arms.append({"label": label, "folder": os.path.abspath(folder), "num_images": len(paths),
                      "fid": m["fid"], "kid_mean": m["kid_mean"], "kid_std": m["kid_std"],
                      "manifest": manifest})
-    draws = bootstrap_fid_difference(prepared, resampler, num_resamples, seed)
-    observed = arms[0]["fid"] - arms[1]["fid"]
-    low, high = difference_interval(observed, draws)
+    difference = difference_interval([arms[0]["fid"]], [arms[1]["fid"]], *image_variances)
+    for arm, spread in zip(arms, difference.pop("arms")):
+        arm["interval_covers"], arm["interval_covers_text"] = spread["covers"], spread["covers_text"]
     summary = {
         "arms": arms,
-        "fid_difference": {"a": labels[0], "b": labels[1], "value": observed, "ci95": [low, high],
-                           "num_resamples": num_resamples,
-                           "resampled": "sample sets only (one sample set per arm; seed-to-seed variation of "
-                                        "training is not included)"},
-        "verdict": verdict(labels, (low, high)),
+        "fid_difference": {"a": labels[0], "b": labels[1], **difference, "jackknife_groups": jackknife_groups},
+        "verdict": verdict(labels, difference["ci95"]),
         "reference": os.path.abspath(reference),
         "num_reference": m["num_reference"],
         "resolution": m["resolution"],
@@ -102,9 +91,8 @@ def markdown_table(summary: dict) -> str:
     for arm in summary["arms"]:
         lines.append(f"| {arm['label']} | {arm['num_images']} | {arm['fid']:.2f} | "
                      f"{1000 * arm['kid_mean']:.2f} +- {1000 * arm['kid_std']:.2f} |")
-    lines += ["", f"FID {d['a']} - {d['b']}: {d['value']:+.2f}, 95% interval [{d['ci95'][0]:+.2f}, "
-              f"{d['ci95'][1]:+.2f}] ({d['num_resamples']} bootstrap draws of the {d['resampled']}): "
-              f"{summary['verdict']}.",
+    lines += ["", f"FID {d['a']} - {d['b']}: {d['value']:+.2f}, {interval_text(d)}: {summary['verdict']}.",
+              f"The interval covers {summary['arms'][0]['interval_covers_text']}.",
               f"Against {summary['num_reference']} reference images ({summary['reference']}) at "
               f"{summary['resolution']}px; {summary['inception_weights']}.", ""]
     return "\n".join(lines)
@@ -119,16 +107,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", required=True, help="where comparison.{json,md} go")
     parser.add_argument("--resolution", type=int, default=None, help="side both sets are resized to "
                         "(default: the reference's)")
-    parser.add_argument("--bootstrap", type=int, default=500, help="bootstrap draws of the FID difference")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    parser.add_argument("--jackknife_groups", type=int, default=50,
+                        help="groups of the jackknife that measures each sample set's image noise")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the jackknife's groups")
     parser.add_argument("--cache_dir", default=None, help="reference features and converted Inception weights")
     parser.add_argument("--batch_size", type=int, default=50)
     args = parser.parse_args(argv)
-    if args.bootstrap < 1:
-        parser.error(f"--bootstrap must be a positive number of draws, got {args.bootstrap}")
+    if args.jackknife_groups < 2:
+        parser.error(f"--jackknife_groups must be >= 2, got {args.jackknife_groups}")
     try:
         compare_samples([args.a, args.b], args.labels, args.reference, args.output_dir, args.resolution,
-                        args.bootstrap, args.seed, args.cache_dir, args.batch_size)
+                        args.jackknife_groups, args.seed, args.cache_dir, args.batch_size)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -16,8 +16,9 @@ redoes the run by hand). A finished run is reused only when its saved config equ
 bookkeeping keys of `EXPERIMENT_EXCLUDED` aside); an unfinished one resumes from its last checkpoint; a run
 whose config differs stops the study with the differing keys, unless --overwrite retrains it.
 
-Then every row is compared with the baseline by `compare_arms` (per-arm FID/KID mean +- std, a 95% bootstrap
-interval of the FID difference, a verdict; the baseline is sampled once for all rows), each row's training
+Then every row is compared with the baseline by `compare_arms` (per-arm FID/KID mean +- std, the 95% interval of
+the FID difference and its p-value, Welch's t on the per-run FIDs; the baseline is sampled once for all rows), the
+p-values of all rows get Holm's correction (the table says which verdicts survive it), each row's training
 step and U-Net evaluation are timed against the baseline's in interleaved rounds in one process, and study.md and
 study.json get one table.
 """
@@ -40,18 +41,16 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from unet_dcnv4.comparison import EXPERIMENT_EXCLUDED, MODEL_KEYS, compare_arms  # noqa: E402
+from unet_dcnv4.comparison import BOOKKEEPING, MODEL_KEYS, compare_arms  # noqa: E402
 from unet_dcnv4.config import to_dict, to_yaml  # noqa: E402
+from unet_dcnv4.intervals import LEVEL, holm, verdict  # noqa: E402
 from unet_dcnv4.timing import time_interleaved  # noqa: E402
 from unet_dcnv4.training import TrainConfig, load_config  # noqa: E402
 
 BASELINE = "baseline"
 PHASES = ("train", "compare", "throughput", "table")
-# Keys that do not change what a run trains; a finished run is reused whatever they are. The comparison's
-# exclusions, less those it replaces by what they resolve to (data, VAE, global batch): a run is reused only
-# for the same values. A larger max_train_steps resumes a finished run (train_ldm.py resumes exactly).
-BOOKKEEPING = tuple(k for k in EXPERIMENT_EXCLUDED if k not in MODEL_KEYS + (
-    "seed", "data_source", "vae", "vae_subfolder", "train_batch_size", "gradient_accumulation_steps"))
+# A finished run is reused whatever its BOOKKEEPING keys are (they do not change what it trains); a larger
+# max_train_steps resumes a finished run (train_ldm.py resumes exactly).
 
 
 def read_study(path: str | os.PathLike) -> dict:
@@ -182,7 +181,7 @@ def compare_row(row: str, runs: list[str], baseline_runs: list[str], output_dir:
     folder = output_dir / "comparisons" / row
     key = {"runs": runs, "baseline": baseline_runs, "stats": _stats_digest(runs + baseline_runs), "curve": curve,
            "num_images": args.num_images, "num_inference_steps": args.num_inference_steps,
-           "bootstrap": args.bootstrap, "reference": args.reference}
+           "jackknife_groups": args.jackknife_groups, "reference": args.reference}
     key_file = folder / "study_key.json"
     if (folder / "comparison.json").is_file() and key_file.is_file() and json.loads(key_file.read_text()) == key:
         print(f"comparison {row}: unchanged, reused", flush=True)
@@ -191,7 +190,7 @@ def compare_row(row: str, runs: list[str], baseline_runs: list[str], output_dir:
     summary = compare_arms([runs, baseline_runs], str(folder), samples_dir=str(output_dir / "samples"),
                            reference=args.reference, num_images=args.num_images,
                            num_inference_steps=args.num_inference_steps, batch_size=args.batch_size,
-                           fid_curve=curve, num_resamples=args.bootstrap)
+                           fid_curve=curve, jackknife_groups=args.jackknife_groups)
     key_file.write_text(json.dumps(key, indent=1))
     return summary
 
@@ -270,7 +269,9 @@ def _cell(value, spec: str) -> str:
 
 
 def table(study: dict, summaries: dict, speed: dict) -> tuple[list[dict], str]:
-    """One row per variant and the baseline: the rows of study.json and the markdown of study.md."""
+    """One row per variant and the baseline: the rows of study.json and the markdown of study.md. Each row's
+    p-value is corrected by Holm's method across the rows of the table; its verdict stands after the correction
+    only when the adjusted p-value stays below 1 - LEVEL."""
     def entry(row: str, arm: dict, difference: dict | None, ratios: tuple[float, float]) -> dict:
         return {"row": row, "changes": changes(study, row), "label": arm["label"],
                 "block_out_channels": arm["block_out_channels"], "parameters": arm["parameters"],
@@ -278,16 +279,22 @@ def table(study: dict, summaries: dict, speed: dict) -> tuple[list[dict], str]:
                 "num_runs": arm["num_runs"], "fid_mean": arm["fid_mean"], "fid_std": arm["fid_std"],
                 "kid_mean": arm["kid_mean"], "kid_std": arm["kid_std"],
                 "fid_difference": difference and difference["value"], "ci95": difference and difference["ci95"],
+                "df": difference and difference["df"], "p_value": difference and difference["p_value"],
+                "method": difference and difference["method"],
                 "verdict": difference and difference["verdict"], **speed.get(row, {})}
 
     rows = [entry(row, summary["arms"][0], summary["fid_difference"],
                   (summary["arms"][0]["parameter_ratio"], summary["arms"][0]["gflops_ratio"]))
             for row, summary in summaries.items()]
+    for r, adjusted in zip(rows, holm([r["p_value"] for r in rows])):
+        r["p_holm"] = adjusted
+        r["verdict_holm"] = r["verdict"] if adjusted < 1 - LEVEL else verdict(["", ""], (-1.0, 1.0))
     if summaries:
         rows.append(entry(BASELINE, next(iter(summaries.values()))["arms"][1], None, (1.0, 1.0)))
     lines = ["| row | changes from the base | widths | params ratio | GFLOPs ratio | train img/s (x conv) | "
-             "U-Net eval img/s (x conv) | runs | FID | KID (x1000) | FID - conv, 95% interval | verdict |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+             "U-Net eval img/s (x conv) | runs | FID | KID (x1000) | FID - conv, 95% interval | df | p | "
+             f"p (Holm, {len(summaries)} rows) | verdict | verdict after Holm |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- | --- |"]
     for r in rows:
         speed_cells = [f"{_cell(r.get(f'{k}_images_per_s'), '.0f')} ({_cell(r.get(f'{k}_images_ratio'), '.2f')})"
                        for k in ("train", "eval")]
@@ -297,7 +304,12 @@ def table(study: dict, summaries: dict, speed: dict) -> tuple[list[dict], str]:
                      f"{r['gflops_ratio']:.2f} | {speed_cells[0]} | {speed_cells[1]} | {r['num_runs']} | "
                      f"{_cell(r['fid_mean'], '.2f')} +- {_cell(r['fid_std'], '.2f')} | "
                      f"{_cell(r['kid_mean'] * 1000, '.2f')} +- {_cell(r['kid_std'] * 1000, '.2f')} | {interval} | "
-                     f"{r['verdict'] or '-'} |")
+                     f"{_cell(r['df'], '.1f')} | {_cell(r['p_value'], '.2g')} | {_cell(r.get('p_holm'), '.2g')} | "
+                     f"{r['verdict'] or '-'} | {r.get('verdict_holm') or '-'} |")
+    methods = sorted({r["method"] for r in rows if r["method"]})
+    if methods:
+        lines += ["", "Intervals: " + "; ".join(methods) + f". Holm's correction across the {len(summaries)} "
+                  "compared rows controls the chance of any false verdict among them at 5%."]
     return rows, "\n".join(lines) + "\n"
 
 
@@ -315,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_inference_steps", type=int, default=50)
     parser.add_argument("--reference", default=None, help="image folder for FID (default: the training data)")
     parser.add_argument("--batch_size", type=int, default=64, help="sampling batch (and the timed evaluation's)")
-    parser.add_argument("--bootstrap", type=int, default=500, help="bootstrap draws of each FID difference")
+    parser.add_argument("--jackknife_groups", type=int, default=50,
+                        help="groups of the jackknife that measures the image noise of a row of one seed")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each throughput timing")
     parser.add_argument("--iters", type=int, default=10, help="timed steps (median) of each throughput timing")
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES),
@@ -324,8 +337,9 @@ def main(argv: list[str] | None = None) -> int:
                              "and timings on disk")
     args = parser.parse_args(argv)
     try:
-        if args.jobs < 1 or args.num_images < 2 or args.iters < 1 or args.warmup < 0:
-            raise ValueError("--jobs and --iters must be >= 1, --num_images >= 2, --warmup >= 0")
+        if args.jobs < 1 or args.num_images < 3 or args.iters < 1 or args.warmup < 0 or args.jackknife_groups < 2:
+            raise ValueError("--jobs and --iters must be >= 1, --num_images >= 3, --warmup >= 0, "
+                             "--jackknife_groups >= 2")
         if args.max_train_steps is not None and args.max_train_steps < 1:
             raise ValueError(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
         study = read_study(Path(args.study).resolve())

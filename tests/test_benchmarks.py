@@ -182,22 +182,34 @@ def test_compare_samples_measures_two_folders_and_refuses_unlike_ones(tmp_path, 
     _write_pngs(close, _gradients(12, seed=1))
     _write_pngs(far, [np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8) for i in range(12)])
     _write_pngs(reference, _gradients(12, seed=2))
-    manifest = {"sampler": "ddim", "num_inference_steps": 50, "seed": 0, "precision": "bf16"}
+    manifest = {"sampler": "ddim", "num_inference_steps": 50, "seed": 0, "precision": "bf16", "use_ema": None,
+                "class_labels": None, "class_mix": None, "guidance_scale": 1.0}
     for folder in (close, far):
         (folder / "manifest.json").write_text(json.dumps(manifest))
     (close / "grid.png").write_bytes((close / "images" / "000000.png").read_bytes())  # not a sample
 
     out = tmp_path / "report"
     argv = [str(close), str(far), "--labels", "DCNv4", "conv", "--reference", str(reference / "images"),
-            "--output_dir", str(out), "--bootstrap", "50", "--cache_dir", str(tmp_path / "cache")]
+            "--output_dir", str(out), "--jackknife_groups", "4", "--cache_dir", str(tmp_path / "cache")]
     assert compare.main(argv) == 0
     summary = json.loads((out / "comparison.json").read_text())
     assert [a["num_images"] for a in summary["arms"]] == [12, 12]
-    low, high = summary["fid_difference"]["ci95"]
-    assert summary["arms"][0]["fid"] < summary["arms"][1]["fid"] and low <= summary["fid_difference"]["value"] <= high
+    difference = summary["fid_difference"]
+    low, high = difference["ci95"]
+    assert summary["arms"][0]["fid"] < summary["arms"][1]["fid"] and low <= difference["value"] <= high
     assert high < 0 and summary["verdict"] == "DCNv4 lower FID"
-    assert "DCNv4 lower FID" in (out / "comparison.md").read_text()
+    assert difference["df"] > 0 and 0 <= difference["p_value"] < 0.05 and difference["jackknife_groups"] == 4
+    assert [a["interval_covers"] for a in summary["arms"]] == ["images", "images"]
+    text = (out / "comparison.md").read_text()
+    assert "DCNv4 lower FID" in text and "image noise only" in text
 
-    (far / "manifest.json").write_text(json.dumps({**manifest, "seed": 1}))
+    for key, value in (("seed", 1), ("use_ema", True), ("class_labels", [0, 1])):
+        (far / "manifest.json").write_text(json.dumps({**manifest, key: value}))
+        assert compare.main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{key} ({manifest[key]!r} vs {value!r})" in err and err.count("\n") == 1
+    (far / "manifest.json").unlink()
     assert compare.main(argv) == 2
-    assert "seed (0 vs 1)" in capsys.readouterr().err
+    assert "is not a sample folder" in capsys.readouterr().err
+    assert compare.main([str(close), str(close), *argv[2:]]) == 2
+    assert "given twice" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from PIL import Image
 
 from pipeline_cases import tiny_pipeline
 from unet_dcnv4 import comparison
+from unet_dcnv4.intervals import difference_interval
 from unet_dcnv4.metrics import resolve_inception_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def runs(tmp_path_factory):
 
 def _argv(out: Path, reference: str, *extra: str) -> list[str]:
     return ["--output_dir", str(out), "--reference", reference, "--num_inference_steps", "2", "--batch_size", "4",
-            "--cache_dir", str(out.parent / "cache"), "--grid_images", "4", "--bootstrap", "50", *extra]
+            "--cache_dir", str(out.parent / "cache"), "--grid_images", "4", "--jackknife_groups", "4", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +89,14 @@ def test_one_run_per_arm_writes_json_markdown_and_figure(pair, tmp_path):
     diff = summary["fid_difference"]
     assert diff["value"] == pytest.approx(dcnv4["fid_mean"] - conv["fid_mean"])
     assert diff["ci95"][0] <= diff["value"] <= diff["ci95"][1] and diff["ci95"][0] < diff["ci95"][1]
-    assert diff["resampled"].startswith("sample sets only")
+    # One run an arm: the interval covers the image noise of each sample set only, and says so for each arm.
+    assert [arm["interval_covers"] for arm in summary["arms"]] == ["images", "images"]
+    assert "image noise only" in diff["method"] and diff["jackknife_groups"] == 4 and 0 <= diff["p_value"] <= 1
     assert summary["verdict"] == diff["verdict"] == comparison.verdict(["DCNv4", "conv"], diff["ci95"])
     assert summary["budget"].startswith("equal widths, no budget matched")
     assert summary["inception_weights"] == resolve_inception_weights(str(out.parent / "cache"))["source"]
-    assert "Verdict: " in (out / "comparison.md").read_text()
+    text = (out / "comparison.md").read_text()
+    assert "Verdict: " in text and f"df {diff['df']:.1f}, p = " in text and "for DCNv4, image noise only" in text
     figure = Image.open(out / "comparison.png")
     assert figure.size[0] > figure.size[1]
 
@@ -106,39 +110,16 @@ def test_several_runs_per_arm_give_mean_std_and_an_interval_over_runs(runs, tmp_
         fids = [r["fid"] for r in arm["runs"]]
         assert arm["num_runs"] == 2 and fids[0] != fids[1]
         assert arm["fid_mean"] == pytest.approx(np.mean(fids)) and arm["fid_std"] == pytest.approx(np.std(fids, ddof=1))
-    assert summary["fid_difference"]["resampled"].startswith("runs within each arm")
+    diff = summary["fid_difference"]
+    # Several runs an arm: Welch's t interval on the per-run FIDs, as the interval function gives it.
+    expected = difference_interval(*[[r["fid"] for r in arm["runs"]] for arm in summary["arms"]])
+    assert diff["method"] == "Welch's t interval on the per-run FIDs" and diff["jackknife_groups"] is None
+    assert diff["ci95"] == pytest.approx(expected["ci95"]) and diff["p_value"] == pytest.approx(expected["p_value"])
+    assert [arm["interval_covers"] for arm in summary["arms"]] == ["runs", "runs"]
     # Every run is sampled with the same seeds: run folders of one arm differ only by their weights.
     manifests = [json.loads((Path(r["samples"]) / "manifest.json").read_text()) for a in summary["arms"]
                  for r in a["runs"]]
     assert len({m["seed"] for m in manifests}) == 1 and len({m["weights"] for m in manifests}) == 4
-
-
-def test_verdict_reads_the_interval():
-    assert comparison.verdict(["DCNv4", "conv"], (-3.0, -0.5)) == "DCNv4 lower FID"
-    assert comparison.verdict(["DCNv4", "conv"], (0.5, 3.0)) == "conv lower FID"
-    assert comparison.verdict(["DCNv4", "conv"], (-0.5, 3.0)) == "no significant difference at 95%"
-
-
-def test_bootstrap_interval_covers_zero_for_one_distribution_and_not_for_two():
-    from unet_dcnv4.metrics import FrechetResampler
-
-    gen = torch.Generator().manual_seed(0)
-    reference = torch.randn(400, 16, generator=gen, dtype=torch.float64)
-    same = [torch.randn(200, 16, generator=gen, dtype=torch.float64) for _ in range(4)]
-    shifted = [torch.randn(200, 16, generator=gen, dtype=torch.float64) + 0.5 for _ in range(2)]
-    resampler = FrechetResampler(reference)
-
-    def interval(a, b):
-        features = {"a": [resampler.prepare(f) for f in a], "b": [resampler.prepare(f) for f in b]}
-        draws = comparison.bootstrap_fid_difference(features, resampler, 200, seed=1)
-        observed = np.mean([resampler.fid(p) for p in features["a"]]) - np.mean([resampler.fid(p) for p in
-                                                                                 features["b"]])
-        return observed + np.quantile(draws - draws.mean(), [0.025, 0.975])
-
-    low, high = interval(same[:2], same[2:])
-    assert low < 0 < high
-    low, high = interval(same[:2], shifted)
-    assert high < 0
 
 
 def test_sample_folders_are_reused_only_for_the_same_model_and_settings(runs, pair, tmp_path, capsys):
@@ -227,3 +208,112 @@ def test_argument_mistakes_are_one_line(tmp_path, capsys, argv, needle):
 def test_missing_run_is_a_one_line_error(tmp_path, capsys):
     assert compare.main([str(tmp_path), str(tmp_path), "--output_dir", str(tmp_path / "x")]) == 2
     assert "has no config.yaml" in capsys.readouterr().err
+
+
+def _fake_checkpoint(run: str, step: int) -> None:
+    """A checkpoint of the fake run without EMA weights, as train_ldm.py writes one with use_ema: false."""
+    from diffusers import DDPMScheduler
+    from safetensors.torch import save_file
+
+    from unet_dcnv4.sampling import load_pipeline
+
+    folder = Path(run) / "checkpoints" / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    unet = load_pipeline(str(Path(run) / "pipeline"), use_ema=False).unet
+    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, folder / "model.safetensors")
+    (folder / "config.yaml").write_text((Path(run) / "config.yaml").read_text())
+    state = {"step": step, "latent_shape": [4, 8, 8], "num_classes": 0, "custom_objects": ["lr_scheduler", "rng"],
+             "vae": str(Path(run) / "pipeline" / "vae"), "vae_subfolder": None, "scaling_factor": 0.5,
+             "train_scheduler_config": dict(DDPMScheduler(num_train_timesteps=100).config), "train_seconds": 1.5}
+    (folder / "training_state.json").write_text(json.dumps(state))
+
+
+def test_runs_without_ema_get_their_fid_curve(runs, tmp_path):
+    a = _fake_run(tmp_path / "a", "dcnv4", config="use_ema: false\n")
+    b = _fake_run(tmp_path / "b", "conv", config="use_ema: false\n")
+    _fake_checkpoint(a, 5)
+    out = tmp_path / "cmp"
+    assert compare.main([a, b, *_argv(out, runs["reference"], "--num_images", "4")]) == 0
+    curve = json.loads((out / "comparison.json").read_text())["arms"][0]["runs"][0]["fid_curve"]
+    assert [p["step"] for p in curve] == [5, 10] and curve[0]["train_seconds"] == 1.5 and curve[0]["fid"] > 0
+    manifest = json.loads((Path(out) / "samples").glob("a-*/step-5/manifest.json").__next__().read_text())
+    assert manifest["use_ema"] is False
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--num_images", "1"], "num_images must be an int >= 3"),
+    (["--num_images", "2"], "num_images must be an int >= 3"),
+    (["--jackknife_groups", "1"], "--jackknife_groups must be >= 2"),
+])
+def test_too_few_images_or_groups_are_one_line(runs, tmp_path, capsys, extra, needle):
+    argv = [runs["dcnv4"][0], runs["conv"][0], *_argv(tmp_path / "x", runs["reference"]), *extra]
+    assert compare.main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
+
+
+def test_a_run_counted_twice_is_refused(runs, tmp_path, capsys):
+    import shutil
+
+    argv = ["--a", runs["dcnv4"][0], runs["dcnv4"][0], "--b", *runs["conv"], *_argv(tmp_path / "x", runs["reference"])]
+    assert compare.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "is given twice" in err and err.count("\n") == 1
+    copy = tmp_path / "copy_of_dcnv4_1"
+    shutil.copytree(runs["dcnv4"][1], copy)  # another folder, the same model, seed and experiment
+    argv = ["--a", runs["dcnv4"][1], str(copy), "--b", *runs["conv"], *_argv(tmp_path / "x", runs["reference"])]
+    assert compare.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "the same model, seed (1) and config" in err and err.count("\n") == 1
+
+
+def test_conv_runs_may_differ_in_the_dcnv4_options_they_ignore(tmp_path):
+    conv = [comparison.read_run(_fake_run(tmp_path / f"c{s}", "conv", s, config=f"dcnv4_options: {{group_channels: {g}}}\n"))
+            for s, g in ((0, 8), (1, 16))]
+    dcnv4 = [comparison.read_run(_fake_run(tmp_path / f"d{s}", "dcnv4", s, config=f"dcnv4_options: {{group_channels: {g}}}\n"))
+             for s, g in ((0, 8), (1, 16))]
+    assert comparison.check_comparable({"conv": conv, "dcnv4": dcnv4[:1]}) == []
+    with pytest.raises(ValueError, match="mixes models.*dcnv4_options"):
+        comparison.check_comparable({"dcnv4": dcnv4, "conv": conv})
+
+
+def test_training_changed_at_a_resume_is_refused_unless_allowed(tmp_path):
+    def run(name, seed, schedule, changes):
+        stats = {"resume_changes": [{"step": 5, "checkpoint": "c", "changes": changes}]}
+        return comparison.read_run(_fake_run(tmp_path / name, "conv", seed, config=f"lr_scheduler: {schedule}\n",
+                                             stats=stats))
+
+    clean = comparison.read_run(_fake_run(tmp_path / "clean", "dcnv4"))
+    # Bookkeeping, and a longer run under a schedule that is not drawn over the steps, change nothing it trains.
+    neutral = run("neutral", 1, "constant_with_warmup", {"checkpointing_steps": [5, 2], "max_train_steps": [5, 10]})
+    assert comparison.check_comparable({"a": [clean], "b": [neutral]}) == []
+    for changes, schedule in (({"lr_warmup_steps": [20, 0]}, "constant_with_warmup"),
+                              ({"mixed_precision": ["no", "bf16"]}, "constant_with_warmup"),
+                              ({"max_train_steps": [5, 10]}, "cosine")):
+        key = next(iter(changes))
+        changed = run(f"changed_{key}_{schedule}", 2, schedule, changes)
+        other = {"a": [comparison.read_run(_fake_run(tmp_path / f"clean_{key}_{schedule}", "dcnv4",
+                                                     config=f"lr_scheduler: {schedule}\n"))], "b": [changed]}
+        with pytest.raises(ValueError, match=f"changed their training when resumed: {key} changed from .* at step 5"):
+            comparison.check_comparable(other)
+        allowed = comparison.check_comparable(other, allow=(key,))
+        assert len(allowed) == 1 and allowed[0].startswith(f"{key} changed from")
+
+
+def test_the_default_reference_is_the_data_the_runs_trained_on(tmp_path, monkeypatch):
+    from unet_dcnv4.data import build_image_dataset
+
+    data = tmp_path / "where_it_trained" / "data"
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    fingerprint = build_image_dataset(str(data), resolution=16).fingerprint()
+    # Trained from its parent folder with a relative data_source: found through the recorded absolute path.
+    run = comparison.read_run(_fake_run(tmp_path / "run", "conv", config="data_source: data\n",
+                                        stats={"data_fingerprint": fingerprint, "data_source_path": str(data)}))
+    monkeypatch.chdir(tmp_path)
+    assert len(comparison.training_data(run)) == 4
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(data / "4.png")
+    with pytest.raises(ValueError, match="is not the data .* trained on.*--reference"):
+        comparison.training_data(run)

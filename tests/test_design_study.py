@@ -162,7 +162,7 @@ def test_study_trains_what_is_missing_compares_each_row_and_writes_one_table(stu
     monkeypatch.chdir(tmp_path)  # main() moves to the repository root; restored after the test
     out = tmp_path / "study"
     common = ["--study", str(study_file), "--output_dir", str(out), "--jobs", "2", "--num_images", "4",
-              "--num_inference_steps", "2", "--reference", reference, "--batch_size", "4", "--bootstrap", "20",
+              "--num_inference_steps", "2", "--reference", reference, "--batch_size", "4", "--jackknife_groups", "3",
               "--warmup", "0", "--iters", "1"]
     assert study_script.main(common + ["--seeds", "0", "1", "--only", "default"]) == 0
     trained = sorted(call[:2] for call in fake_train.calls)
@@ -192,7 +192,8 @@ def test_study_trains_what_is_missing_compares_each_row_and_writes_one_table(stu
     rows = [r["row"] for r in json.loads((out / "study.json").read_text())["rows"]]
     assert rows == ["default", "gc8", "baseline"]
     table = (out / "study.md").read_text()
-    assert table.count("\n") == 5 and "| gc8 | group_channels=8 | (32, 64) |" in table
+    assert table.count("\n") == 7 and "| gc8 | group_channels=8 | (32, 64) |" in table
+    assert "p (Holm, 2 rows)" in table and "Holm's correction across the 2 compared rows" in table
     assert study_script.main(common + ["--seeds", "0", "1", "--only", "default", "--phases", "compare"]) == 0
     assert "comparison default: unchanged, reused" in capsys.readouterr().out
 
@@ -208,3 +209,23 @@ def test_a_real_run_trains_through_train_ldm(tmp_path):
     assert study_script.run_state(cfg) == "finished"
     assert (tmp_path / "configs" / "default.seed0.yaml").is_file()
     assert "steps" in (tmp_path / "runs" / "default" / "seed0.log").read_text()
+
+
+def test_table_reports_p_values_and_which_verdicts_survive_holm():
+    study = {"base": {}, "baseline": {"model_type": "conv"}, "variants": {r: {} for r in ("x", "y", "z")}}
+
+    def summary(p_value, value):
+        arm = {"label": "DCNv4", "block_out_channels": [32, 96], "parameters": 1, "parameter_ratio": 1.0, "gflops": 1,
+               "gflops_ratio": 1.0, "num_runs": 3, "fid_mean": 200.0, "fid_std": 1.0, "kid_mean": 0.1, "kid_std": 0.01}
+        difference = {"value": value, "ci95": [value - 1, value - 0.1], "df": 4.0, "p_value": p_value,
+                      "method": "Welch's t interval on the per-run FIDs", "verdict": "DCNv4 lower FID"}
+        return {"arms": [arm, {**arm, "label": "conv"}], "fid_difference": difference}
+
+    rows, markdown = study_script.table(study, {"x": summary(0.01, -5), "y": summary(0.03, -4),
+                                                "z": summary(0.04, -3)}, {})
+    by_row = {r["row"]: r for r in rows}
+    assert [by_row[r]["p_holm"] for r in "xyz"] == pytest.approx([0.03, 0.06, 0.06])
+    assert by_row["x"]["verdict_holm"] == "DCNv4 lower FID"
+    assert by_row["y"]["verdict_holm"] == by_row["z"]["verdict_holm"] == "no significant difference at 95%"
+    assert "| 0.03 | DCNv4 lower FID | DCNv4 lower FID |" in markdown
+    assert "| 0.06 | DCNv4 lower FID | no significant difference at 95% |" in markdown

@@ -159,6 +159,26 @@ def test_exactly_the_listed_samples_are_measured(folders, cache_dir):
     assert alone["num_samples"] == 11 and alone["fid"] != result["fid"]
 
 
+def test_cli_measures_a_sample_folder_by_the_sample_rule(folders, cache_dir, tmp_path, capsys):
+    """A sample folder's images are images/000000.png ... in order: its grid, a partial write and an image past a
+    gap are not samples. Any other folder counts every image under it."""
+    import json
+    import shutil
+
+    smooth, _ = folders
+    samples = tmp_path / "samples"
+    shutil.copytree(smooth, samples / "images")
+    (samples / "manifest.json").write_text(json.dumps({"seed": 0}))
+    shutil.copy(samples / "images" / "000000.png", samples / "grid.png")
+    shutil.copy(samples / "images" / "000001.png", samples / "images" / f"{NUM_IMAGES + 5:06d}.png")
+    capsys.readouterr()
+    assert metrics.main([str(samples), smooth, "--cache_dir", cache_dir]) == 0
+    assert f"({NUM_IMAGES} samples vs {NUM_IMAGES} reference" in capsys.readouterr().out
+    (samples / "manifest.json").unlink()  # a plain folder now: every image under it
+    assert metrics.main([str(samples), smooth, "--cache_dir", cache_dir]) == 0
+    assert f"({NUM_IMAGES + 2} samples vs" in capsys.readouterr().out
+
+
 def test_the_resampler_gives_torch_fidelitys_fid():
     gen = torch.Generator().manual_seed(0)
     reference = torch.randn(300, 64, generator=gen) * torch.linspace(0.5, 2, 64)

@@ -1,7 +1,9 @@
-"""What a resume restores and where: state on the model's device, independent and reproducible random streams."""
+"""What a resume restores and where: state on the model's device, independent and reproducible random streams;
+pruning that keeps the checkpoint just written."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -9,9 +11,10 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from unet_dcnv4 import checkpoints
 from unet_dcnv4 import vae as vae_module
 from unet_dcnv4.training import (
-    NoiseGenerator, TrainConfig, derive_seed, load_checkpoint, save_checkpoint,
+    NoiseGenerator, TrainConfig, derive_seed, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,3 +139,33 @@ def test_derive_seed():
         derive_seed(0, "data", 1.5)
     with pytest.raises(ValueError, match="purpose"):
         derive_seed(0, "")
+
+
+def _fake_checkpoint(folder: Path, step: int) -> Path:
+    """A complete checkpoint folder as list_checkpoints sees one (its state file)."""
+    path = folder / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "training_state.json").write_text(json.dumps({"step": step}))
+    return path
+
+
+def test_pruning_keeps_the_checkpoint_just_written(tmp_path):
+    """A higher step of an earlier run left in the folder must not outlive, nor push out, the new checkpoint."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    _training_objects(accelerator, "cpu")
+    _fake_checkpoint(tmp_path, 100)
+    written = save_checkpoint(accelerator, tmp_path, 5, TrainConfig(), {"step": 5}, total_limit=1)
+    assert [path.name for _, path in list_checkpoints(tmp_path)] == ["checkpoint-5"]
+    assert latest_checkpoint(tmp_path) == written
+
+    # Steps above the one kept are older than it (a resume went back) and go before the lowest steps.
+    for step in (1, 8):
+        _fake_checkpoint(tmp_path, step)
+    deleted = checkpoints.prune_checkpoints(tmp_path, 2, keep=written)
+    assert [path.name for path in deleted] == ["checkpoint-8"]
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [1, 5]
+    _fake_checkpoint(tmp_path, 9)
+    assert [path.name for path in checkpoints.prune_checkpoints(tmp_path, 2)] == ["checkpoint-1"]
+

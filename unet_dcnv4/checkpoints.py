@@ -83,12 +83,26 @@ def _delete_checkpoint(path: Path) -> None:
     shutil.rmtree(path)
 
 
-def prune_checkpoints(checkpoints_dir: str | os.PathLike, total_limit: int | None) -> list[Path]:
-    """Deletes the oldest complete checkpoints so that at most `total_limit` remain; returns the deleted ones."""
+def prune_checkpoints(checkpoints_dir: str | os.PathLike, total_limit: int | None,
+                      keep: str | os.PathLike | None = None) -> list[Path]:
+    """Deletes complete checkpoints so that at most `total_limit` remain; returns the deleted ones.
+
+    Args:
+        checkpoints_dir: the run's checkpoints folder.
+        total_limit: how many complete checkpoints to keep, None for all.
+        keep: the checkpoint just written, never deleted. Checkpoints of a higher step than it are older than it
+            (an earlier run, or the steps after the checkpoint a resume went back to) and go first, then the
+            lowest steps.
+    """
     if total_limit is None:
         return []
     found = list_checkpoints(checkpoints_dir)
-    doomed = [path for _, path in found[:max(0, len(found) - total_limit)]]
+    keep = Path(keep) if keep is not None else None
+    kept_step = next((step for step, path in found if path == keep), None)
+    candidates = [(step, path) for step, path in found if path != keep]
+    if kept_step is not None:
+        candidates.sort(key=lambda item: (item[0] < kept_step, item[0]))
+    doomed = [path for _, path in candidates[:max(0, len(found) - total_limit)]]
     for path in doomed:
         _delete_checkpoint(path)
     return doomed
@@ -100,8 +114,9 @@ def save_checkpoint(accelerator, checkpoints_dir: str | os.PathLike, step: int, 
 
     Everything is written to `checkpoint-<step>.tmp` first, `STATE_FILE` last, and renamed once complete, so an
     interrupted save never leaves a folder that `latest_checkpoint` would pick. After a successful save the
-    oldest complete checkpoints beyond `total_limit` are deleted. A kill at any point leaves the newest complete
-    checkpoint findable by `list_checkpoints` (the `FAULT_POINTS` are where the tests kill it).
+    complete checkpoints beyond `total_limit` are deleted (`prune_checkpoints`), never the one just written. A kill
+    at any point leaves the newest complete checkpoint findable by `list_checkpoints` (the `FAULT_POINTS` are where
+    the tests kill it).
 
     Args:
         accelerator: the run's `accelerate.Accelerator` (models, optimizer and custom objects registered).
@@ -144,6 +159,7 @@ def save_checkpoint(accelerator, checkpoints_dir: str | os.PathLike, step: int, 
         _fault_point("after_rename")
         if old.exists():
             _delete_checkpoint(old)
-        prune_checkpoints(root, total_limit)
+        prune_checkpoints(root, total_limit, keep=final)
     accelerator.wait_for_everyone()
     return final
+

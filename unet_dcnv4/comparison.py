@@ -1,6 +1,6 @@
 """Comparing two arms of training runs (e.g. the DCNv4 U-Net and the conv baseline, several seeds each): the
-check that they share one experiment, sampling and FID/KID of every run, a bootstrap interval of the FID
-difference, and the report (`comparison.json`, `.md`, `.png`). `compare.py` is its command line.
+check that they share one experiment, sampling and FID/KID of every run, the interval of the FID difference
+(`intervals.py`), and the report (`comparison.json`, `.md`, `.png`). `compare.py` is its command line.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["EXPERIMENT_EXCLUDED", "read_run", "experiment_identity", "check_comparable", "bootstrap_fid_difference",
-           "verdict", "compare_arms", "markdown_table", "write_figure"]
+from .intervals import difference_interval, jackknife_fid_variance, verdict
+
+__all__ = ["EXPERIMENT_EXCLUDED", "read_run", "experiment_identity", "check_comparable", "check_distinct_runs",
+           "training_changes", "compare_arms", "markdown_table", "write_figure"]
 
 # TrainConfig keys that do not define the experiment: the model (what is compared), the seed (what varies
 # within an arm), bookkeeping and hardware settings. Every other key must agree between all runs, and new keys
@@ -26,8 +28,18 @@ EXPERIMENT_EXCLUDED = MODEL_KEYS + (
     "log_every_steps", "latent_cache_dir", "encode_batch_size", "dataloader_num_workers", "allow_tf32",
     "channels_last", "torch_compile", "dcnv4_impl", "dcnv4_cuda_backward", "sample_every_steps", "num_samples",
     "sample_inference_steps", "sample_scheduler", "train_batch_size", "gradient_accumulation_steps",
-    "max_train_steps", "data_source", "vae", "vae_subfolder", "allow_resume_changes",
+    "max_train_steps", "data_source", "vae", "vae_subfolder", "allow_resume_changes", "overwrite",
 )
+# Keys that do not change what a run trains: the exclusions less the model, the seed and those replaced by what
+# they resolve to (data, VAE, global batch). A resume may change them without changing the run's meaning;
+# max_train_steps too, unless the learning-rate schedule is drawn over it (LR_SCHEDULES_OVER_STEPS).
+BOOKKEEPING = tuple(k for k in EXPERIMENT_EXCLUDED if k not in MODEL_KEYS + (
+    "seed", "data_source", "vae", "vae_subfolder", "train_batch_size", "gradient_accumulation_steps"))
+LR_SCHEDULES_OVER_STEPS = ("linear", "cosine")
+# Samples a run needs at least: FID needs a covariance, the jackknife of a one-run arm three images.
+MIN_IMAGES = 3
+# The DCNv4-only keys of a model: a conv run ignores them. recompute_value is not one: it trains the same weights.
+DCNV4_MODEL_KEYS = ("dcnv4_options",)
 
 
 def _file_digest(path: Path) -> str:
@@ -105,27 +117,66 @@ def experiment_identity(run: Path, cfg, stats: dict) -> dict:
     return identity
 
 
+def model_config(cfg) -> dict:
+    """What a run's config says about its model: type and size, and the DCNv4 options of a DCNv4 run."""
+    keys = ("model_type", "model_size") + (DCNV4_MODEL_KEYS if cfg.model_type == "dcnv4" else ())
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def training_changes(run: dict) -> list[tuple[str, str]]:
+    """The changes made at a resume of the run that alter what it trains, as (key, description).
+
+    Read from `resume_changes` in train_stats.json (every key changed at a resume, with the step); keys in
+    `BOOKKEEPING` do not count, nor `max_train_steps` under a schedule that is not drawn over it.
+    """
+    cfg = run["config"]
+    found = []
+    for entry in run["train_stats"].get("resume_changes") or []:
+        for key, (old, new) in entry.get("changes", {}).items():
+            if key in BOOKKEEPING and not (key == "max_train_steps" and cfg.lr_scheduler in LR_SCHEDULES_OVER_STEPS):
+                continue
+            found.append((key, f"{key} changed from {old!r} to {new!r} at step {entry.get('step')} in {run['dir']}"))
+    return found
+
+
+def check_distinct_runs(runs: list[dict]) -> None:
+    """Refuse a run given twice, or two runs of the same model, seed and experiment (one run counted twice)."""
+    seen: dict[str, str] = {}
+    for run in runs:
+        where = str(Path(run["dir"]).resolve())
+        if where in seen:
+            raise ValueError(f"run {run['dir']} is given twice; each run may be counted once")
+        seen[where] = run["dir"]
+    for i, run in enumerate(runs):
+        for other in runs[i + 1:]:
+            if (model_config(run["config"]) == model_config(other["config"])
+                    and run["config"].seed == other["config"].seed and run["identity"] == other["identity"]):
+                raise ValueError(f"runs {run['dir']} and {other['dir']} have the same model, seed "
+                                 f"({run['config'].seed}) and config: one run counted twice; give runs of different "
+                                 "seeds")
+
+
 def check_comparable(arms: dict[str, list[dict]], allow: tuple[str, ...] = ()) -> list[str]:
-    """Refuse runs that differ in anything but the model between arms and the seed within an arm.
+    """Refuse runs that differ in anything but the model between arms and the seed within an arm, and runs whose
+    training was changed at a resume.
 
     Args:
         arms: label -> runs (`read_run` dicts).
-        allow: identity keys allowed to differ ("all" allows every key); each allowed difference is returned.
+        allow: identity keys allowed to differ, or keys allowed to have changed at a resume ("all" allows every
+            key); each allowed difference is returned.
 
     Returns:
         One line per allowed difference. Raises ValueError naming every difference that is not allowed, and
         every model difference within an arm.
     """
-    from .training import config_to_dict
-
     for label, runs in arms.items():
-        first = config_to_dict(runs[0]["config"])
+        first = model_config(runs[0]["config"])
         for run in runs[1:]:
-            other = config_to_dict(run["config"])
-            changed = [k for k in MODEL_KEYS if first[k] != other[k]]
+            other = model_config(run["config"])
+            changed = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
             if changed:
                 raise ValueError(f"arm {label!r} mixes models: {runs[0]['dir']} and {run['dir']} differ in "
-                                 + ", ".join(f"{k} ({first[k]!r} vs {other[k]!r})" for k in changed))
+                                 + ", ".join(f"{k} ({first.get(k)!r} vs {other.get(k)!r})" for k in changed))
     runs = [run for arm in arms.values() for run in arm]
     reference = runs[0]
     found, allowed = [], []
@@ -135,57 +186,40 @@ def check_comparable(arms: dict[str, list[dict]], allow: tuple[str, ...] = ()) -
             if a != b:
                 line = f"{key} ({a!r} in {reference['dir']}, {b!r} in {run['dir']})"
                 (allowed if "all" in allow or key in allow else found).append(line)
+    midway = []
+    for run in runs:
+        for key, line in training_changes(run):
+            (allowed if "all" in allow or key in allow else midway).append(line)
     if found:
         raise ValueError("runs differ in what defines the experiment: " + "; ".join(found)
+                         + ". Pass --allow_mismatch KEY (or all) to compare them anyway")
+    if midway:
+        raise ValueError("runs changed their training when resumed: " + "; ".join(midway)
                          + ". Pass --allow_mismatch KEY (or all) to compare them anyway")
     return allowed
 
 
-def bootstrap_fid_difference(features: dict[str, list[tuple]], resampler, num_resamples: int = 500,
-                             seed: int = 0) -> np.ndarray:
-    """Bootstrap draws of mean FID(arm a) - mean FID(arm b), resampling runs and each run's sample set.
+def training_data(run: dict, skip_corrupt: bool = False):
+    """The images a run trained on, to measure its FID against: its data_source (a relative folder resolved where
+    the run was trained, as train_stats.json records it), refused unless it has the fingerprint the run recorded.
 
     Args:
-        features: for the two arms in order, a list per arm of `resampler.prepare(features)` of each run.
-        resampler: a `metrics.FrechetResampler` holding the reference statistics.
-        num_resamples: bootstrap draws.
-        seed: seed of the resampling.
-
-    Returns:
-        (num_resamples,) differences. Runs are resampled with replacement within an arm when it has more than one;
-        the images of each drawn run are resampled with replacement always.
+        run: a `read_run` dict.
+        skip_corrupt: leave unreadable images out (as the run did when it trained with skip_corrupt).
     """
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xB007]))
-    a, b = list(features.values())
-    out = np.empty(num_resamples)
-    for i in range(num_resamples):
-        means = []
-        for arm in (a, b):
-            picks = rng.integers(0, len(arm), len(arm)) if len(arm) > 1 else [0]
-            fids = []
-            for r in picks:
-                n = len(arm[r][0])
-                fids.append(resampler.fid(arm[r], torch.from_numpy(rng.integers(0, n, n))))
-            means.append(np.mean(fids))
-        out[i] = means[0] - means[1]
-    return out
+    from .data import build_image_dataset
 
-
-def difference_interval(observed: float, draws: np.ndarray) -> tuple[float, float]:
-    """The 95% interval of a FID difference from its bootstrap draws, re-centred on the observed value:
-    resampled sample sets repeat images, which raises every FID by a bias; re-centring keeps the draws'
-    spread and drops that bias."""
-    low, high = observed + np.quantile(draws - draws.mean(), [0.025, 0.975])
-    return float(low), float(high)
-
-
-def verdict(labels: list[str], ci95: tuple[float, float]) -> str:
-    """"<arm a> lower FID", "<arm b> lower FID" or "no significant difference at 95%" from the interval of a - b."""
-    if ci95[1] < 0:
-        return f"{labels[0]} lower FID"
-    if ci95[0] > 0:
-        return f"{labels[1]} lower FID"
-    return "no significant difference at 95%"
+    cfg, stats = run["config"], run["train_stats"]
+    source = stats.get("data_source_path") or cfg.data_source
+    dataset = build_image_dataset(source, resolution=cfg.resolution, class_labels=cfg.class_conditional,
+                                  skip_corrupt=skip_corrupt)
+    recorded = stats.get("data_fingerprint")
+    if recorded and dataset.fingerprint() != recorded:
+        where = repr(source) if source == "builtin" or os.path.isabs(source) else \
+            f"{source!r} (resolved to {os.path.abspath(source)})"
+        raise ValueError(f"data_source {where} is not the data {run['dir']} trained on: its fingerprint differs from the one the run recorded (files added, removed or "
+                         "changed, or another folder); pass --reference FOLDER to measure against other images")
+    return dataset
 
 
 def _arm_label(runs: list[dict]) -> str:
@@ -217,7 +251,7 @@ def compare_arms(
     cache_dir: str | None = None,
     fid_curve: bool = True,
     grid_images: int = 36,
-    num_resamples: int = 500,
+    jackknife_groups: int = 50,
     allow_mismatch: tuple[str, ...] = (),
     overwrite: bool = False,
     skip_corrupt: bool = False,
@@ -237,7 +271,7 @@ def compare_arms(
         cache_dir: reference features and converted Inception weights.
         fid_curve: also measure the intermediate checkpoints (FID against steps and training seconds).
         grid_images: images per grid in the figure.
-        num_resamples: bootstrap draws of the FID difference.
+        jackknife_groups: groups of the jackknife that measures the image noise of an arm of one run.
         allow_mismatch: experiment keys allowed to differ between runs (see `check_comparable`).
         overwrite: regenerate sample folders that another model or setting wrote, instead of stopping.
         skip_corrupt: leave unreadable reference images out instead of stopping.
@@ -249,13 +283,15 @@ def compare_arms(
     """
     from pipelines import LatentDiffusionPipeline
 
-    from .data import build_image_dataset
     from .metrics import FrechetResampler, compute_fid_kid, list_images
     from .sampling import write_grid
     from .unet import model_report
 
     if len(arms) != 2 or not all(arms):
         raise ValueError(f"arms must be two non-empty lists of run folders, got {arms!r}")
+    if num_images is not None and (not isinstance(num_images, int) or num_images < MIN_IMAGES):
+        raise ValueError(f"num_images must be an int >= {MIN_IMAGES} (FID needs a covariance, its interval a "
+                         f"jackknife), got {num_images!r}")
     runs_by_arm: dict[str, list[dict]] = {}
     for index, dirs in enumerate(arms):
         runs = [read_run(d) for d in dirs]
@@ -263,15 +299,20 @@ def compare_arms(
         if label in runs_by_arm:
             label = f"{label} [{'ab'[index]}]"
         runs_by_arm[label] = runs
+    check_distinct_runs([run for runs in runs_by_arm.values() for run in runs])
     allowed = check_comparable(runs_by_arm, allow_mismatch)
-    cfg = next(iter(runs_by_arm.values()))[0]["config"]
+    first = next(iter(runs_by_arm.values()))[0]
+    cfg = first["config"]
     # The runs' own choice counts too: a run trained without its unreadable images is measured without them.
     skip_corrupt = skip_corrupt or getattr(cfg, "skip_corrupt", False)
     if reference is None:
-        reference = build_image_dataset(cfg.data_source, resolution=cfg.resolution, skip_corrupt=skip_corrupt)
+        reference = training_data(first, skip_corrupt)
     if num_images is None:
         # As many samples as reference images: FID is biased by the sample count, so fix it, and fix it high.
         num_images = len(list_images(reference)) if isinstance(reference, str) else len(reference)
+        if num_images < MIN_IMAGES:
+            raise ValueError(f"the reference holds {num_images} images; FID and its interval need at least "
+                             f"{MIN_IMAGES}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     os.makedirs(output_dir, exist_ok=True)
     settings = dict(sampler=sampler, num_inference_steps=num_inference_steps, batch_size=batch_size, seed=seed,
@@ -306,12 +347,14 @@ def compare_arms(
             if fid_curve:
                 from .training import pipeline_from_checkpoint
 
+                # The weights the run's pipeline holds: the EMA's when it kept one, else the raw ones.
+                use_ema = run["config"].use_ema
                 for checkpoint in run["checkpoints"]:
                     if checkpoint["step"] == stats["steps"]:
                         continue
                     print(f"[{label}] run {i + 1}: FID at step {checkpoint['step']}", flush=True)
-                    point = measure(pipeline_from_checkpoint(checkpoint["path"]), checkpoint["path"],
-                                    os.path.join(folder, f"step-{checkpoint['step']}"), use_ema=True)
+                    point = measure(pipeline_from_checkpoint(checkpoint["path"], use_ema=use_ema), checkpoint["path"],
+                                    os.path.join(folder, f"step-{checkpoint['step']}"), use_ema=use_ema)
                     curve.append({"step": checkpoint["step"], "train_seconds": checkpoint["train_seconds"],
                                   "fid": point["fid"], "kid_mean": point["kid_mean"]})
             curve.append({"step": stats["steps"], "train_seconds": stats.get("train_seconds"),
@@ -361,25 +404,21 @@ def compare_arms(
         arm["parameter_ratio"] = arm["parameters"] / b["parameters"]
         arm["gflops_ratio"] = arm["gflops"] / b["gflops"]
 
+    # The interval: from the per-run FIDs of arms with several runs, from a jackknife of the sample set of an arm
+    # with one run (image noise only).
     resampler = FrechetResampler(reference_features, device=device)
-    prepared = {label: [resampler.prepare(f) for f in fs] for label, fs in features.items()}
-    draws = bootstrap_fid_difference(prepared, resampler, num_resamples, seed)
-    observed = a["fid_mean"] - b["fid_mean"]
-    low, high = difference_interval(observed, draws)
-    one_run = a["num_runs"] == 1 or b["num_runs"] == 1
-    conclusion = verdict([a["label"], b["label"]], (low, high))
+    image_variances = [jackknife_fid_variance(resampler.prepare(features[arm["label"]][0]), resampler,
+                                              jackknife_groups, seed) if arm["num_runs"] == 1 else None
+                       for arm in arms_out]
+    difference = difference_interval([r["fid"] for r in a["runs"]], [r["fid"] for r in b["runs"]], *image_variances)
+    conclusion = verdict([a["label"], b["label"]], difference["ci95"])
+    for arm, spread in zip(arms_out, difference.pop("arms")):
+        arm["interval_covers"] = spread["covers"]
+        arm["interval_covers_text"] = spread["covers_text"]
     summary = {
         "arms": arms_out,
-        "fid_difference": {
-            "a": a["label"],
-            "b": b["label"],
-            "value": observed,
-            "ci95": [low, high],
-            "verdict": conclusion,
-            "num_resamples": num_resamples,
-            "resampled": "sample sets only (an arm has one run; seed-to-seed variation is not included)"
-                         if one_run else "runs within each arm and the sample set of each run",
-        },
+        "fid_difference": {"a": a["label"], "b": b["label"], **difference, "verdict": conclusion,
+                           "jackknife_groups": jackknife_groups if any(image_variances) else None},
         "verdict": conclusion,
         "budget": _budget_line(a, b),
         "allowed_differences": allowed,
@@ -453,6 +492,13 @@ def _fmt(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def interval_text(difference: dict) -> str:
+    """"95% interval [low, high] (method, df, p)" of a `difference_interval` result."""
+    low, high = difference["ci95"]
+    return (f"{difference['level']:.0%} interval [{low:+.2f}, {high:+.2f}] ({difference['method']}; "
+            f"df {difference['df']:.1f}, p = {difference['p_value']:.2g})")
+
+
 def markdown_table(summary: dict) -> str:
     """The comparison as a markdown table, the FID difference with its interval, the verdict and the setting."""
     precision = "fp32" if summary["mixed_precision"] == "no" else summary["mixed_precision"]
@@ -472,9 +518,9 @@ def markdown_table(summary: dict) -> str:
     diff = summary["fid_difference"]
     lines += [
         "",
-        f"FID difference ({diff['a']} - {diff['b']}): {diff['value']:+.2f}, 95% interval "
-        f"[{diff['ci95'][0]:+.2f}, {diff['ci95'][1]:+.2f}] ({diff['num_resamples']} bootstrap draws over "
-        f"{diff['resampled']}).",
+        f"FID difference ({diff['a']} - {diff['b']}): {diff['value']:+.2f}, {interval_text(diff)}.",
+        "The interval covers " + "; ".join(f"for {arm['label']}, {arm['interval_covers_text']}"
+                                           for arm in summary["arms"]) + ".",
         f"Verdict: {summary['verdict']}.",
         f"Budget: {summary['budget']}.",
         "",

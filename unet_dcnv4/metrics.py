@@ -466,7 +466,8 @@ def compute_fid_kid(
 def main(argv: list[str] | None = None) -> int:
     """`python -m unet_dcnv4.metrics SAMPLES REFERENCE`: print FID and KID of two image folders."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("samples", help="folder of generated images")
+    parser.add_argument("samples", help="a sample folder of sample.py or compare.py (its images/000000.png ... in "
+                        "order, nothing else), or any other folder of images (every image under it)")
     parser.add_argument("reference", help="folder of reference images")
     parser.add_argument("--resolution", type=int, default=None, help="resize both to this side (default: reference's)")
     parser.add_argument("--num_reference", type=int, default=None, help="use the first N reference images")
@@ -474,9 +475,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=50)
     parser.add_argument("--skip_corrupt", action="store_true", help="leave unreadable reference images out")
     args = parser.parse_args(argv)
+    from .sampling import is_sample_folder, read_sample_folder
+
     try:
+        samples = read_sample_folder(args.samples)[0] if is_sample_folder(args.samples) else args.samples
         result = compute_fid_kid(
-            args.samples,
+            samples,
             args.reference,
             resolution=args.resolution,
             num_reference=args.num_reference,

@@ -197,6 +197,38 @@ def sample_paths(output_dir: str, num_images: int) -> list[str]:
     return paths
 
 
+def is_sample_folder(folder: str) -> bool:
+    """True for a folder that sample.py or compare.py wrote: a manifest and an images/ subfolder."""
+    return os.path.isfile(os.path.join(folder, MANIFEST_FILE)) and os.path.isdir(os.path.join(folder, IMAGES_DIR))
+
+
+def read_sample_folder(folder: str) -> tuple[list[str], dict]:
+    """The images of a sample folder and its manifest, by the one rule for what a sample folder holds.
+
+    The images are `images/000000.png`, `000001.png`, ... up to the first index missing, in index order; nothing
+    else counts (no grid, no partial write, no image past a gap). Raises ValueError for a folder that is no sample
+    folder (no manifest saying what made the images) or that holds no image 0.
+
+    Args:
+        folder: a folder written by sample.py or compare.py (its `images/` subfolder is accepted too).
+    """
+    if os.path.basename(os.path.normpath(folder)) == IMAGES_DIR and not is_sample_folder(folder):
+        folder = os.path.dirname(os.path.normpath(folder))
+    if not os.path.isdir(folder):
+        raise ValueError(f"sample folder {folder!r} does not exist")
+    if not is_sample_folder(folder):
+        raise ValueError(f"{folder!r} is not a sample folder: it has no {MANIFEST_FILE} and {IMAGES_DIR}/ saying what "
+                         "made its images (write samples with sample.py or compare.py)")
+    with open(os.path.join(folder, MANIFEST_FILE)) as f:
+        manifest = json.load(f)
+    paths = []
+    while os.path.isfile(image_path(folder, len(paths))):
+        paths.append(image_path(folder, len(paths)))
+    if not paths:
+        raise ValueError(f"sample folder {folder!r} holds no {image_path('', 0).lstrip(os.sep)}")
+    return paths, manifest
+
+
 def generate_samples(
     pipe,
     output_dir: str,
