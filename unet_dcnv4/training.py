@@ -9,10 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import shutil
-import signal
-import types
 import typing
 import zlib
 from dataclasses import dataclass, field
