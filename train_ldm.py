@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from unet_dcnv4 import config
+from unet_dcnv4.checkpoints import replace_file, replace_folder
 from unet_dcnv4.data import CorruptImageError
 from unet_dcnv4.progress import progress as progress_bar
 from unet_dcnv4.training import (
@@ -422,8 +423,9 @@ def train(cfg: TrainConfig) -> dict:
     if is_main:
         if cfg.use_ema:
             ema.copy_to(unwrapped.parameters())
-        sampling_pipeline().save_pretrained(output_dir / "pipeline")
-        (output_dir / "train_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        # Each replaced whole: a kill or an error leaves the previous one or the new one, never a part.
+        replace_folder(output_dir / "pipeline", sampling_pipeline().save_pretrained)
+        replace_file(output_dir / "train_stats.json", json.dumps(stats, indent=2) + "\n")
         print(f"Outputs in {output_dir.resolve()}: pipeline/ (EMA U-Net + VAE + scheduler), checkpoints/, "
               f"samples/, logs/ (TensorBoard), train_stats.json, config.yaml")
     accelerator.end_training()

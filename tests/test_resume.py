@@ -1,5 +1,5 @@
 """What a resume restores and where: state on the model's device, independent and reproducible random streams;
-pruning that keeps the checkpoint just written."""
+pruning that keeps the checkpoint just written; a run's outputs replaced whole or not at all."""
 
 from __future__ import annotations
 
@@ -169,3 +169,38 @@ def test_pruning_keeps_the_checkpoint_just_written(tmp_path):
     _fake_checkpoint(tmp_path, 9)
     assert [path.name for path in checkpoints.prune_checkpoints(tmp_path, 2)] == ["checkpoint-1"]
 
+
+def test_a_failed_replacement_keeps_the_previous_output(tmp_path, monkeypatch):
+    final = tmp_path / "pipeline"
+    checkpoints.replace_folder(final, lambda folder: (folder / "model_index.json").write_text("old"))
+
+    def dies_half_way(folder: Path) -> None:
+        (folder / "model_index.json").write_text("{")
+        raise KeyboardInterrupt("killed while saving")
+
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.replace_folder(final, dies_half_way)
+    assert (final / "model_index.json").read_text() == "old"
+    # Killed between its two renames, a replacement leaves the previous folder aside; the next one restores it
+    # before it writes, and replaces it once complete.
+    final.rename(tmp_path / "pipeline.old")
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.replace_folder(final, dies_half_way)
+    assert (final / "model_index.json").read_text() == "old"
+    checkpoints.replace_folder(final, lambda folder: (folder / "model_index.json").write_text("new"))
+    assert (final / "model_index.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline"]
+
+    stats = checkpoints.replace_file(tmp_path / "train_stats.json", "old")
+    real_replace = checkpoints.os.replace
+
+    def killed_before_the_rename(src, dst):
+        raise KeyboardInterrupt("killed before the rename")
+
+    monkeypatch.setattr(checkpoints.os, "replace", killed_before_the_rename)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.replace_file(stats, "new, written in full")
+    assert stats.read_text() == "old"
+    monkeypatch.setattr(checkpoints.os, "replace", real_replace)
+    checkpoints.replace_file(stats, "new")
+    assert stats.read_text() == "new" and not (tmp_path / "train_stats.json.tmp").exists()

@@ -1,4 +1,5 @@
-"""End-to-end tests of train_ldm.py on tiny data: outputs, exact resume, atomic checkpoints, errors, two processes."""
+"""End-to-end tests of train_ldm.py on tiny data: outputs, exact resume, atomic checkpoints and outputs, errors,
+two processes."""
 
 from __future__ import annotations
 
@@ -317,6 +318,31 @@ def test_input_mistakes_are_one_line(assets, tmp_path, capsys, sets, needle):
     assert train_ldm.main(args(assets, tmp_path, 1, model_type="conv", **sets)) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and err.startswith("train_ldm.py: error: ") and needle in err, err
+
+
+def test_a_failed_final_save_keeps_the_previous_pipeline_and_stats(assets, tmp_path, monkeypatch):
+    from pipelines import LatentDiffusionPipeline
+
+    def outputs() -> dict:
+        files = [*(tmp_path / "pipeline").rglob("*"), tmp_path / "train_stats.json"]
+        return {str(path.relative_to(tmp_path)): path.read_bytes() for path in files if path.is_file()}
+
+    assert train_ldm.main(args(assets, tmp_path, 1, model_type="conv")) == 0
+    before = outputs()
+
+    def dies_half_way(self, save_directory, **kwargs):
+        (Path(save_directory) / "model_index.json").write_text("{")
+        raise KeyboardInterrupt("killed while saving the pipeline")
+
+    resume = args(assets, tmp_path, 2, model_type="conv") + ["--resume_from_checkpoint", "latest"]
+    with monkeypatch.context() as patch:
+        patch.setattr(LatentDiffusionPipeline, "save_pretrained", dies_half_way)
+        with pytest.raises(KeyboardInterrupt):
+            train_ldm.main(resume)
+    assert outputs() == before
+    assert train_ldm.main(resume) == 0
+    assert json.loads((tmp_path / "train_stats.json").read_text())["steps"] == 2
+    assert sorted(p.name for p in tmp_path.glob("pipeline*")) == ["pipeline"]
 
 
 def test_a_bug_keeps_its_traceback(assets, tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """Checkpoint folders of both trainers (`checkpoints/checkpoint-<step>`): listing, the latest, pruning and a save
-that a kill at any point leaves with its newest complete checkpoint findable.
+that a kill at any point leaves with its newest complete checkpoint findable; and the same atomic replacement for
+a run's other outputs (a folder, a file).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import signal
 from pathlib import Path
 
 __all__ = ["CHECKPOINT_PREFIX", "CHECKPOINT_PATTERN", "STATE_FILE", "FAULT_ENV", "FAULT_POINTS", "list_checkpoints",
-           "latest_checkpoint", "resolve_resume_checkpoint", "prune_checkpoints", "save_checkpoint"]
+           "latest_checkpoint", "resolve_resume_checkpoint", "prune_checkpoints", "save_checkpoint", "replace_folder",
+           "replace_file"]
 
 CHECKPOINT_PREFIX = "checkpoint-"
 # A checkpoint folder's name: its step, and `.old` for one moved aside by a save of the same step.
@@ -163,3 +165,46 @@ def save_checkpoint(accelerator, checkpoints_dir: str | os.PathLike, step: int, 
     accelerator.wait_for_everyone()
     return final
 
+
+def replace_folder(final: str | os.PathLike, write) -> Path:
+    """Writes a folder with `write(folder)` and puts it in place of `final` so that a kill at any point leaves
+    either the previous complete folder or the new one.
+
+    The new folder is written to `<final>.tmp`; the previous one is moved aside to `<final>.old` and deleted once
+    the new one is renamed into place. A kill between those two renames leaves the previous folder as
+    `<final>.old`, which the next call deletes; an exception in `write` leaves `final` as it was.
+
+    Args:
+        final: the folder to replace (it need not exist).
+        write: called with the temporary folder (created empty); writes the whole content.
+
+    Returns:
+        `final` as a Path.
+    """
+    final = Path(final)
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    # Left over from a replacement that was interrupted: `tmp` is unfinished, `old` was replaced already when
+    # `final` exists, else it is the only complete copy and goes back into place.
+    shutil.rmtree(tmp, ignore_errors=True)
+    if old.exists():
+        if final.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, final)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def replace_file(path: str | os.PathLike, text: str) -> Path:
+    """Writes `text` to `path` through a temporary sibling renamed over it: a kill at any point leaves the previous
+    file or the new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
