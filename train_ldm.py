@@ -25,8 +25,9 @@ from unet_dcnv4.checkpoints import replace_file, replace_folder
 from unet_dcnv4.data import CorruptImageError
 from unet_dcnv4.progress import progress as progress_bar
 from unet_dcnv4.training import (
-    RANDOM_STREAMS, EpochSampler, NoiseGenerator, TrainConfig, config_to_dict, config_to_yaml, load_checkpoint,
-    read_checkpoint_state, resolve_resume_checkpoint, resume_changes, save_checkpoint, unet_options, validate_config,
+    EXACT_RESUME_CHECKS, RANDOM_STREAMS, EpochSampler, NoiseGenerator, TrainConfig, config_to_dict, config_to_yaml,
+    load_checkpoint, read_checkpoint_state, resolve_resume_checkpoint, resume_changes, save_checkpoint, unet_options,
+    validate_config,
 )
 from unet_dcnv4.training import class_embeddings, null_class_label
 from unet_dcnv4.vae import VAELoadError
@@ -205,13 +206,15 @@ def train(cfg: TrainConfig) -> dict:
         except ValueError as err:
             raise ValueError(f"{err} in {str(resume_dir)!r}") from None
         described = ", ".join(f"{k} ({old!r}, now {new!r})" for k, (old, new) in changes.items())
-        if changes and not cfg.allow_resume_changes:
-            raise ValueError(f"resume_from_checkpoint {str(resume_dir)!r} was trained with different {described}; "
+        exact = {k: v for k, v in changes.items() if k in EXACT_RESUME_CHECKS}
+        if exact and not cfg.allow_resume_changes:
+            listed = ", ".join(f"{k} ({old!r}, now {new!r})" for k, (old, new) in exact.items())
+            raise ValueError(f"resume_from_checkpoint {str(resume_dir)!r} was trained with different {listed}; "
                              "that breaks exact resume (set allow_resume_changes: true, "
                              "--set allow_resume_changes=true, to continue anyway)")
+        # Every change is recorded with the step it starts at, in train_stats.json and every later checkpoint.
         history = old_state.get("resume_changes", [])
         if changes:
-            accelerator.print(f"allow_resume_changes: resuming {resume_dir} with different {described}")
             history = history + [{"step": old_state["step"], "checkpoint": str(resume_dir),
                                   "changes": {k: list(v) for k, v in changes.items()}}]
     if is_main:
@@ -276,7 +279,8 @@ def train(cfg: TrainConfig) -> dict:
     # Seconds spent in optimisation steps since step 0, over every resume: the x axis of FID against time.
     train_seconds = 0.0
     if resume_dir is not None:
-        accelerator.print(f"Resuming from {resume_dir}")
+        accelerator.print(f"Resuming from {resume_dir} at step {old_state['step']}"
+                          + (f", recording the changes {described}" if changes else ", nothing changed"))
         model_device = next(unwrapped.parameters()).device
         resumed = load_checkpoint(accelerator, resume_dir, model_device, ema)
         global_step, train_seconds = resumed["step"], resumed.get("train_seconds") or 0.0

@@ -1,8 +1,9 @@
-"""End-to-end tests of train_ldm.py on tiny data: outputs, exact resume, atomic checkpoints and outputs, errors,
-two processes."""
+"""End-to-end tests of train_ldm.py on tiny data: outputs, exact resume and the changes a resume records, atomic
+checkpoints and outputs, errors, two processes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -215,7 +216,8 @@ def test_allowed_resume_changes_are_applied_and_recorded(assets, tmp_path, capsy
     stats = json.loads((tmp_path / "train_stats.json").read_text())
     assert stats["allow_resume_changes"] is True
     assert stats["resume_changes"] == [{"step": 3, "checkpoint": str(tmp_path / "checkpoints" / "checkpoint-3"),
-                                        "changes": {"learning_rate": [0.0002, 0.01], "adam_weight_decay": [0.0, 0.1],
+                                        "changes": {"max_train_steps": [3, 4], "allow_resume_changes": [False, True],
+                                                    "learning_rate": [0.0002, 0.01], "adam_weight_decay": [0.0, 0.1],
                                                     "ema_power": [0.75, 0.5]}}]
     assert load_config(tmp_path / "config.yaml").allow_resume_changes is True
     checkpoint = tmp_path / "checkpoints" / "checkpoint-4"
@@ -225,6 +227,47 @@ def test_allowed_resume_changes_are_applied_and_recorded(assets, tmp_path, capsy
     assert [(g["initial_lr"], g["weight_decay"]) for g in groups] == [(0.01, 0.1)]
     assert torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=False)["base_lrs"] == [0.01]
     assert torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False)["power"] == 0.5
+
+
+def test_resume_changes_list_every_key():
+    """Every key is refused, refused unless allowed, or free; all but resume_from_checkpoint are recorded."""
+    names = [f.name for f in dataclasses.fields(training.TrainConfig)]
+    lists = training.ARCHITECTURE_KEYS + training.EXACT_RESUME_KEYS + training.RECORDED_RESUME_KEYS
+    assert sorted(lists) == sorted(set(names) - {"resume_from_checkpoint"})
+    old = training.TrainConfig(output_dir="runs/a")
+    new = training.TrainConfig(output_dir="runs/./a/", resume_from_checkpoint="latest", lr_scheduler="linear",
+                               lr_warmup_steps=5, max_grad_norm=0.5, mixed_precision="bf16", skip_nonfinite_steps=True,
+                               max_train_steps=2000, seed=1)
+    state = {"num_processes": 1, "random_streams": training.RANDOM_STREAMS}
+    assert training.resume_changes(old, new, state, 2) == {
+        "seed": (0, 1), "max_train_steps": (1000, 2000), "lr_scheduler": ("constant_with_warmup", "linear"),
+        "lr_warmup_steps": (20, 5), "max_grad_norm": (1.0, 0.5), "skip_nonfinite_steps": (False, True),
+        "mixed_precision": ("no", "bf16"), "num_processes": (1, 2)}
+    assert training.resume_changes(old, dataclasses.replace(old, output_dir="runs/b"), state, 1) == {
+        "output_dir": ("runs/a", "runs/b")}
+
+
+def test_resume_records_every_change(assets, tmp_path, monkeypatch, capsys):
+    """Settings a resume may change (schedule, clipping, the non-finite policy, the length) are recorded with
+    the step they start at; the output folder spelled another way is no change."""
+    common = dict(model_type="conv")
+    assert train_ldm.main(args(assets, tmp_path / "run", 3, **common)) == 0
+    monkeypatch.chdir(tmp_path)
+    changed = dict(common, lr_scheduler="linear", max_grad_norm=0.5, skip_nonfinite_steps=True)
+    assert train_ldm.main(args(assets, Path("run"), 4, **changed) + ["--resume_from_checkpoint", "latest"]) == 0
+    expected = [{"step": 3, "checkpoint": str(Path("run") / "checkpoints" / "checkpoint-3"),
+                 "changes": {"max_train_steps": [3, 4], "lr_scheduler": ["constant_with_warmup", "linear"],
+                             "max_grad_norm": [1.0, 0.5], "skip_nonfinite_steps": [False, True]}}]
+    run = tmp_path / "run"
+    assert json.loads((run / "train_stats.json").read_text())["resume_changes"] == expected
+    state = json.loads((run / "checkpoints" / "checkpoint-4" / "training_state.json").read_text())
+    assert state["resume_changes"] == expected
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Resuming from")]
+    assert len(lines) == 1 and "max_grad_norm (1.0, now 0.5)" in lines[0] and "skip_nonfinite_steps" in lines[0]
+    # A resume that changes nothing adds nothing.
+    assert train_ldm.main(args(assets, Path("run"), 4, **changed) + ["--resume_from_checkpoint", "latest"]) == 0
+    assert json.loads((run / "train_stats.json").read_text())["resume_changes"] == expected
+    assert "nothing changed" in capsys.readouterr().out
 
 
 def test_killed_checkpoint_leaves_previous_usable(assets, straight_run, tmp_path, monkeypatch):
@@ -467,7 +510,9 @@ def test_two_process_resume_is_exact(assets, tmp_path, capsys):
     assert "num_processes (2, now 1)" in capsys.readouterr().err
     assert train_ldm.main(argv + ["--set", "allow_resume_changes=true"]) == 0
     stats = json.loads((resumed / "train_stats.json").read_text())
-    assert stats["steps"] == 5 and stats["resume_changes"][0]["changes"] == {"num_processes": [2, 1]}
+    assert stats["steps"] == 5 and [entry["changes"] for entry in stats["resume_changes"]] == [
+        {"max_train_steps": [3, 4]},
+        {"max_train_steps": [4, 5], "allow_resume_changes": [False, True], "num_processes": [2, 1]}]
 
 
 @pytest.mark.slow

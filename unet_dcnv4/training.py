@@ -25,7 +25,7 @@ __all__ = [
     "list_checkpoints", "latest_checkpoint", "resolve_resume_checkpoint", "prune_checkpoints", "save_checkpoint",
     "read_checkpoint_state", "load_checkpoint", "resume_changes", "derive_seed", "EpochSampler", "NoiseGenerator",
     "pipeline_from_checkpoint", "unet_options", "null_class_label", "class_embeddings", "CHECKPOINT_PREFIX",
-    "ARCHITECTURE_KEYS", "EXACT_RESUME_KEYS",
+    "ARCHITECTURE_KEYS", "EXACT_RESUME_KEYS", "RECORDED_RESUME_KEYS", "EXACT_RESUME_CHECKS",
     "RANDOM_STREAMS", "FAULT_ENV", "FAULT_POINTS",
 ]
 
@@ -40,16 +40,37 @@ resolve_resume_checkpoint, prune_checkpoints = checkpoints.resolve_resume_checkp
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-# Fields that change the model or its checkpointed state: a resumed run must keep them.
+# What a resume may change, key by key. Every change a resume lets through is recorded with its step in the run's
+# `resume_changes` (train_stats.json and each later checkpoint's training state), so that a run resumed with other
+# settings can be told from an uninterrupted one. Only `resume_from_checkpoint` is left out (it always differs),
+# and `output_dir` when it names the same folder.
+#
+# Refused always: fields that change the model or its checkpointed state (the checkpoint would not load, or
+# would load into another model, or train on other latents).
 ARCHITECTURE_KEYS = ("model_type", "model_size", "dcnv4_options", "class_conditional", "class_dropout_prob",
                      "use_ema", "data_source", "resolution", "vae", "vae_subfolder")
-# Fields a resumed run keeps unless `allow_resume_changes` is set: they change the objective, the data order or
-# the random streams, or they are restored from the checkpoint (optimizer and EMA hyperparameters), so that a
-# changed value would otherwise be ignored without a word. The number of processes is checked with them.
+# Refused unless `allow_resume_changes` is set: they change the objective, the data order or the random streams,
+# or they are restored from the checkpoint (optimizer and EMA hyperparameters), so that a changed value would
+# otherwise be ignored without a word. The number of processes and `RANDOM_STREAMS` are checked with them.
 EXACT_RESUME_KEYS = ("seed", "flips", "skip_corrupt", "train_batch_size", "gradient_accumulation_steps",
                      "prediction_type", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
                      "learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
                      "ema_max_decay", "ema_inv_gamma", "ema_power")
+# Free (recorded): how the remaining steps run, each a legitimate reason to resume with another value. The
+# length, LR schedule, clipping and non-finite policy take effect from the resume on (`max_train_steps` extends
+# a run; with a decaying `lr_scheduler` it also reshapes the remaining schedule; `skip_nonfinite_steps` is what
+# the non-finite loss stop says to resume with); precision and kernels follow the hardware the run resumes on
+# and change rounding, not the objective; the rest is bookkeeping, caching or sampling during training. The
+# keys that alter training (the schedule, clipping, precision, ...) make a run unfit as an arm of a comparison;
+# compare.py reads them in `resume_changes`.
+RECORDED_RESUME_KEYS = ("output_dir", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit",
+                        "log_every_steps", "allow_resume_changes", "latent_cache_dir", "encode_batch_size",
+                        "dataloader_num_workers", "lr_scheduler", "lr_warmup_steps", "max_grad_norm",
+                        "skip_nonfinite_steps", "mixed_precision", "allow_tf32", "channels_last", "torch_compile",
+                        "recompute_value", "dcnv4_impl", "dcnv4_cuda_backward", "sample_every_steps", "num_samples",
+                        "sample_inference_steps", "sample_scheduler")
+# What a resume checks besides the config keys; refused like EXACT_RESUME_KEYS.
+EXACT_RESUME_CHECKS = EXACT_RESUME_KEYS + ("num_processes", "random_streams")
 # The version of the way a run derives its data order and noise from its seed, recorded in every checkpoint:
 # checkpoints without it come from `seed + epoch` orders, which a resume cannot continue exactly.
 RANDOM_STREAMS = 1
@@ -212,11 +233,12 @@ def read_checkpoint_state(checkpoint_dir: str | os.PathLike) -> tuple[TrainConfi
 
 
 def resume_changes(old_cfg: TrainConfig, cfg: TrainConfig, old_state: dict, num_processes: int) -> dict:
-    """What a resume would change that an exact resume must keep, as {key: (old, new)}.
+    """Everything a resume changes, as {key: (old, new)}: what the run records in its `resume_changes`.
 
     Raises ValueError for a change of `ARCHITECTURE_KEYS` (the checkpoint would not load, or would load into another
-    model); returns the changes of `EXACT_RESUME_KEYS`, of the process count and of `RANDOM_STREAMS`, which the
-    caller refuses unless `cfg.allow_resume_changes` is set.
+    model). Returns the other config keys whose values differ, in the config's order (not `resume_from_checkpoint`,
+    nor `output_dir` when both name the same folder), then the process count and `RANDOM_STREAMS` when they
+    differ. The caller refuses the changes of `EXACT_RESUME_CHECKS` unless `cfg.allow_resume_changes` is set.
 
     Args:
         old_cfg, old_state: the config and training state stored in the checkpoint (`read_checkpoint_state`).
@@ -227,8 +249,14 @@ def resume_changes(old_cfg: TrainConfig, cfg: TrainConfig, old_state: dict, num_
     if changed:
         raise ValueError("resume_from_checkpoint was trained with different "
                          + ", ".join(f"{k} ({getattr(old_cfg, k)!r}, now {getattr(cfg, k)!r})" for k in changed))
-    changes = {k: (getattr(old_cfg, k), getattr(cfg, k)) for k in EXACT_RESUME_KEYS
-               if getattr(old_cfg, k) != getattr(cfg, k)}
+    changes = {}
+    for f in dataclasses.fields(TrainConfig):
+        old, new = getattr(old_cfg, f.name), getattr(cfg, f.name)
+        if f.name == "resume_from_checkpoint" or old == new:
+            continue
+        if f.name == "output_dir" and Path(old).resolve() == Path(new).resolve():
+            continue
+        changes[f.name] = (old, new)
     if old_state["num_processes"] != num_processes:
         changes["num_processes"] = (old_state["num_processes"], num_processes)
     if old_state.get("random_streams", 0) != RANDOM_STREAMS:
