@@ -25,9 +25,9 @@ from unet_dcnv4.checkpoints import replace_file, replace_folder
 from unet_dcnv4.data import CorruptImageError
 from unet_dcnv4.progress import progress as progress_bar
 from unet_dcnv4.training import (
-    EXACT_RESUME_CHECKS, RANDOM_STREAMS, EpochSampler, NoiseGenerator, TrainConfig, config_to_dict, config_to_yaml,
-    load_checkpoint, read_checkpoint_state, resolve_resume_checkpoint, resume_changes, save_checkpoint, unet_options,
-    validate_config,
+    EXACT_RESUME_CHECKS, RANDOM_STREAMS, EpochSampler, NoiseGenerator, TrainConfig, check_output_dir, config_to_dict,
+    config_to_yaml, load_checkpoint, read_checkpoint_state, remove_run, resolve_resume_checkpoint, resume_changes,
+    save_checkpoint, unet_options, validate_config,
 )
 from unet_dcnv4.training import class_embeddings, null_class_label
 from unet_dcnv4.vae import VAELoadError
@@ -42,11 +42,18 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite and the config does not allow skipping such steps."""
 
 
-def parse_args(argv: list[str] | None) -> tuple[TrainConfig, bool]:
-    """Resolves the config from the command line; returns (config, dry_run). Raises ValueError on bad keys/values."""
+def parse_args(argv: list[str] | None) -> tuple[TrainConfig, bool, bool]:
+    """Resolves the config from the command line; returns (config, dry_run, overwrite). Raises ValueError on bad
+    keys/values."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     config.add_arguments(parser, TrainConfig, NAMED_FLAGS)
-    return config.resolve_arguments(parser.parse_args(argv), TrainConfig, NAMED_FLAGS, validate_config)
+    # A command-line flag, not a config key: it says what to do with the folder, not what the run is.
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run in output_dir (its checkpoints, pipeline, stats, samples, logs and "
+                             "config; the latent cache stays) instead of refusing to start")
+    args = parser.parse_args(argv)
+    cfg, dry_run = config.resolve_arguments(args, TrainConfig, NAMED_FLAGS, validate_config)
+    return cfg, dry_run, args.overwrite
 
 
 def build_accelerator(cfg: TrainConfig):
@@ -181,8 +188,12 @@ def _hparams(cfg: TrainConfig) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config_to_dict(cfg).items()}
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Runs (or resumes) the training described by `cfg`; returns the statistics written to train_stats.json."""
+def train(cfg: TrainConfig, overwrite: bool = False) -> dict:
+    """Runs (or resumes) the training described by `cfg`; returns the statistics written to train_stats.json.
+
+    A new run refuses an output_dir that holds a run (`check_output_dir`) unless `overwrite`, which removes that
+    run once this one's inputs are checked (`remove_run`). config.yaml is written then, when the run starts.
+    """
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -198,6 +209,7 @@ def train(cfg: TrainConfig) -> dict:
     is_main = accelerator.is_main_process
 
     resume_dir = resolve_resume_checkpoint(cfg.resume_from_checkpoint, checkpoints_dir)
+    check_output_dir(output_dir, cfg.resume_from_checkpoint, resume_dir, overwrite)
     changes, history = {}, []
     if resume_dir is not None:
         old_cfg, old_state = read_checkpoint_state(resume_dir)
@@ -219,8 +231,6 @@ def train(cfg: TrainConfig) -> dict:
                                   "changes": {k: list(v) for k, v in changes.items()}}]
     if is_main:
         print(config_to_yaml(cfg), end="")
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(config_to_yaml(cfg))
     if device.type == "cuda" and cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -287,6 +297,17 @@ def train(cfg: TrainConfig) -> dict:
         apply_resume_changes(changes, cfg, optimizer, lr_scheduler, ema)
     elif cfg.resume_from_checkpoint == "latest":
         accelerator.print(f"No complete checkpoint in {checkpoints_dir}; starting a new run")
+
+    # The run starts: its inputs are checked, its model built and its state restored. Only now is a previous run
+    # removed (--overwrite) and the config written, so that a run that stops on its inputs changes nothing.
+    if is_main:
+        if overwrite:
+            removed = remove_run(output_dir)
+            if removed:
+                print(f"--overwrite: removed {', '.join(p.name for p in removed)} from {output_dir}")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        replace_file(output_dir / "config.yaml", config_to_yaml(cfg))
+    accelerator.wait_for_everyone()
 
     scaling_factor, shift_factor = latents.scaling_factor, latents.shift_factor
     # The saved VAE must undo the scaling the latents were trained with (the pipeline divides by it).
@@ -478,7 +499,7 @@ def error_line(err: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg, dry_run = parse_args(argv)
+        cfg, dry_run, overwrite = parse_args(argv)
     except INPUT_ERRORS as err:
         print(f"train_ldm.py: error: {error_line(err)}", file=sys.stderr)
         return 2
@@ -486,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         print(config_to_yaml(cfg), end="")
         return 0
     try:
-        train(cfg)
+        train(cfg, overwrite)
     except NonFiniteLossError as err:
         print(f"train_ldm.py: {err}", file=sys.stderr)
         return 1

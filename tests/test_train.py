@@ -1,5 +1,5 @@
 """End-to-end tests of train_ldm.py on tiny data: outputs, exact resume and the changes a resume records, atomic
-checkpoints and outputs, errors, two processes."""
+checkpoints and outputs, a folder holding one run, errors, two processes."""
 
 from __future__ import annotations
 
@@ -361,6 +361,57 @@ def test_input_mistakes_are_one_line(assets, tmp_path, capsys, sets, needle):
     assert train_ldm.main(args(assets, tmp_path, 1, model_type="conv", **sets)) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and err.startswith("train_ldm.py: error: ") and needle in err, err
+    # A run that stops on its inputs leaves no config.yaml that would describe a run that never started.
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("train_ldm.py: error: "), err
+    return err
+
+
+def test_a_new_run_into_a_used_folder_is_refused(assets, straight_run, tmp_path, capsys):
+    before = {name: (straight_run / name).read_bytes() for name in ("config.yaml", "train_stats.json")}
+    assert train_ldm.main(args(assets, straight_run, 6, model_type="conv")) == 2
+    err = one_error_line(capsys)
+    assert "holds a run already" in err and "--resume_from_checkpoint latest" in err and "--overwrite" in err
+    # --overwrite starts a new run: it cannot resume from the checkpoints it removes.
+    assert train_ldm.main(args(assets, straight_run, 6) + ["--resume_from_checkpoint", "latest", "--overwrite"]) == 2
+    assert "--overwrite removes the checkpoints" in one_error_line(capsys)
+    # A resume from another folder's checkpoint would mix two runs in one folder.
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(straight_run / "checkpoints" / "checkpoint-3", elsewhere)
+    assert train_ldm.main(args(assets, straight_run, 6) + ["--resume_from_checkpoint", str(elsewhere)]) == 2
+    assert "holds another run" in one_error_line(capsys)
+    assert before == {name: (straight_run / name).read_bytes() for name in before}
+
+    # 'latest' in a folder whose finished run has no checkpoint left does not start over it.
+    finished = tmp_path / "finished"
+    shutil.copytree(straight_run / "pipeline", finished / "pipeline")
+    shutil.copy(straight_run / "train_stats.json", finished)
+    assert train_ldm.main(args(assets, finished, 1) + ["--resume_from_checkpoint", "latest"]) == 2
+    assert "finds no complete checkpoint" in (err := one_error_line(capsys)) and "--overwrite" in err
+
+
+def test_overwrite_replaces_the_previous_run(assets, tmp_path, capsys):
+    run = tmp_path / "run"
+    sampled = dict(model_type="conv", sample_every_steps=3, num_samples=1, sample_inference_steps=1)
+    # 'latest' in an empty folder starts a new run.
+    assert train_ldm.main(args(assets, run, 3, **sampled) + ["--resume_from_checkpoint", "latest"]) == 0
+    assert "No complete checkpoint" in capsys.readouterr().out
+    (run / "latent_cache").mkdir()
+    (run / "latent_cache" / "cache.json").write_text("{}")
+    # Stopped by its inputs, an --overwrite run removes nothing.
+    assert train_ldm.main(args(assets, run, 1, model_type="conv", data_source=tmp_path / "missing")
+                          + ["--overwrite"]) == 2
+    assert json.loads((run / "train_stats.json").read_text())["steps"] == 3
+    assert train_ldm.main(args(assets, run, 1, model_type="conv") + ["--overwrite"]) == 0
+    assert [s for s, _ in training.list_checkpoints(run / "checkpoints")] == [1]
+    assert json.loads((run / "train_stats.json").read_text())["steps"] == 1
+    assert load_config(run / "config.yaml").max_train_steps == 1
+    assert not (run / "samples").exists() and len(list((run / "logs" / "train_ldm").glob("events.out.tfevents*"))) == 1
+    assert (run / "latent_cache" / "cache.json").read_text() == "{}"
 
 
 def test_a_failed_final_save_keeps_the_previous_pipeline_and_stats(assets, tmp_path, monkeypatch):

@@ -25,7 +25,8 @@ __all__ = [
     "list_checkpoints", "latest_checkpoint", "resolve_resume_checkpoint", "prune_checkpoints", "save_checkpoint",
     "read_checkpoint_state", "load_checkpoint", "resume_changes", "derive_seed", "EpochSampler", "NoiseGenerator",
     "pipeline_from_checkpoint", "unet_options", "null_class_label", "class_embeddings", "CHECKPOINT_PREFIX",
-    "ARCHITECTURE_KEYS", "EXACT_RESUME_KEYS", "RECORDED_RESUME_KEYS", "EXACT_RESUME_CHECKS",
+    "ARCHITECTURE_KEYS", "EXACT_RESUME_KEYS", "RECORDED_RESUME_KEYS", "EXACT_RESUME_CHECKS", "RUN_OUTPUTS",
+    "run_in_folder", "check_output_dir", "remove_run",
     "RANDOM_STREAMS", "FAULT_ENV", "FAULT_POINTS",
 ]
 
@@ -262,6 +263,76 @@ def resume_changes(old_cfg: TrainConfig, cfg: TrainConfig, old_state: dict, num_
     if old_state.get("random_streams", 0) != RANDOM_STREAMS:
         changes["random_streams"] = (old_state.get("random_streams", 0), RANDOM_STREAMS)
     return changes
+
+
+# What a run writes into its output_dir, removed by `--overwrite` (`remove_run`) with the leftovers of interrupted
+# atomic writes; latent_cache/ stays, keyed by data, resolution and VAE and reusable by any run.
+RUN_OUTPUTS = ("checkpoints", "pipeline", "train_stats.json", "samples", "logs", CHECKPOINT_CONFIG_FILE)
+
+
+def run_in_folder(output_dir: str | os.PathLike) -> list[str]:
+    """What in `output_dir` shows a run (empty if none): a finished run's train_stats.json and pipeline/ (or the
+    previous pipeline a replacement left aside) and complete checkpoints, as paths relative to `output_dir`."""
+    root = Path(output_dir)
+    found = [name for name in ("train_stats.json", "pipeline", "pipeline.old") if (root / name).exists()]
+    found += [f"checkpoints/{path.name}" for _, path in list_checkpoints(root / "checkpoints")]
+    return found
+
+
+def check_output_dir(output_dir: str | os.PathLike, resume_from_checkpoint: str | None, resume_dir: Path | None,
+                     overwrite: bool) -> None:
+    """Refuses a run that would mix with the run already in `output_dir`; raises ValueError saying what to pass.
+
+    A new run (no `resume_from_checkpoint`, or 'latest' without a checkpoint) needs a folder without a run, or
+    `overwrite`. 'latest' in a folder whose finished run has no checkpoint left is refused rather than starting
+    over it. A resume from a checkpoint of another folder needs the same. `overwrite` replaces the folder's run, so
+    it cannot be combined with a resume from its own checkpoints.
+
+    Args:
+        output_dir: the run's output folder.
+        resume_from_checkpoint: the config's value (None, 'latest' or a path).
+        resume_dir: the checkpoint it resolved to (`resolve_resume_checkpoint`), None for a new run.
+        overwrite: the run replaces what `output_dir` holds.
+    """
+    checkpoints_dir = Path(output_dir) / "checkpoints"
+    own = resume_dir is not None and resume_dir.resolve().parent == checkpoints_dir.resolve()
+    if overwrite:
+        if resume_from_checkpoint == "latest" or own:
+            raise ValueError(f"--overwrite removes the checkpoints of output_dir {str(output_dir)!r}, so it cannot "
+                             f"resume from them (resume_from_checkpoint {resume_from_checkpoint!r}): pass one or "
+                             "the other")
+        return
+    found = run_in_folder(output_dir)
+    if not found or own:
+        return
+    listed = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+    if resume_dir is not None:
+        raise ValueError(f"output_dir {str(output_dir)!r} holds another run ({listed}), and resume_from_checkpoint "
+                         f"{str(resume_dir)!r} is not one of its checkpoints: resume into an empty output_dir, or "
+                         "pass --overwrite to replace that run")
+    if resume_from_checkpoint == "latest":
+        raise ValueError(f"resume_from_checkpoint 'latest' finds no complete checkpoint in {str(checkpoints_dir)!r}, "
+                         f"but output_dir holds a finished run ({listed}) that a new run would replace: pass "
+                         "--overwrite instead to replace it, or another --output_dir")
+    raise ValueError(f"output_dir {str(output_dir)!r} holds a run already ({listed}): pass --resume_from_checkpoint "
+                     "latest to continue it, --overwrite to replace it, or another --output_dir")
+
+
+def remove_run(output_dir: str | os.PathLike) -> list[Path]:
+    """Removes the `RUN_OUTPUTS` of a previous run from `output_dir` (and the leftovers of interrupted atomic
+    writes); returns what was removed. The latent cache stays."""
+    root = Path(output_dir)
+    removed = []
+    # The suffixes of `checkpoints.replace_folder` and `replace_file`.
+    for path in (root / (name + suffix) for name in RUN_OUTPUTS for suffix in ("", ".tmp", ".old")):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(path)
+    return removed
 
 
 def load_checkpoint(accelerator, checkpoint_dir: str | os.PathLike, device: torch.device, ema=None) -> dict:
