@@ -82,9 +82,11 @@ def prepare_latents(cfg: TrainConfig, accelerator):
     Returns:
         (LatentDataset, vae, vae_id, skipped): `skipped` lists the unreadable images left out (skip_corrupt).
     """
-    from unet_dcnv4.data import LatentDataset, build_image_dataset, build_latent_cache
+    from unet_dcnv4.data import LatentDataset, build_image_dataset, build_latent_cache, check_source
     from unet_dcnv4.vae import builtin_vae, load_vae
 
+    # Checked first: a missing folder is cheaper to report than a VAE to load.
+    check_source(cfg.data_source, "data_source")
     if cfg.vae is None:
         # Trains and caches the small VAE on first use: once, on the main process.
         with accelerator.main_process_first():
@@ -94,11 +96,7 @@ def prepare_latents(cfg: TrainConfig, accelerator):
         vae_id = os.path.abspath(cfg.vae) if os.path.isdir(cfg.vae) else cfg.vae
     vae = load_vae(vae_id, subfolder=cfg.vae_subfolder).to(accelerator.device)
     vae.requires_grad_(False)
-    source = cfg.data_source
-    if source != "builtin" and not os.path.exists(source) and source.startswith((".", os.sep, "~")):
-        raise ValueError(f"data_source {source!r} does not exist (expected 'builtin', a folder of images or a "
-                         "Hugging Face dataset)")
-    dataset = build_image_dataset(source, resolution=cfg.resolution, class_labels=cfg.class_conditional,
+    dataset = build_image_dataset(cfg.data_source, resolution=cfg.resolution, class_labels=cfg.class_conditional,
                                   skip_corrupt=cfg.skip_corrupt)
     skipped = list(getattr(dataset, "skipped", []))
     if skipped:

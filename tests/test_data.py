@@ -1,4 +1,5 @@
-"""Image dataset sources: folders (classes, corrupt files), the built-in photographs, Hugging Face datasets."""
+"""Image dataset sources: folders (classes, corrupt files), the built-in photographs, Hugging Face datasets, and
+which names are folders and which hub ids."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 
 from unet_dcnv4 import data
-from unet_dcnv4.data import CorruptImageError, build_image_dataset
+from unet_dcnv4.data import CorruptImageError, DataSourceError, build_image_dataset
 
 
 def _write(path, size=(12, 10), color=(200, 30, 60), mode="RGB"):
@@ -183,7 +184,42 @@ def test_hf_dataset_source(tmp_path, monkeypatch):
 
 def test_hf_without_datasets_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
-    with pytest.raises(ImportError, match="pip install datasets"):
+    with pytest.raises(DataSourceError, match="pip install datasets"):
+        build_image_dataset("someone/tiny-images")
+
+
+def test_missing_folders_and_hub_ids(tmp_path, monkeypatch):
+    """A name that does not exist is a hub id only as `namespace/name` with no local `namespace`; anything else is
+    a folder that is not there, named by its absolute path."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for source in ("someone/tiny-images", "user.name/data-set_1"):
+        assert data.is_hub_id(source), source
+        data.check_source(source, "data_source")
+    for source in ("mydata_typo", "data/imagenet", "data/imagenet/train", "./someone/x", "/abs/someone", "a/b/c",
+                   "~/images", "someone/"):
+        assert not data.is_hub_id(source), source
+        with pytest.raises(ValueError, match=f"data_source '{source}' does not exist: no folder "
+                                             f"'{os.path.abspath(source)}'"):
+            data.check_source(source, "data_source")
+    with pytest.raises(ValueError, match=r"source 'mydata_typo' does not exist.*'builtin'.*'user/name'"):
+        build_image_dataset("mydata_typo")
+    data.check_source(str(tmp_path / "data"))
+    data.check_source("builtin")
+
+
+def test_hf_hub_unreachable_is_one_clear_error(monkeypatch):
+    calls = []
+    module = _fake_datasets_module([{"img": Image.new("RGB", (4, 4))}], {"img": _FakeImage()}, calls)
+
+    def offline(name, split):
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)")
+
+    module.load_dataset = offline
+    monkeypatch.setitem(sys.modules, "datasets", module)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataSourceError, match=r"cannot load the Hugging Face dataset 'someone/tiny-images': "
+                                              r"the Hugging Face Hub is offline.*save_to_disk"):
         build_image_dataset("someone/tiny-images")
 
 

@@ -371,6 +371,30 @@ def one_error_line(capsys) -> str:
     return err
 
 
+def test_a_missing_data_source_names_the_folder(assets, tmp_path, monkeypatch, capsys):
+    """A relative path that does not exist is a folder looked for, not a Hugging Face dataset id."""
+    monkeypatch.chdir(tmp_path)
+    assert train_ldm.main(args(assets, tmp_path / "run", 1, model_type="conv", data_source="mydata_typo")) == 2
+    err = one_error_line(capsys)
+    assert f"data_source 'mydata_typo' does not exist: no folder {str(tmp_path / 'mydata_typo')!r}" in err
+    assert "'builtin'" in err and "'user/name'" in err
+    assert train_ldm.main(args(assets, tmp_path / "run", 1, model_type="conv", data_source="data/imagenet/train")) == 2
+    assert repr(str(tmp_path / "data" / "imagenet" / "train")) in one_error_line(capsys)
+    # The ImageNet configs without their data stop on it before loading their VAE from the hub.
+    # (fp32: accelerate keeps the precision of this process's first run)
+    assert train_ldm.main(["--config", str(REPO / "configs" / "imagenet256_conv.yaml"), "--output_dir", "run",
+                           "--mixed_precision", "no"]) == 2
+    assert repr(str(tmp_path / "data" / "imagenet" / "train")) in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_hub_dataset_without_the_datasets_package_is_one_line(assets, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    monkeypatch.chdir(tmp_path)
+    assert train_ldm.main(args(assets, tmp_path / "run", 1, model_type="conv", data_source="someone/images")) == 2
+    assert "'someone/images'" in (err := one_error_line(capsys)) and "pip install datasets" in err
+
+
 def test_a_new_run_into_a_used_folder_is_refused(assets, straight_run, tmp_path, capsys):
     before = {name: (straight_run / name).read_bytes() for name in ("config.yaml", "train_stats.json")}
     assert train_ldm.main(args(assets, straight_run, 6, model_type="conv")) == 2

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import warnings
 from functools import lru_cache
@@ -31,11 +32,14 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "BuiltinImageDataset",
     "CorruptImageError",
+    "DataSourceError",
     "HFImageDataset",
     "ImageFolderDataset",
     "LatentDataset",
     "build_image_dataset",
     "build_latent_cache",
+    "check_source",
+    "is_hub_id",
     "is_image_file",
     "list_image_files",
     "module_fingerprint",
@@ -58,6 +62,36 @@ _CACHE_INDEX = "cache.json"
 
 class CorruptImageError(OSError):
     """An image file that cannot be decoded; the message names the file."""
+
+
+class DataSourceError(ValueError):
+    """A Hugging Face dataset that cannot be read (no `datasets` package, not reachable or cached, no such
+    dataset); the message says why and what to pass instead."""
+
+
+# A Hugging Face Hub dataset id, `namespace/name`. Ids without a namespace are not taken: "mydata" is far more
+# likely a folder name with a typo, and the hub serves its former canonical datasets under a namespace.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def is_hub_id(source: str) -> bool:
+    """Whether `source`, not a local path, names a Hugging Face Hub dataset: `namespace/name` whose namespace is no
+    local folder either (`data/train` with a folder `data` is a path that does not exist)."""
+    return bool(_HUB_ID.fullmatch(source)) and not os.path.exists(source) and \
+        not os.path.exists(source.split("/")[0])
+
+
+def check_source(source: str, name: str = "source") -> None:
+    """Raises ValueError, naming the argument `name`, unless `source` is "builtin", a folder or a hub dataset id
+    (`is_hub_id`); a path that does not exist is named as the absolute folder looked for."""
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"{name} must be 'builtin', a folder or a Hugging Face dataset id, got {source!r}")
+    if source == "builtin" or os.path.isdir(source) or is_hub_id(source):
+        return
+    if os.path.isfile(source):
+        raise ValueError(f"{name} must be a folder, 'builtin' or a Hugging Face dataset id, got the file {source!r}")
+    raise ValueError(f"{name} {source!r} does not exist: no folder {os.path.abspath(source)!r} (expected 'builtin', "
+                     "a folder of images, a `datasets` save_to_disk folder or a Hugging Face dataset id 'user/name')")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -335,7 +369,7 @@ class HFImageDataset(_ImageDataset):
         try:
             import datasets
         except ImportError as err:
-            raise ImportError(
+            raise DataSourceError(
                 f"source {name_or_path!r} is not 'builtin' nor an image folder, so it is read as a Hugging Face "
                 "dataset, which needs the optional package `datasets` (pip install datasets or "
                 "pip install unet_dcnv4[hf])"
@@ -343,7 +377,7 @@ class HFImageDataset(_ImageDataset):
         if os.path.isdir(name_or_path):
             loaded = datasets.load_from_disk(name_or_path)
         else:
-            loaded = datasets.load_dataset(name_or_path, split=split)
+            loaded = _load_hub_dataset(datasets, name_or_path, split)
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise ValueError(f"split must be one of {sorted(loaded)} for {name_or_path!r}, got {split!r}")
@@ -426,6 +460,25 @@ class HFImageDataset(_ImageDataset):
         }
 
 
+def _load_hub_dataset(datasets, name: str, split: str):
+    """`datasets.load_dataset(name, split=split)`, a failure to reach or find it as a `DataSourceError`."""
+    from .vae import _hub_offline, _transport_errors
+
+    try:
+        return datasets.load_dataset(name, split=split)
+    except (OSError, TimeoutError, *_transport_errors()) as err:
+        if _hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE"):
+            reason = "the Hugging Face Hub is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) and it is not cached"
+        else:
+            reason = "it could not be fetched from the Hugging Face Hub (no connection, or no such dataset there)"
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise DataSourceError(
+            f"cannot load the Hugging Face dataset {name!r}: {reason}. Save it where there is network "
+            f"(datasets.load_dataset({name!r}).save_to_disk(FOLDER)) and pass that folder, or a folder of images. "
+            f"({type(err).__name__}: {detail})"
+        ) from err
+
+
 def build_image_dataset(
     source: str = "builtin",
     resolution: int = 64,
@@ -442,8 +495,9 @@ def build_image_dataset(
 
     Args:
         source: "builtin" (seeded crops of scikit-image's photographs, no network), a folder searched
-            recursively for images, or a Hugging Face `datasets` hub name or `save_to_disk` folder
-            (a folder holding `dataset_info.json`, `state.json` or `dataset_dict.json`).
+            recursively for images, or a Hugging Face `datasets` `save_to_disk` folder (a folder holding
+            `dataset_info.json`, `state.json` or `dataset_dict.json`) or hub id `namespace/name` (`is_hub_id`).
+            Anything else is a ValueError naming the absolute folder looked for (`check_source`).
         resolution: side R of the square images.
         class_labels: labels from the first sub-folder (folders) or the label column (datasets);
             otherwise every label is 0 and `num_classes` is 0.
@@ -461,8 +515,7 @@ def build_image_dataset(
         A dataset of `(image (3, R, R) float in [-1, 1], label int)` with `fingerprint()`,
         `num_classes` and `classes`.
     """
-    if not isinstance(source, str) or not source:
-        raise ValueError(f"source must be 'builtin', a folder or a datasets name, got {source!r}")
+    check_source(source)
     if source == "builtin":
         return BuiltinImageDataset(resolution, size=builtin_size, seed=builtin_seed, hflip=hflip)
     options = dict(
@@ -472,8 +525,6 @@ def build_image_dataset(
     saved_markers = ("dataset_info.json", "state.json", "dataset_dict.json")
     if os.path.isdir(source) and not any(os.path.exists(os.path.join(source, m)) for m in saved_markers):
         return ImageFolderDataset(source, **options)
-    if os.path.isfile(source):
-        raise ValueError(f"source must be a folder, 'builtin' or a datasets name, got the file {source!r}")
     return HFImageDataset(source, split=hf_split, **options)
 
 
