@@ -395,6 +395,25 @@ def test_a_hub_dataset_without_the_datasets_package_is_one_line(assets, tmp_path
     assert "'someone/images'" in (err := one_error_line(capsys)) and "pip install datasets" in err
 
 
+def test_a_train_vae_checkpoint_as_the_vae_or_the_checkpoint(assets, tmp_path, capsys):
+    """train_vae.py's checkpoints hold its own config: named as such, with the folder to pass instead."""
+    from unet_dcnv4 import config
+    from unet_dcnv4.vae import VAETrainConfig
+
+    vae_run = tmp_path / "vae_run"
+    config.save_config(VAETrainConfig(output_dir=str(vae_run)), vae_run)
+    checkpoint = vae_run / "checkpoints" / "checkpoint-2"
+    config.save_config(VAETrainConfig(output_dir=str(vae_run)), checkpoint)
+    (checkpoint / "training_state.json").write_text(json.dumps({"step": 2}))
+    shutil.copytree(assets / "vae", vae_run / "vae")
+    assert train_ldm.main(args(assets, tmp_path / "run", 1, model_type="conv", vae=checkpoint)) == 2
+    err = one_error_line(capsys)
+    assert "is a checkpoint of train_vae.py" in err and repr(str(vae_run / "vae")) in err
+    assert train_ldm.main(args(assets, tmp_path / "run", 1, model_type="conv")
+                          + ["--resume_from_checkpoint", str(checkpoint)]) == 2
+    assert "is a checkpoint of train_vae.py" in one_error_line(capsys)
+
+
 def test_a_new_run_into_a_used_folder_is_refused(assets, straight_run, tmp_path, capsys):
     before = {name: (straight_run / name).read_bytes() for name in ("config.yaml", "train_stats.json")}
     assert train_ldm.main(args(assets, straight_run, 6, model_type="conv")) == 2

@@ -80,6 +80,35 @@ def test_load_errors(tmp_path, monkeypatch):
         load_vae(str(tmp_path / "empty"))
 
 
+def test_a_train_vae_run_is_named_with_the_folder_to_pass(tmp_path):
+    """Its run folder loads (the VAE is in vae/); its checkpoints and an unfinished run say which folder to pass."""
+    from unet_dcnv4 import config
+    from unet_dcnv4.training import read_checkpoint_state
+
+    run = tmp_path / "vae_run"
+    config.save_config(VAETrainConfig(output_dir=str(run)), run)
+    checkpoint = run / "checkpoints" / "checkpoint-2"
+    config.save_config(VAETrainConfig(output_dir=str(run)), checkpoint)
+    (checkpoint / "training_state.json").write_text(json.dumps({"step": 2}))
+    with pytest.raises(ValueError, match=r"is the output folder of a train_vae.py run, not a saved VAE: the run "
+                                         r".* has not saved its VAE yet \(no vae/ folder\): finish it"):
+        load_vae(str(run))
+    with pytest.raises(ValueError, match="is a checkpoint of train_vae.py .*, not a saved VAE: the run .* has not"):
+        load_vae(str(checkpoint))
+    build_small_vae(resolution=16, base_channels=8).save_pretrained(run / "vae")
+    assert load_vae(str(run)).config.block_out_channels == [8, 16, 32]
+    for folder, what in ((checkpoint, "a checkpoint of train_vae.py"), (run / "checkpoints", "the checkpoints folder")):
+        with pytest.raises(ValueError, match=f"{what}.*pass the run's vae/ folder, '{run / 'vae'}'"):
+            load_vae(str(folder))
+    loose = tmp_path / "loose"
+    shutil.copytree(checkpoint, loose)
+    with pytest.raises(ValueError, match="a checkpoint of train_vae.py .*: pass the vae/ folder of the run"):
+        load_vae(str(loose))
+    # Given to train_ldm.py's resume or sample.py, it is not read as a train_ldm.py config ("unknown key 'data'").
+    with pytest.raises(ValueError, match="is a checkpoint of train_vae.py .*, not of train_ldm.py"):
+        read_checkpoint_state(checkpoint)
+
+
 def _weights(path):
     return load_vae(path).state_dict()
 

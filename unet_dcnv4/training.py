@@ -225,11 +225,17 @@ def save_checkpoint(accelerator, checkpoints_dir: str | os.PathLike, step: int, 
 
 def read_checkpoint_state(checkpoint_dir: str | os.PathLike) -> tuple[TrainConfig, dict]:
     """The resolved config and the training state stored in a checkpoint folder."""
+    from .vae import vae_training_folder
+
     checkpoint_dir = Path(checkpoint_dir)
     state_file = checkpoint_dir / CHECKPOINT_STATE_FILE
     if not state_file.is_file():
         raise ValueError(f"checkpoint_dir {str(checkpoint_dir)!r} is not a complete checkpoint "
                          f"(no {CHECKPOINT_STATE_FILE})")
+    found = vae_training_folder(checkpoint_dir)
+    if found is not None:
+        raise ValueError(f"checkpoint_dir {str(checkpoint_dir)!r} is {found[0]}, not of train_ldm.py (to train on "
+                         "the VAE it trains, set vae to the vae/ folder of its run)")
     return load_config(checkpoint_dir / CHECKPOINT_CONFIG_FILE), json.loads(state_file.read_text())
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "measure_scaling_factor",
     "small_vae_config",
     "train_vae",
+    "vae_training_folder",
 ]
 
 
@@ -78,6 +79,10 @@ def load_vae(name_or_path: str, subfolder: str | None = None, torch_dtype=None) 
         if subfolder is None and not os.path.isfile(os.path.join(folder, "config.json")):
             if os.path.isfile(os.path.join(name_or_path, "vae", "config.json")):
                 subfolder = "vae"
+            elif (found := vae_training_folder(name_or_path)) is not None:
+                what, run = found
+                raise ValueError(f"VAE {name_or_path!r} is {what}, not a saved VAE: "
+                                 + _saved_vae_hint(run, "pass the vae/ folder of the run it belongs to"))
             else:
                 raise ValueError(f"name_or_path {name_or_path!r} is a folder without config.json (nor vae/config.json)")
         return AutoencoderKL.from_pretrained(name_or_path, subfolder=subfolder, torch_dtype=torch_dtype)
@@ -104,6 +109,55 @@ def load_vae(name_or_path: str, subfolder: str | None = None, torch_dtype=None) 
             f"(hf download {name_or_path} --local-dir <folder>) and pass that local folder instead, "
             f"or a folder written by train_vae.py. ({type(err).__name__}: {detail})"
         ) from err
+
+
+def _is_vae_training_config(path: str) -> bool:
+    """Whether `path` is the config.yaml of a train_vae.py run or checkpoint (keys of `VAETrainConfig`)."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(values, dict) and "data" in values and "latent_channels" in values
+
+
+def vae_training_folder(path: str | os.PathLike) -> tuple[str, str | None] | None:
+    """Recognises the folders of a train_vae.py run that are not a saved VAE, for messages that say which folder
+    to pass instead.
+
+    Args:
+        path: a folder.
+
+    Returns:
+        None, or (what it is, in words; the run's output folder, None for a checkpoint outside its run) for a
+        train_vae.py run folder, its checkpoints/ folder or one of its checkpoints.
+    """
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    if os.path.isfile(os.path.join(path, checkpoints.STATE_FILE)) and \
+            _is_vae_training_config(os.path.join(path, config.CONFIG_FILE)):
+        run = os.path.dirname(parent)
+        in_run = os.path.basename(parent) == "checkpoints" and \
+            _is_vae_training_config(os.path.join(run, config.CONFIG_FILE))
+        return "a checkpoint of train_vae.py (the training state of a VAE)", run if in_run else None
+    if os.path.basename(path) == "checkpoints" and _is_vae_training_config(os.path.join(parent, config.CONFIG_FILE)):
+        return "the checkpoints folder of a train_vae.py run", parent
+    if _is_vae_training_config(os.path.join(path, config.CONFIG_FILE)):
+        return "the output folder of a train_vae.py run", path
+    return None
+
+
+def _saved_vae_hint(run: str | None, otherwise: str) -> str:
+    """Which folder holds the VAE of a train_vae.py run, or how to get it."""
+    if run is None:
+        return otherwise
+    saved = os.path.join(run, "vae")
+    if os.path.isfile(os.path.join(saved, "config.json")):
+        return f"pass the run's vae/ folder, {saved!r}"
+    return (f"the run {run!r} has not saved its VAE yet (no vae/ folder): finish it (train_vae.py --output_dir "
+            f"{run} --resume_from_checkpoint latest), then pass {saved!r}")
 
 
 def small_vae_config(
