@@ -2,81 +2,24 @@
 seed-to-seed and image-level spread), the method it replaced does not, and the verdicts and Holm's correction read
 it right."""
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from unet_dcnv4.intervals import arm_spread, difference_interval, holm, jackknife_fid_variance, verdict
-from unet_dcnv4.metrics import FrechetResampler
 
-D, IMAGES, REFERENCE = 64, 100, 1000
-# Seed spread of each arm (unequal, as two architectures' would be) and none, for arms of one run.
-SEEDED, UNSEEDED = (0.8, 0.4), (0.0, 0.0)
-
-
-class Arms:
-    """Two arms of simulated runs. A run of arm k is a model whose features are N(mu_k + delta, A_k^T A_k), delta ~
-    N(0, tau_k^2 I) drawn per run (its seed), measured on IMAGES sample features against a fixed reference set of
-    N(0, I): FIDs in the hundreds, features with fewer images than dimensions' worth of samples, as with Inception."""
-
-    def __init__(self, tau: tuple[float, float]):
-        rng = np.random.default_rng(0)
-        self.resampler = FrechetResampler(torch.from_numpy(rng.standard_normal((REFERENCE, D))))
-        self.tau = tau
-        self.mu = [np.full(D, 0.6), np.full(D, 0.55)]
-        self.mix = [np.eye(D) * s + 0.05 * rng.standard_normal((D, D)) for s in (1.5, 1.45)]
-
-    def run(self, rng, arm: int) -> tuple:
-        shift = self.mu[arm] + self.tau[arm] * rng.standard_normal(D)
-        return self.resampler.prepare(torch.from_numpy(rng.standard_normal((IMAGES, D)) @ self.mix[arm] + shift))
-
-    def fid(self, prepared) -> float:
-        return self.resampler.fid(prepared)
-
-    def truth(self, draws: int = 3000) -> float:
-        """E[FID(a)] - E[FID(b)] over seeds and sample sets of IMAGES images, by Monte Carlo."""
-        rng = np.random.default_rng(12345)
-        return float(np.mean([self.fid(self.run(rng, 0)) for _ in range(draws)])
-                     - np.mean([self.fid(self.run(rng, 1)) for _ in range(draws)]))
-
-
-def nested_bootstrap_interval(arms: Arms, runs: list[list[tuple]], rng, draws: int) -> tuple[float, float]:
-    """The interval this project used before: runs resampled within each arm, then each drawn run's images, the
-    draws re-centred on the observed difference."""
-    observed = np.mean([arms.fid(p) for p in runs[0]]) - np.mean([arms.fid(p) for p in runs[1]])
-    out = []
-    for _ in range(draws):
-        means = []
-        for arm in runs:
-            picks = rng.integers(0, len(arm), len(arm)) if len(arm) > 1 else [0]
-            means.append(np.mean([arms.resampler.fid(arm[r], torch.from_numpy(rng.integers(0, IMAGES, IMAGES)))
-                                  for r in picks]))
-        out.append(means[0] - means[1])
-    out = np.asarray(out)
-    low, high = observed + np.quantile(out - out.mean(), [0.025, 0.975])
-    return low, high
-
-
-def coverage(arms: Arms, runs_per_arm: int, simulations: int, method: str, seed: int = 1) -> float:
-    truth = arms.truth()
-    rng = np.random.default_rng(seed)
-    covered = 0
-    for i in range(simulations):
-        runs = [[arms.run(rng, k) for _ in range(runs_per_arm)] for k in (0, 1)]
-        if method == "new":
-            fids = [[arms.fid(p) for p in arm] for arm in runs]
-            jack = [jackknife_fid_variance(arm[0], arms.resampler, groups=20, seed=i) if len(arm) == 1 else None
-                    for arm in runs]
-            low, high = difference_interval(fids[0], fids[1], jack[0], jack[1])["ci95"]
-        else:
-            low, high = nested_bootstrap_interval(arms, runs, rng, draws=60)
-        covered += low <= truth <= high
-    return covered / simulations
-
+_spec = importlib.util.spec_from_file_location(
+    "interval_coverage", Path(__file__).resolve().parents[1] / "benchmarks" / "interval_coverage.py")
+simulation = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(simulation)
+Arms, SEEDED, UNSEEDED, coverage = simulation.Arms, simulation.SEEDED, simulation.UNSEEDED, simulation.coverage
 
 def test_seed_spread_is_larger_than_image_noise_in_the_simulation():
     rng = np.random.default_rng(3)
-    fixed, seeded = Arms(tau=UNSEEDED), Arms(tau=SEEDED)
+    fixed, seeded = Arms(UNSEEDED), Arms(SEEDED)
     for arm in (0, 1):
         image_var = np.var([fixed.fid(fixed.run(rng, arm)) for _ in range(300)])
         total_var = np.var([seeded.fid(seeded.run(rng, arm)) for _ in range(300)])
@@ -84,18 +27,18 @@ def test_seed_spread_is_larger_than_image_noise_in_the_simulation():
 
 
 def test_interval_covers_95_percent_with_three_runs_an_arm():
-    assert 0.93 <= coverage(Arms(tau=SEEDED), 3, 1000, "new") <= 0.97
+    assert 0.93 <= coverage(Arms(SEEDED), 3, 1000) <= 0.97
 
 
 def test_interval_covers_95_percent_with_one_run_an_arm():
     # One run an arm measures image noise only: simulated without seed spread, the truth is the difference of the
     # two models' expected FIDs at this number of images.
-    assert 0.93 <= coverage(Arms(tau=UNSEEDED), 1, 600, "new") <= 0.97
+    assert 0.93 <= coverage(Arms(UNSEEDED), 1, 600) <= 0.97
 
 
 @pytest.mark.parametrize("tau, runs, too", [(SEEDED, 3, "narrow"), (UNSEEDED, 1, "wide")])
 def test_the_nested_bootstrap_it_replaced_fails(tau, runs, too):
-    covered = coverage(Arms(tau=tau), runs, 150, "old")
+    covered = coverage(Arms(tau), runs, 150, "nested_bootstrap")
     assert covered < 0.93 if too == "narrow" else covered > 0.97
 
 
@@ -128,14 +71,15 @@ def test_each_arm_is_labelled_by_what_its_spread_covers():
 
 
 def test_jackknife_variance_is_close_to_the_image_noise_of_fid():
-    arms = Arms(tau=UNSEEDED)
+    arms = Arms(UNSEEDED)
     rng = np.random.default_rng(5)
     true_var = np.var([arms.fid(arms.run(rng, 0)) for _ in range(400)], ddof=1)
-    estimates = [jackknife_fid_variance(arms.run(rng, 0), arms.resampler, groups=25, seed=s) for s in range(30)]
-    assert all(df == 24 for _, df in estimates)
+    # 30 groups of 3 images, 10 images left over in every replicate.
+    estimates = [jackknife_fid_variance(arms.run(rng, 0), arms.resampler, groups=30, seed=s) for s in range(30)]
+    assert all(df == 29 for _, df in estimates)
     assert 0.75 < np.mean([v for v, _ in estimates]) / true_var < 1.33
     with pytest.raises(ValueError, match="at least 3 images"):
-        jackknife_fid_variance(arms.resampler.prepare(torch.zeros(2, D, dtype=torch.float64)), arms.resampler)
+        jackknife_fid_variance(arms.resampler.prepare(torch.zeros(2, arms.dims, dtype=torch.float64)), arms.resampler)
 
 
 def test_verdict_reads_the_interval():

@@ -29,9 +29,10 @@ def jackknife_fid_variance(prepared: tuple[torch.Tensor, torch.Tensor], resample
                            seed: int = 0) -> tuple[float, int]:
     """The variance of one sample set's FID over sample sets of its size (image noise), by a grouped jackknife.
 
-    The n images are split at random into `groups` blocks of n // groups images (the n mod groups left over are
-    kept in every replicate), the FID is recomputed with each block left out, and
-    variance = (g - 1) / g * sum((FID_(b) - mean)^2).
+    The n images are split at random into g = `groups` blocks of d = n // g images (the n mod g left over are kept
+    in every replicate), the FID is recomputed with each block left out, and, as the delete-d jackknife weighs
+    g of its subsets, variance = (n - d) / (d g) * sum((FID_(b) - mean)^2); with n = g d this is the grouped
+    jackknife's (g - 1) / g * sum(...).
 
     Args:
         prepared: `resampler.prepare(features)` of the sample set, features (n, D).
@@ -52,7 +53,7 @@ def jackknife_fid_variance(prepared: tuple[torch.Tensor, torch.Tensor], resample
     size = n // g
     replicates = np.array([resampler.fid(prepared, torch.from_numpy(np.delete(order, np.s_[b * size:(b + 1) * size])))
                            for b in range(g)])
-    return float((g - 1) / g * np.sum((replicates - replicates.mean()) ** 2)), g - 1
+    return float((n - size) / (size * g) * np.sum((replicates - replicates.mean()) ** 2)), g - 1
 
 
 def arm_spread(fids: list[float], image_variance: tuple[float, int] | None = None) -> dict:
