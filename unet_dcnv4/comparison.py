@@ -28,7 +28,7 @@ EXPERIMENT_EXCLUDED = MODEL_KEYS + (
     "log_every_steps", "latent_cache_dir", "encode_batch_size", "dataloader_num_workers", "allow_tf32",
     "channels_last", "torch_compile", "dcnv4_impl", "dcnv4_cuda_backward", "sample_every_steps", "num_samples",
     "sample_inference_steps", "sample_scheduler", "train_batch_size", "gradient_accumulation_steps",
-    "max_train_steps", "data_source", "vae", "vae_subfolder", "allow_resume_changes", "overwrite",
+    "max_train_steps", "data_source", "vae", "vae_subfolder", "allow_resume_changes",
 )
 # Keys that do not change what a run trains: the exclusions less the model, the seed and those replaced by what
 # they resolve to (data, VAE, global batch). A resume may change them without changing the run's meaning;
