@@ -428,6 +428,8 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict:
         "wall_time_s": time.perf_counter() - wall_start,
         "train_seconds": train_seconds,
         "data_fingerprint": run_state["data_fingerprint"],
+        # Where the data was, whatever folder the run was started from: compare.py measures FID against it.
+        "data_source_path": os.path.abspath(cfg.data_source) if os.path.isdir(cfg.data_source) else None,
         "vae_hash": run_state["vae_hash"],
         "peak_memory_mb": peak_memory_mb(device),
         "peak_memory_kind": "cuda_allocated" if device.type == "cuda" else "cpu_max_rss",

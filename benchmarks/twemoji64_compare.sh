@@ -39,7 +39,7 @@ python train_vae.py --data "$DATA" --resolution 64 --output_dir "$RUNS/vae_twemo
 for model in dcnv4 conv; do
   step "U-Net: $model"
   python train_ldm.py --config "configs/twemoji64_$model.yaml" --output_dir "$RUNS/twemoji64_$model" \
-    --mixed_precision "$PRECISION" --set "data_source=$DATA" --set "vae=$RUNS/vae_twemoji64/vae" --set "latent_cache_dir=$RUNS/twemoji64_latents" "${LDM_FLAGS[@]}"
+    --resume_from_checkpoint latest --mixed_precision "$PRECISION" --set "data_source=$DATA" --set "vae=$RUNS/vae_twemoji64/vae" --set "latent_cache_dir=$RUNS/twemoji64_latents" "${LDM_FLAGS[@]}"
 done
 
 if [ "${FID:-1}" = 0 ]; then

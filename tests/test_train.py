@@ -107,6 +107,11 @@ def test_dcnv4_run_writes_everything(straight_run):
               for s in (3, 6)]
     assert 0 < states[0]["train_seconds"] < states[1]["train_seconds"] == stats["train_seconds"]
     assert states[0]["data_fingerprint"] == stats["data_fingerprint"] and len(stats["data_fingerprint"]) == 32
+    # The data's folder, absolute, and the fingerprint compare.py checks it against.
+    from unet_dcnv4 import comparison
+
+    assert os.path.isabs(stats["data_source_path"]) and os.path.isdir(stats["data_source_path"])
+    assert len(comparison.training_data(comparison.read_run(straight_run))) == 16
     assert load_config(straight_run / "config.yaml").gradient_accumulation_steps == 2
     # What ran is recorded: the op's implementation in the run's config and in the saved model's config.
     assert "dcnv4_impl: auto" in (straight_run / "config.yaml").read_text()
