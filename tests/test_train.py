@@ -135,6 +135,22 @@ def test_dcnv4_run_writes_everything(straight_run):
     assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
 
 
+def test_dcnv4_statistics_follow_the_checkpoints(straight_run, tmp_path, capsys):
+    from unet_dcnv4 import diagnostics
+
+    output = tmp_path / "stats.json"
+    assert diagnostics.main([str(straight_run), "--timesteps", "10", "900", "--num_latents", "4",
+                             "--output", str(output)]) == 0
+    rows = json.loads(output.read_text())
+    assert sorted({(r["step"], r["timestep"]) for r in rows}) == [(3, 10), (3, 900), (6, 10), (6, 900)]
+    assert all(r["train_seconds"] > 0 for r in rows)
+    # Six steps of training have moved the offsets and masks away from the grid and the box filter.
+    assert max(r["offset_mean"] for r in rows) > 0 and any(r["mask_sum_std"] > 1e-6 for r in rows)
+    assert "| 6 | 900 | " in capsys.readouterr().out
+    assert diagnostics.main([str(tmp_path), "--output", str(output)]) == 2
+    assert "has no config.yaml" in capsys.readouterr().err
+
+
 def test_pipeline_from_checkpoint(straight_run):
     pipe = training.pipeline_from_checkpoint(straight_run / "checkpoints" / "checkpoint-6")
     saved = load_file(straight_run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
