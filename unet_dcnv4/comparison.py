@@ -15,8 +15,9 @@ import torch
 
 from .intervals import difference_interval, jackknife_fid_variance, verdict
 
-__all__ = ["EXPERIMENT_EXCLUDED", "read_run", "experiment_identity", "check_comparable", "check_distinct_runs",
-           "training_changes", "compare_arms", "markdown_table", "write_figure"]
+__all__ = ["EXPERIMENT_EXCLUDED", "BOOKKEEPING", "MIN_IMAGES", "read_run", "experiment_identity", "model_config",
+           "training_changes", "check_distinct_runs", "check_comparable", "training_data", "compare_arms",
+           "interval_text", "markdown_table", "write_figure"]
 
 # TrainConfig keys that do not define the experiment: the model (what is compared), the seed (what varies
 # within an arm), bookkeeping and hardware settings. Every other key must agree between all runs, and new keys
