@@ -122,8 +122,10 @@ def test_several_runs_per_arm_give_mean_std_and_an_interval_over_runs(runs, tmp_
     assert len({m["seed"] for m in manifests}) == 1 and len({m["weights"] for m in manifests}) == 4
 
 
-def test_sample_folders_are_reused_only_for_the_same_model_and_settings(runs, pair, tmp_path, capsys):
+def test_sample_folders_are_reused_only_for_the_same_model_and_settings(runs, pair, tmp_path, capsys, monkeypatch):
     import shutil
+
+    from unet_dcnv4 import metrics
 
     out = tmp_path / "cmp"
     shutil.copytree(pair[0], out)
@@ -138,7 +140,15 @@ def test_sample_folders_are_reused_only_for_the_same_model_and_settings(runs, pa
     # Stray files in the sample folder are not measured: an interrupted write and an image beyond N.
     (run0 / "images" / ".000009.png.123.tmp").write_bytes(b"partial")
     Image.new("RGB", (16, 16), (255, 0, 0)).save(run0 / "images" / "000050.png")
-    assert compare.main([*pair, *_argv(out, runs["reference"])]) == 0
+    # The samples' Inception features are cached beside their manifest: a rerun runs no Inception at all.
+    assert len(list(run0.glob("samples-*-features.pt"))) == 1
+
+    def no_inception(*args, **kwargs):
+        raise AssertionError("Inception ran on images whose features were cached")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(metrics, "inception_features", no_inception)
+        assert compare.main([*pair, *_argv(out, runs["reference"])]) == 0
     assert image.stat().st_mtime_ns == first
     assert json.loads((out / "comparison.json").read_text())["arms"][0]["fid_mean"] == fid
 
@@ -148,6 +158,7 @@ def test_sample_folders_are_reused_only_for_the_same_model_and_settings(runs, pa
     assert err.count("\n") == 1 and "cannot be reused" in err and "seed (0, now 5)" in err
     assert compare.main([*pair, *_argv(out, runs["reference"], "--seed", "5", "--overwrite")]) == 0
     assert image.stat().st_mtime_ns != first
+    assert len(list(run0.glob("samples-*-features.pt"))) == 1  # the regenerated images' features alone
     assert json.loads((run0 / "manifest.json").read_text())["seed"] == 5
 
 

@@ -323,7 +323,8 @@ def compare_arms(
     def measure(pipe, source: str, folder: str, use_ema: bool | None) -> dict:
         sampled = _sample(pipe, source, folder, use_ema=use_ema, device=device, **settings)
         metrics = compute_fid_kid(sampled["paths"], reference, resolution=cfg.resolution, cache_dir=cache_dir,
-                                  device=device, return_features=True, skip_corrupt=skip_corrupt, verbose=False)
+                                  device=device, return_features=True, skip_corrupt=skip_corrupt, verbose=False,
+                                  sample_cache_dir=folder)
         return {**metrics, "sampling_images_per_s": sampled["images_per_s"], "class_mix": sampled["class_mix"]}
 
     arms_out, features = [], {}

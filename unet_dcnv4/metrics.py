@@ -399,6 +399,7 @@ def compute_fid_kid(
     verbose: bool = True,
     skip_corrupt: bool = False,
     return_features: bool = False,
+    sample_cache_dir: str | None = None,
 ) -> dict:
     """FID and KID of samples against a reference, with the reference's features cached.
 
@@ -417,6 +418,9 @@ def compute_fid_kid(
         verbose: print which weights are used and torch-fidelity's progress.
         skip_corrupt: leave unreadable reference files out (reported in "skipped") instead of stopping.
         return_features: also return "sample_features" (N, 2048) and "reference_features" (M, 2048).
+        sample_cache_dir: where the samples' features are cached too (e.g. their sample folder), named by the
+            files (paths, sizes, modification times), the resolution and the network: a second measurement of the
+            same images (a comparison rerun, a curve) reads them instead of running Inception again.
 
     Returns:
         {"fid", "kid_mean", "kid_std", "num_samples", "num_reference", "resolution", "inception_weights",
@@ -448,7 +452,19 @@ def compute_fid_kid(
                               f"{cache_name}-{weights['feature_extractor']}-features.pt")
     ref_features = _cached_features(cache_file, lambda: inception_features(ref_data, weights, device, batch_size,
                                                                            verbose))
-    sample_features = inception_features(sample_data, weights, device, batch_size, verbose)
+    def sample_features_now():
+        return inception_features(sample_data, weights, device, batch_size, verbose)
+
+    if sample_cache_dir is None:
+        sample_features = sample_features_now()
+    else:
+        paths = sample_data.paths
+        tag = _folder_fingerprint(paths, os.path.commonpath([os.path.dirname(p) for p in paths]))
+        name = f"samples-{tag}-{resolution}px-{len(paths)}-{weights['feature_extractor']}-features.pt"
+        sample_features = _cached_features(os.path.join(sample_cache_dir, name), sample_features_now)
+        for stale in os.listdir(sample_cache_dir):  # features of images since replaced
+            if stale.startswith("samples-") and stale.endswith("-features.pt") and stale != name:
+                os.remove(os.path.join(sample_cache_dir, stale))
     out = fid_kid_from_features(sample_features, ref_features, kid_subset_size, verbose)
     out.update({
         "num_samples": len(sample_data),
