@@ -256,7 +256,10 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict:
                                     prediction_type=cfg.prediction_type, clip_sample=False)
     # The fused AdamW (one kernel over all parameters) and the EMA's foreach update: the default per-tensor
     # loops cost a few ms a step on a CPU, more for the DCNv4 U-Net, which has more (smaller) tensors.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+    # The DCNv4 U-Net's offset/mask branches may learn at their own rate (dcnv4_options: offset_lr_scale).
+    groups = model.parameter_groups(cfg.learning_rate) if hasattr(model, "parameter_groups") else \
+        [{"params": list(model.parameters()), "lr": cfg.learning_rate, "lr_scale": 1.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
                                   fused=device.type in ("cpu", "cuda") or None)
     # Stepped once per optimizer step on every process (not prepared, so it never scales with the process count).
@@ -477,10 +480,10 @@ def apply_resume_changes(changes: dict, cfg: TrainConfig, optimizer, lr_schedule
         if "adam_epsilon" in changes:
             group["eps"] = cfg.adam_epsilon
     if "learning_rate" in changes:
-        lr_scheduler.base_lrs = [cfg.learning_rate] * len(optimizer.param_groups)
-        for group, factor in zip(optimizer.param_groups, lr_scheduler.lr_lambdas):
-            group["initial_lr"] = cfg.learning_rate
-            group["lr"] = cfg.learning_rate * factor(lr_scheduler.last_epoch)
+        lr_scheduler.base_lrs = [cfg.learning_rate * g.get("lr_scale", 1.0) for g in optimizer.param_groups]
+        for group, base, factor in zip(optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas):
+            group["initial_lr"] = base
+            group["lr"] = base * factor(lr_scheduler.last_epoch)
     if ema is not None and {"ema_max_decay", "ema_inv_gamma", "ema_power"} & changes.keys():
         ema.decay, ema.inv_gamma, ema.power = cfg.ema_max_decay, cfg.ema_inv_gamma, cfg.ema_power
 

@@ -250,6 +250,30 @@ def test_allowed_resume_changes_are_applied_and_recorded(assets, tmp_path, capsy
     assert torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False)["power"] == 0.5
 
 
+def test_offset_lr_scale_trains_the_offset_branch_at_its_rate(assets, straight_run, tmp_path):
+    """dcnv4_options: offset_lr_scale puts the offset/mask branches in a parameter group of their own; at 0 they
+    stay as initialised (zero weights, zero offsets) while the rest trains, and a resume that changes the learning
+    rate keeps the ratio."""
+    options = "{offset_lr_scale: 0.0}"
+    assert train_ldm.main(args(assets, tmp_path, 2, dcnv4_options=options)) == 0
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-2"
+    state = load_file(checkpoint / "model.safetensors")
+    offset_weights = [v for k, v in state.items() if k.endswith("offset_mask.weight")]
+    assert offset_weights and all(torch.count_nonzero(w) == 0 for w in offset_weights)
+    # At the default scale the same weights have moved.
+    trained = load_file(straight_run / "checkpoints" / "checkpoint-6" / "model.safetensors")
+    assert all(torch.count_nonzero(v) > 0 for k, v in trained.items() if k.endswith("offset_mask.weight"))
+    groups = torch.load(checkpoint / "optimizer.bin", weights_only=False)["param_groups"]
+    assert [(g["lr_scale"], g["initial_lr"]) for g in groups] == [(1.0, 2e-4), (0.0, 0.0)]
+    config = json.loads((tmp_path / "pipeline" / "unet" / "config.json").read_text())
+    assert config["offset_lr_scale"] == 0.0
+
+    argv = args(assets, tmp_path, 3, dcnv4_options=options, learning_rate=0.01, allow_resume_changes=True)
+    assert train_ldm.main(argv + ["--resume_from_checkpoint", "latest"]) == 0
+    groups = torch.load(tmp_path / "checkpoints" / "checkpoint-3" / "optimizer.bin", weights_only=False)["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [0.01, 0.0]
+
+
 def test_resume_changes_list_every_key():
     """Every key is refused, refused unless allowed, or free; all but resume_from_checkpoint are recorded."""
     names = [f.name for f in dataclasses.fields(training.TrainConfig)]

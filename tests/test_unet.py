@@ -101,7 +101,7 @@ def test_every_dcnv4_option_reaches_the_saved_config_and_the_layers(tmp_path):
     from unet_dcnv4.unet import DCNV4_OPTIONS
 
     options = dict(replace=["resnet", "upsample"], group_channels=8, offset_scale=0.5, dw_kernel_size=3,
-                   remove_center=True, official_init=True)
+                   remove_center=True, official_init=True, offset_lr_scale=0.1)
     assert set(options) == set(DCNV4_OPTIONS) - {"match"}
     model = build_unet("dcnv4", "tiny", 8, **options)
     model.save_pretrained(tmp_path)
@@ -114,6 +114,14 @@ def test_every_dcnv4_option_reaches_the_saved_config_and_the_layers(tmp_path):
     assert all(torch.count_nonzero(m.offset_mask.bias) == 0 for m in fresh)  # official: every mask starts at 0
     box = [m for m in build_unet("dcnv4", "tiny", 8).modules() if isinstance(m, DCNv4Conv2d)]
     assert all(torch.count_nonzero(m.offset_mask.bias) > 0 for m in box)  # default: masks start at 1/K
+    # The offset/mask branches (Linear and depthwise conv) learn at 0.1x in a group of their own.
+    groups = loaded.parameter_groups(1e-3)
+    branch = {id(p) for m in layers for p in [*m.offset_mask.parameters(), *m.offset_mask_dw.parameters()]}
+    assert [(g["lr"], g["lr_scale"]) for g in groups] == [(1e-3, 1.0), (pytest.approx(1e-4), 0.1)]
+    assert {id(p) for p in groups[1]["params"]} == branch
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(loaded.parameters()))
+    with pytest.raises(ValueError, match="offset_lr_scale must be a number >= 0"):
+        build_unet("dcnv4", "tiny", 8, offset_lr_scale=-1)
 
 
 def test_impl_and_cuda_backward_are_saved_and_run(tmp_path, monkeypatch):

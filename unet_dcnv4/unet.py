@@ -36,7 +36,7 @@ REPLACEABLE = ("resnet", "conv_in", "conv_out", "downsample", "upsample")
 MODEL_TYPES = ("dcnv4", "conv")
 # `match` is not a model field: build_unet resolves it into block_out_channels, which the saved config records.
 DCNV4_OPTIONS = ("replace", "group_channels", "offset_scale", "dw_kernel_size", "remove_center", "official_init",
-                 "match")
+                 "offset_lr_scale", "match")
 # What a matched-budget DCNv4 U-Net is widened to equal: the conv baseline's parameter count or its GFLOPs.
 BUDGETS = ("params", "flops")
 BUDGET_TOLERANCE = 0.05
@@ -107,6 +107,9 @@ class DCNv4UNet2DModel(UNet2DModel):
         remove_center: drop the centre tap of each DCNv4.
         official_init: initialise every DCNv4 layer as the official code does (all masks zero) instead of
             the box-filter start (masks 1/K); see `DCNv4`.
+        offset_lr_scale: the learning rate of the offset/mask projections (and their depthwise convs) as a multiple
+            of the rest's; deformable networks commonly train them at 0.1x. A training setting, kept in the config
+            so that a saved model says how it was trained; `parameter_groups` applies it.
         impl: which implementation of the op every DCNv4 layer runs, one of `unet_dcnv4.ops.IMPLS` (see `dcnv4`).
         cuda_backward: the CUDA backward kernel of every DCNv4 layer, one of `unet_dcnv4.ops.CUDA_BACKWARDS`.
             Both are recorded in the saved config, so it says what ran; configs saved without them load with the
@@ -150,10 +153,13 @@ class DCNv4UNet2DModel(UNet2DModel):
         dw_kernel_size: int | None = None,
         remove_center: bool = False,
         official_init: bool = False,
+        offset_lr_scale: float = 1.0,
         impl: str = "auto",
         cuda_backward: str = "atomic",
     ):
         replace = _check_replace(replace)
+        if isinstance(offset_lr_scale, bool) or not isinstance(offset_lr_scale, (int, float)) or offset_lr_scale < 0:
+            raise ValueError(f"offset_lr_scale must be a number >= 0, got {offset_lr_scale!r}")
         check_impl(impl, cuda_backward)
         _check_group_channels(group_channels, block_out_channels)
         super().__init__(
@@ -198,6 +204,23 @@ class DCNv4UNet2DModel(UNet2DModel):
                         for alias in ("conv", "Conv2d_0"):
                             if getattr(module, alias, None) is getattr(module, attr):
                                 setattr(module, alias, new)
+
+    def offset_mask_parameters(self) -> list[nn.Parameter]:
+        """The parameters of every DCNv4 layer's offset/mask branch (its Linear and optional depthwise conv)."""
+        return [p for m in self.modules() if isinstance(m, DCNv4) for name, p in m.named_parameters()
+                if name.split(".")[0] in ("offset_mask", "offset_mask_dw")]
+
+    def parameter_groups(self, learning_rate: float) -> list[dict]:
+        """Optimizer parameter groups: the offset/mask branches at `offset_lr_scale` times `learning_rate` (a
+        group of its own only when the scale is not 1), everything else at `learning_rate`. Each group names
+        its scale as "lr_scale", so that a schedule or a resume can rebuild its rate."""
+        scale = float(self.config.offset_lr_scale)
+        offset = {id(p) for p in self.offset_mask_parameters()}
+        if scale == 1.0 or not offset:
+            return [{"params": list(self.parameters()), "lr": learning_rate, "lr_scale": 1.0}]
+        return [{"params": [p for p in self.parameters() if id(p) not in offset], "lr": learning_rate, "lr_scale": 1.0},
+                {"params": [p for p in self.parameters() if id(p) in offset], "lr": learning_rate * scale,
+                 "lr_scale": scale}]
 
     def enable_value_recompute(self, enabled: bool = True) -> None:
         """Make every DCNv4 layer recompute its value projection in the backward instead of keeping it
