@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="class mix of the samples: the training set's frequencies (data) or uniform")
     parser.add_argument("--cache_dir", default=None, help="FID reference features cache (default: torch-fidelity's)")
     parser.add_argument("--no_fid_curve", action="store_true", help="skip FID at the intermediate checkpoints")
+    parser.add_argument("--curve_steps", type=int, nargs="+", default=None, metavar="STEP",
+                        help="measure the FID curve at these checkpoint steps only (default: every checkpoint)")
     parser.add_argument("--grid_images", type=int, default=36, help="images per grid in the figure")
     parser.add_argument("--jackknife_groups", type=int, default=50,
                         help="groups of the jackknife that measures the image noise of an arm of one run")
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         compare_arms(arms, args.output_dir, samples_dir=args.samples_dir, reference=args.reference, num_images=args.num_images,
                      sampler=args.sampler, num_inference_steps=args.num_inference_steps, batch_size=args.batch_size,
                      seed=args.seed, mixed_precision=args.mixed_precision, cache_dir=args.cache_dir,
-                     fid_curve=not args.no_fid_curve, grid_images=args.grid_images, jackknife_groups=args.jackknife_groups,
+                     fid_curve=not args.no_fid_curve, curve_steps=args.curve_steps, grid_images=args.grid_images, jackknife_groups=args.jackknife_groups,
                      allow_mismatch=tuple(args.allow_mismatch), overwrite=args.overwrite,
                      skip_corrupt=args.skip_corrupt, guidance_scale=args.guidance_scale, class_mix=args.class_mix)
     except (ValueError, TypeError, OSError) as error:

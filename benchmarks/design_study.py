@@ -10,7 +10,7 @@ the conv U-Net, in one table.
 The study file (YAML) holds `base` (TrainConfig keys every run shares: data, VAE, budget), `baseline` (keys
 over `base` for the conv U-Net), `variants` (row name -> keys over `base`; a row's `dcnv4_options` merge key
 by key over the base's) and optionally `curve_rows` (rows whose comparison also measures FID at every
-checkpoint); its paths are relative to the repository root. Each run is a train_ldm.py process in <output_dir>/runs/<row>/seed<S>, started from its whole
+checkpoint, or at the steps `curve_steps` lists); its paths are relative to the repository root. Each run is a train_ldm.py process in <output_dir>/runs/<row>/seed<S>, started from its whole
 config, written first to <output_dir>/configs/<row>.seed<S>.yaml (`python train_ldm.py --config` that file
 redoes the run by hand). A finished run is reused only when its saved config equals the intended one (the
 bookkeeping keys of `EXPERIMENT_EXCLUDED` aside); an unfinished one resumes from its last checkpoint; a run
@@ -58,10 +58,13 @@ def read_study(path: str | os.PathLike) -> dict:
     study = yaml.safe_load(Path(path).read_text())
     if not isinstance(study, dict) or not isinstance(study.get("variants"), dict) or not study["variants"]:
         raise ValueError(f"study file {str(path)!r} must hold a mapping with a non-empty 'variants' mapping")
-    unknown = sorted(set(study) - {"base", "baseline", "variants", "curve_rows"})
+    unknown = sorted(set(study) - {"base", "baseline", "variants", "curve_rows", "curve_steps"})
     if unknown:
         raise ValueError(f"study file {str(path)!r} has unknown keys {unknown}; "
-                         "allowed: base, baseline, variants, curve_rows")
+                         "allowed: base, baseline, variants, curve_rows, curve_steps")
+    steps = study.setdefault("curve_steps", None)
+    if steps is not None and (not isinstance(steps, list) or not all(isinstance(x, int) and x > 0 for x in steps)):
+        raise ValueError(f"study file {str(path)!r}: curve_steps must be a list of positive steps, got {steps!r}")
     if BASELINE in study["variants"]:
         raise ValueError(f"study file {str(path)!r}: {BASELINE!r} names the conv row; rename that variant")
     study.setdefault("base", {})
@@ -137,9 +140,10 @@ def train(cfg: TrainConfig, output_dir: Path, threads: int) -> None:
         raise RuntimeError(f"training {run} failed (exit {code}); the end of {log}:\n{tail}")
 
 
-def train_all(configs: list[TrainConfig], output_dir: Path, jobs: int, overwrite: bool) -> None:
-    """Trains what is not finished, `jobs` at a time; when none is, the first run alone (it builds the shared
-    latent cache)."""
+def train_all(configs: list[TrainConfig], output_dir: Path, jobs: int, overwrite: bool,
+              threads: int | None = None) -> None:
+    """Trains what is not finished, in the order given, `jobs` at a time with `threads` threads each (default:
+    the cores split evenly); when none is, the first run alone (it builds the shared latent cache)."""
     todo, finished = [], 0
     for cfg in configs:
         try:
@@ -162,9 +166,9 @@ def train_all(configs: list[TrainConfig], output_dir: Path, jobs: int, overwrite
         print(f"[{time.time() - started:7.0f} s] done  {cfg.output_dir}", flush=True)
 
     if todo and not finished:  # nothing trained yet: the first run builds the latent cache alone
-        one(todo.pop(0), cores)
+        one(todo.pop(0), threads or cores)
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(one, cfg, max(1, cores // jobs)) for cfg in todo]
+        futures = [pool.submit(one, cfg, threads or max(1, cores // jobs)) for cfg in todo]
         for future in concurrent.futures.as_completed(futures):
             if future.exception() is not None:
                 for other in futures:
@@ -176,10 +180,13 @@ def _stats_digest(runs: list[str]) -> list[str]:
     return [(Path(r) / "train_stats.json").read_text() for r in runs]
 
 
-def compare_row(row: str, runs: list[str], baseline_runs: list[str], output_dir: Path, args, curve: bool) -> dict:
-    """`compare_arms` of a row against the baseline, reused when its runs and settings are unchanged."""
+def compare_row(row: str, runs: list[str], baseline_runs: list[str], output_dir: Path, args, curve: bool,
+                curve_steps: list[int] | None = None) -> dict:
+    """`compare_arms` of a row against the baseline (with the FID curve at `curve_steps`, or at every checkpoint,
+    when `curve`), reused when its runs and settings are unchanged."""
     folder = output_dir / "comparisons" / row
     key = {"runs": runs, "baseline": baseline_runs, "stats": _stats_digest(runs + baseline_runs), "curve": curve,
+           "curve_steps": curve_steps,
            "num_images": args.num_images, "num_inference_steps": args.num_inference_steps,
            "jackknife_groups": args.jackknife_groups, "reference": args.reference}
     key_file = folder / "study_key.json"
@@ -190,7 +197,7 @@ def compare_row(row: str, runs: list[str], baseline_runs: list[str], output_dir:
     summary = compare_arms([runs, baseline_runs], str(folder), samples_dir=str(output_dir / "samples"),
                            reference=args.reference, num_images=args.num_images,
                            num_inference_steps=args.num_inference_steps, batch_size=args.batch_size,
-                           fid_curve=curve, jackknife_groups=args.jackknife_groups)
+                           fid_curve=curve, curve_steps=curve_steps, jackknife_groups=args.jackknife_groups)
     key_file.write_text(json.dumps(key, indent=1))
     return summary
 
@@ -322,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_train_steps", type=int, default=None,
                         help="the budget of every run, over the study file's base (default: the file's)")
     parser.add_argument("--jobs", type=int, default=1, help="training processes at a time (threads split evenly)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads of each training process (default: the cores split evenly over --jobs)")
     parser.add_argument("--overwrite", action="store_true", help="retrain runs whose saved config differs")
     parser.add_argument("--num_images", type=int, default=512, help="samples per run for FID/KID")
     parser.add_argument("--num_inference_steps", type=int, default=50)
@@ -337,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                              "and timings on disk")
     args = parser.parse_args(argv)
     try:
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         if args.jobs < 1 or args.num_images < 3 or args.iters < 1 or args.warmup < 0 or args.jackknife_groups < 2:
             raise ValueError("--jobs and --iters must be >= 1, --num_images >= 3, --warmup >= 0, "
                              "--jackknife_groups >= 2")
@@ -361,14 +372,17 @@ def main(argv: list[str] | None = None) -> int:
     output_dir.mkdir(parents=True, exist_ok=True)
     if "train" in args.phases:
         try:
-            train_all([cfg for row in configs for cfg in configs[row]], output_dir, args.jobs, args.overwrite)
+            # Seed by seed, every row of a seed before the next seed: a study stopped part-way holds paired runs.
+            order = [cfgs[i] for i in range(len(args.seeds)) for cfgs in configs.values()]
+            train_all(order, output_dir, args.jobs, args.overwrite, args.threads)
         except FileExistsError as error:
             print(f"design_study: {error}", file=sys.stderr)
             return 2
     runs = {row: [c.output_dir for c in cfgs] for row, cfgs in configs.items()}
     if "compare" in args.phases:
         for row in rows:
-            compare_row(row, runs[row], runs[BASELINE], output_dir, args, row in study["curve_rows"])
+            compare_row(row, runs[row], runs[BASELINE], output_dir, args, row in study["curve_rows"],
+                        study["curve_steps"])
     speed_file = output_dir / "throughput.json"
     speed = json.loads(speed_file.read_text()) if speed_file.is_file() else {}
     if "throughput" in args.phases:

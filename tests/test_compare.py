@@ -239,16 +239,21 @@ def _fake_checkpoint(run: str, step: int) -> None:
     (folder / "training_state.json").write_text(json.dumps(state))
 
 
-def test_runs_without_ema_get_their_fid_curve(runs, tmp_path):
+def test_runs_without_ema_get_their_fid_curve(runs, tmp_path, capsys):
     a = _fake_run(tmp_path / "a", "dcnv4", config="use_ema: false\n")
     b = _fake_run(tmp_path / "b", "conv", config="use_ema: false\n")
+    _fake_checkpoint(a, 3)
     _fake_checkpoint(a, 5)
+    _fake_checkpoint(b, 5)
     out = tmp_path / "cmp"
-    assert compare.main([a, b, *_argv(out, runs["reference"], "--num_images", "4")]) == 0
+    # --curve_steps picks the checkpoints the curve measures; a step no run kept is refused first.
+    assert compare.main([a, b, *_argv(out, runs["reference"], "--num_images", "4", "--curve_steps", "4")]) == 2
+    assert compare.main([a, b, *_argv(out, runs["reference"], "--num_images", "4", "--curve_steps", "5")]) == 0
     curve = json.loads((out / "comparison.json").read_text())["arms"][0]["runs"][0]["fid_curve"]
     assert [p["step"] for p in curve] == [5, 10] and curve[0]["train_seconds"] == 1.5 and curve[0]["fid"] > 0
     manifest = json.loads((Path(out) / "samples").glob("a-*/step-5/manifest.json").__next__().read_text())
     assert manifest["use_ema"] is False
+    assert "curve_steps [4] are not checkpoints of" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, needle", [

@@ -73,6 +73,7 @@ def test_rows_merge_dcnv4_options_over_the_base(study_file, tmp_path):
     ("variants: {a: {}}\nextra: 1\n", "unknown keys ['extra']"),
     ("variants: {baseline: {}}\n", "'baseline' names the conv row"),
     ("variants: {a: {}}\ncurve_rows: [b]\n", "curve_rows names no variant ['b']"),
+    ("variants: {a: {}}\ncurve_steps: [1000, -5]\n", "curve_steps must be a list of positive steps"),
     ("variants: {a: {learning_rate: 0.1}}\n", "row 'a' sets ['learning_rate'], which every run of a comparison"),
 ])
 def test_bad_study_files_are_named(tmp_path, text, needle):
@@ -229,3 +230,14 @@ def test_table_reports_p_values_and_which_verdicts_survive_holm():
     assert by_row["y"]["verdict_holm"] == by_row["z"]["verdict_holm"] == "no significant difference at 95%"
     assert "| 0.03 | DCNv4 lower FID | DCNv4 lower FID |" in markdown
     assert "| 0.06 | DCNv4 lower FID | no significant difference at 95% |" in markdown
+
+
+def test_runs_train_seed_by_seed_with_the_threads_asked_for(study_file, tmp_path, monkeypatch):
+    fake_train.calls = []
+    monkeypatch.setattr(study_script, "train", fake_train)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--study", str(study_file), "--output_dir", str(tmp_path / "study"), "--only", "default", "gc8",
+            "--seeds", "0", "1", "--jobs", "1", "--threads", "1", "--phases", "train"]
+    assert study_script.main(argv) == 0
+    assert fake_train.calls == [(row, f"seed{s}", 1) for s in (0, 1) for row in ("baseline", "default", "gc8")]
+    assert study_script.main(argv[:-6] + ["--threads", "0", "--phases", "train"]) == 2

@@ -251,6 +251,7 @@ def compare_arms(
     mixed_precision: str = "no",
     cache_dir: str | None = None,
     fid_curve: bool = True,
+    curve_steps: list[int] | None = None,
     grid_images: int = 36,
     jackknife_groups: int = 50,
     allow_mismatch: tuple[str, ...] = (),
@@ -271,6 +272,8 @@ def compare_arms(
         sampler, num_inference_steps, batch_size, seed, mixed_precision: sampling; every run uses the same seeds.
         cache_dir: reference features and converted Inception weights.
         fid_curve: also measure the intermediate checkpoints (FID against steps and training seconds).
+        curve_steps: the checkpoint steps the curve measures (None: every checkpoint); each must be a checkpoint of
+            every run.
         grid_images: images per grid in the figure.
         jackknife_groups: groups of the jackknife that measures the image noise of an arm of one run.
         allow_mismatch: experiment keys allowed to differ between runs (see `check_comparable`).
@@ -301,6 +304,12 @@ def compare_arms(
             label = f"{label} [{'ab'[index]}]"
         runs_by_arm[label] = runs
     check_distinct_runs([run for runs in runs_by_arm.values() for run in runs])
+    if fid_curve and curve_steps is not None:
+        for run in (run for runs in runs_by_arm.values() for run in runs):
+            kept = {c["step"] for c in run["checkpoints"]} | {run["train_stats"]["steps"]}
+            missing = sorted(set(curve_steps) - kept)
+            if missing:
+                raise ValueError(f"curve_steps {missing} are not checkpoints of {run['dir']} (it keeps {sorted(kept)})")
     allowed = check_comparable(runs_by_arm, allow_mismatch)
     first = next(iter(runs_by_arm.values()))[0]
     cfg = first["config"]
@@ -352,7 +361,8 @@ def compare_arms(
                 # The weights the run's pipeline holds: the EMA's when it kept one, else the raw ones.
                 use_ema = run["config"].use_ema
                 for checkpoint in run["checkpoints"]:
-                    if checkpoint["step"] == stats["steps"]:
+                    if checkpoint["step"] == stats["steps"] or \
+                            curve_steps is not None and checkpoint["step"] not in curve_steps:
                         continue
                     print(f"[{label}] run {i + 1}: FID at step {checkpoint['step']}", flush=True)
                     point = measure(pipeline_from_checkpoint(checkpoint["path"], use_ema=use_ema), checkpoint["path"],
