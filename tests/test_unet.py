@@ -101,7 +101,7 @@ def test_every_dcnv4_option_reaches_the_saved_config_and_the_layers(tmp_path):
     from unet_dcnv4.unet import DCNV4_OPTIONS
 
     options = dict(replace=["resnet", "upsample"], group_channels=8, offset_scale=0.5, dw_kernel_size=3,
-                   remove_center=True, official_init=True, offset_lr_scale=0.1)
+                   remove_center=True, official_init=True, offset_lr_scale=0.1, time_offsets=True)
     assert set(options) == set(DCNV4_OPTIONS) - {"match"}
     model = build_unet("dcnv4", "tiny", 8, **options)
     model.save_pretrained(tmp_path)
@@ -116,7 +116,9 @@ def test_every_dcnv4_option_reaches_the_saved_config_and_the_layers(tmp_path):
     assert all(torch.count_nonzero(m.offset_mask.bias) > 0 for m in box)  # default: masks start at 1/K
     # The offset/mask branches (Linear and depthwise conv) learn at 0.1x in a group of their own.
     groups = loaded.parameter_groups(1e-3)
-    branch = {id(p) for m in layers for p in [*m.offset_mask.parameters(), *m.offset_mask_dw.parameters()]}
+    branch = {id(p) for m in layers for p in [*m.offset_mask.parameters(), *m.offset_mask_dw.parameters(),
+                                              *(m.offset_time_proj.parameters() if m.time_channels else [])]}
+    assert any(m.time_channels for m in layers)  # time_offsets: the blocks' first convs
     assert [(g["lr"], g["lr_scale"]) for g in groups] == [(1e-3, 1.0), (pytest.approx(1e-4), 0.1)]
     assert {id(p) for p in groups[1]["params"]} == branch
     assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(loaded.parameters()))
@@ -350,3 +352,45 @@ def test_matching_errors_name_the_argument(kwargs, message):
 
     with pytest.raises(ValueError, match=message):
         matched_widths("tiny", 8, **kwargs)
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_time_offsets_let_the_first_conv_of_a_block_see_the_time(tmp_path, impl):
+    """With time_offsets, the offsets and masks of a ResnetBlock2D's conv1 depend on the timestep (through a
+    projection that starts at zero, so a fresh model is time-blind there), the projection learns through both
+    paths of the layer, the hooks leave no embedding behind, and the option reloads."""
+    torch.manual_seed(0)
+    model = build_unet("dcnv4", "tiny", 8, time_offsets=True, impl=impl).eval()
+    block = model.down_blocks[0].resnets[0]
+    captured = []
+    handle = block.conv1.offset_mask.register_forward_hook(lambda m, a, out: captured.append(out.detach()))
+    x = torch.randn(1, 4, 8, 8)
+
+    def offsets_at(t):
+        captured.clear()
+        with torch.no_grad():
+            model(x, torch.tensor([t]))
+        return captured[0]
+
+    assert torch.equal(offsets_at(10), offsets_at(900))  # the block's input does not depend on t; the start is blind
+    with torch.no_grad():
+        block.conv1.offset_mask.weight.normal_(std=0.1)
+        block.conv1.offset_time_proj.weight.normal_(std=0.1)
+    assert not torch.allclose(offsets_at(10), offsets_at(900))
+    handle.remove()
+    assert block.conv1._time is None
+    model.train()
+    model(x, torch.tensor([500])).sample.square().sum().backward()
+    assert block.conv1.offset_time_proj.weight.grad.abs().sum() > 0
+    assert block.conv2.time_channels is None and model.conv_in.time_channels is None
+    assert {id(p) for p in block.conv1.offset_time_proj.parameters()} <= {id(p) for p in model.offset_mask_parameters()}
+    model.save_pretrained(tmp_path)
+    loaded = DCNv4UNet2DModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.time_offsets is True
+    saved, reloaded = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == reloaded.keys() and all(torch.equal(saved[k], reloaded[k]) for k in saved)
+    with torch.no_grad():  # equal weights; the matrix products may round differently in reloaded memory
+        assert torch.allclose(model.eval()(x, torch.tensor([7])).sample, loaded(x, torch.tensor([7])).sample,
+                              atol=1e-5)
+    with pytest.raises(ValueError, match="call set_time"):
+        block.conv1(torch.randn(1, block.conv1.in_channels, 8, 8))

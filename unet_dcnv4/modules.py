@@ -89,6 +89,8 @@ class DCNv4(nn.Module):
         impl: which implementation of the op runs: "auto", "kernel" or "reference" (see `dcnv4`).
         cuda_backward: the CUDA backward kernel, "atomic" or "tiled" (see `dcnv4`).
         Both are kept as attributes of the same names and can be changed later.
+        time_channels: the width of a time embedding the offset branch sees (`set_time`): SiLU(embedding) through
+            `offset_time_proj` (zero at the start) is added to the branch's input per channel. None: no time.
 
     With the compiled kernels the layer runs as one op (`dcnv4_layer`), which takes the three projections'
     weights instead of calling the `nn.Linear`s. A projection with a forward hook, or replaced by another
@@ -116,6 +118,7 @@ class DCNv4(nn.Module):
         recompute_value: bool = False,
         impl: str = "auto",
         cuda_backward: str = "atomic",
+        time_channels: int | None = None,
     ):
         super().__init__()
         self.channels = channels
@@ -158,15 +161,26 @@ class DCNv4(nn.Module):
                                             (dw_kernel_size - 1) // 2, groups=self.in_channels)
         # Padded to a multiple of 8 like the official layer (aligned rows for the kernels; extra ignored).
         self.offset_mask = nn.Linear(self.in_channels, int(math.ceil(self.group * self.K * 3 / 8) * 8))
+        # Offsets and masks that see the diffusion time: SiLU(time embedding) projected to a per-channel bias of
+        # the offset branch's input, zero at the start. The embedding of each call is given by `set_time`.
+        self.time_channels = time_channels
+        self._time: torch.Tensor | None = None
+        if time_channels is not None:
+            positive_int("time_channels", time_channels)
+            self.offset_time_proj = nn.Linear(time_channels, self.in_channels)
         if not without_pointwise:
             self.value_proj = nn.Linear(self.in_channels, channels)
             self.output_proj = nn.Linear(channels, self.out_channels, bias=output_bias)
         self.reset_parameters(official_init)
 
     def reset_parameters(self, official_init: bool = False) -> None:
-        """Zero offsets; masks 1/K (a box filter) or, with `official_init`, 0; xavier projections."""
+        """Zero offsets; masks 1/K (a box filter) or, with `official_init`, 0; xavier projections; no time
+        dependence."""
         nn.init.zeros_(self.offset_mask.weight)
         nn.init.zeros_(self.offset_mask.bias)
+        if self.time_channels is not None:
+            nn.init.zeros_(self.offset_time_proj.weight)
+            nn.init.zeros_(self.offset_time_proj.bias)
         if not official_init:
             G, K = self.group, self.K
             with torch.no_grad():
@@ -179,8 +193,19 @@ class DCNv4(nn.Module):
             if self.output_proj.bias is not None:
                 nn.init.zeros_(self.output_proj.bias)
 
+    def set_time(self, temb: torch.Tensor | None) -> None:
+        """The time embedding (N, time_channels) of the next calls, for a layer made with `time_channels` (its
+        U-Net block sets it before each call and clears it after)."""
+        self._time = temb
+
     def _offset_input(self, x: torch.Tensor, H_out: int, W_out: int) -> torch.Tensor:
         """The offset branch's input at output resolution: (N, H, W, C_in) -> (N, H_out, W_out, C_in)."""
+        if self.time_channels is not None:
+            if self._time is None:
+                raise ValueError("this DCNv4 layer's offsets see the time (time_channels set): call set_time(temb) "
+                                 "before it, as its U-Net block does")
+            bias = self.offset_time_proj(nn.functional.silu(self._time))  # (N, C_in)
+            x = x + bias.to(x.dtype)[:, None, None, :]
         if self.dw_kernel_size is not None:
             # channels_last NCHW view: the depthwise conv reads and writes NHWC memory without copies.
             x = self.offset_mask_dw(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -200,7 +225,7 @@ class DCNv4(nn.Module):
         check_impl(self.impl, self.cuda_backward)  # attributes a user may have changed
         N, H, W, _ = x.shape
         H_out, W_out = output_size(H, W, self.kernel_size, self.stride, self.padding, self.dilation)
-        own_offset_input = self.dw_kernel_size is not None or (H_out, W_out) != (H, W)
+        own_offset_input = self.dw_kernel_size is not None or (H_out, W_out) != (H, W) or self.time_channels is not None
         # (The submodules and parameters are read from their dicts: nn.Module.__getattr__ costs about half a
         # microsecond a lookup, and a small layer's call is a few tens of them.)
         modules = self._modules
@@ -265,8 +290,8 @@ class DCNv4Conv2d(DCNv4):
         kernel_size, stride, padding, dilation: as for `nn.Conv2d` (keyword-only after kernel_size).
         group_channels: channels per DCNv4 group at width C (C must be divisible by it).
         channels: the width C at which the op samples, overriding the choice above.
-        offset_scale, dw_kernel_size, remove_center, official_init, recompute_value, impl, cuda_backward:
-            see `DCNv4`.
+        offset_scale, dw_kernel_size, remove_center, official_init, recompute_value, impl, cuda_backward,
+            time_channels: see `DCNv4`.
         bias: whether the output projection has a bias.
     """
 
@@ -289,6 +314,7 @@ class DCNv4Conv2d(DCNv4):
         recompute_value: bool = False,
         impl: str = "auto",
         cuda_backward: str = "atomic",
+        time_channels: int | None = None,
     ):
         positive_int("in_channels", in_channels)
         positive_int("out_channels", out_channels)
@@ -300,7 +326,7 @@ class DCNv4Conv2d(DCNv4):
             group_channels=group_channels, offset_scale=offset_scale, remove_center=remove_center,
             dw_kernel_size=dw_kernel_size, output_bias=bias, in_channels=in_channels,
             out_channels=out_channels, official_init=official_init, recompute_value=recompute_value,
-            impl=impl, cuda_backward=cuda_backward,
+            impl=impl, cuda_backward=cuda_backward, time_channels=time_channels,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ REPLACEABLE = ("resnet", "conv_in", "conv_out", "downsample", "upsample")
 MODEL_TYPES = ("dcnv4", "conv")
 # `match` is not a model field: build_unet resolves it into block_out_channels, which the saved config records.
 DCNV4_OPTIONS = ("replace", "group_channels", "offset_scale", "dw_kernel_size", "remove_center", "official_init",
-                 "offset_lr_scale", "match")
+                 "offset_lr_scale", "time_offsets", "match")
 # What a matched-budget DCNv4 U-Net is widened to equal: the conv baseline's parameter count or its GFLOPs.
 BUDGETS = ("params", "flops")
 BUDGET_TOLERANCE = 0.05
@@ -88,6 +88,15 @@ def _check_group_channels(group_channels, block_out_channels) -> None:
                          f"{widths}; allowed: {common}")
 
 
+def _give_time(block: ResnetBlock2D, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a ResnetBlock2D whose conv1 sees the time: hands it the block's time embedding."""
+    block.conv1.set_time(kwargs["temb"] if "temb" in kwargs else args[1])
+
+
+def _take_time(block: ResnetBlock2D, args: tuple, output) -> None:
+    block.conv1.set_time(None)  # no reference to the embedding outlives the call
+
+
 class DCNv4UNet2DModel(UNet2DModel):
     """`UNet2DModel` with its 3x3 convs replaced by `DCNv4Conv2d`.
 
@@ -110,6 +119,9 @@ class DCNv4UNet2DModel(UNet2DModel):
         offset_lr_scale: the learning rate of the offset/mask projections (and their depthwise convs) as a multiple
             of the rest's; deformable networks commonly train them at 0.1x. A training setting, kept in the config
             so that a saved model says how it was trained; `parameter_groups` applies it.
+        time_offsets: let the offsets and masks of every ResnetBlock2D's first conv see the diffusion time (its
+            input is taken before the block adds the time embedding; the second conv's input has it): the block's
+            time embedding, through a zero-initialised projection, is added to the offset branch's input.
         impl: which implementation of the op every DCNv4 layer runs, one of `unet_dcnv4.ops.IMPLS` (see `dcnv4`).
         cuda_backward: the CUDA backward kernel of every DCNv4 layer, one of `unet_dcnv4.ops.CUDA_BACKWARDS`.
             Both are recorded in the saved config, so it says what ran; configs saved without them load with the
@@ -154,6 +166,7 @@ class DCNv4UNet2DModel(UNet2DModel):
         remove_center: bool = False,
         official_init: bool = False,
         offset_lr_scale: float = 1.0,
+        time_offsets: bool = False,
         impl: str = "auto",
         cuda_backward: str = "atomic",
     ):
@@ -180,12 +193,15 @@ class DCNv4UNet2DModel(UNet2DModel):
                        remove_center=remove_center, official_init=official_init, impl=impl,
                        cuda_backward=cuda_backward)
 
-        def swap(conv: nn.Module) -> nn.Module:
+        if not isinstance(time_offsets, bool):
+            raise ValueError(f"time_offsets must be a bool, got {time_offsets!r}")
+
+        def swap(conv: nn.Module, time_channels: int | None = None) -> nn.Module:
             if not isinstance(conv, nn.Conv2d) or conv.kernel_size == (1, 1):
                 return conv
             return DCNv4Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                                padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
-                               **options)
+                               time_channels=time_channels, **options)
 
         if "conv_in" in replace:
             self.conv_in = swap(self.conv_in)
@@ -193,8 +209,12 @@ class DCNv4UNet2DModel(UNet2DModel):
             self.conv_out = swap(self.conv_out)
         for module in list(self.modules()):
             if isinstance(module, ResnetBlock2D) and "resnet" in replace:
-                module.conv1 = swap(module.conv1)
+                timed = time_offsets and module.time_emb_proj is not None
+                module.conv1 = swap(module.conv1, module.time_emb_proj.in_features if timed else None)
                 module.conv2 = swap(module.conv2)
+                if timed:
+                    module.register_forward_pre_hook(_give_time, with_kwargs=True)
+                    module.register_forward_hook(_take_time)
             elif (isinstance(module, Downsample2D) and "downsample" in replace) or \
                     (isinstance(module, Upsample2D) and "upsample" in replace):
                 # Downsample2D registers one conv under two names (conv and Conv2d_0); keep them one module.
@@ -206,9 +226,10 @@ class DCNv4UNet2DModel(UNet2DModel):
                                 setattr(module, alias, new)
 
     def offset_mask_parameters(self) -> list[nn.Parameter]:
-        """The parameters of every DCNv4 layer's offset/mask branch (its Linear and optional depthwise conv)."""
+        """The parameters of every DCNv4 layer's offset/mask branch (its Linear, optional depthwise conv and time
+        projection)."""
         return [p for m in self.modules() if isinstance(m, DCNv4) for name, p in m.named_parameters()
-                if name.split(".")[0] in ("offset_mask", "offset_mask_dw")]
+                if name.split(".")[0] in ("offset_mask", "offset_mask_dw", "offset_time_proj")]
 
     def parameter_groups(self, learning_rate: float) -> list[dict]:
         """Optimizer parameter groups: the offset/mask branches at `offset_lr_scale` times `learning_rate` (a
