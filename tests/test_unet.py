@@ -101,7 +101,8 @@ def test_every_dcnv4_option_reaches_the_saved_config_and_the_layers(tmp_path):
     from unet_dcnv4.unet import DCNV4_OPTIONS
 
     options = dict(replace=["resnet", "upsample"], group_channels=8, offset_scale=0.5, dw_kernel_size=3,
-                   remove_center=True, official_init=True, offset_lr_scale=0.1, time_offsets=True)
+                   remove_center=True, official_init=True, offset_lr_scale=0.1, time_offsets=True,
+                   levels=[0, 1])
     assert set(options) == set(DCNV4_OPTIONS) - {"match"}
     model = build_unet("dcnv4", "tiny", 8, **options)
     model.save_pretrained(tmp_path)
@@ -394,3 +395,27 @@ def test_time_offsets_let_the_first_conv_of_a_block_see_the_time(tmp_path, impl)
                               atol=1e-5)
     with pytest.raises(ValueError, match="call set_time"):
         block.conv1(torch.randn(1, block.conv1.in_channels, 8, 8))
+
+
+def test_levels_swap_the_convs_of_the_levels_named(tmp_path):
+    """levels: [1] in the two-level tiny U-Net swaps the convs that read the half-resolution maps (the second down
+    block, the mid block, the first up block) and keeps the full-resolution ones (conv_in, conv_out, the first down
+    block and its downsampler, the last up block, the upsampler's conv after upsampling) plain."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    model = build_unet("dcnv4", "tiny", 8, levels=[1])
+    swapped = {name for name, m in model.named_modules() if isinstance(m, DCNv4Conv2d)}
+    resnets = [name for name, m in model.named_modules() if isinstance(m, ResnetBlock2D)]
+    coarse = [n for n in resnets if n.startswith(("down_blocks.1", "mid_block", "up_blocks.0"))]
+    assert coarse and swapped == {f"{n}.{c}" for n in coarse for c in ("conv1", "conv2")}
+    assert isinstance(model.conv_in, torch.nn.Conv2d) and isinstance(model.down_blocks[0].downsamplers[0].conv,
+                                                                      torch.nn.Conv2d)
+    assert isinstance(model.up_blocks[0].upsamplers[0].conv, torch.nn.Conv2d)
+    full = {name for name, m in build_unet("dcnv4", "tiny", 8, levels=[0]).named_modules()
+            if isinstance(m, DCNv4Conv2d)}
+    assert {"conv_in", "conv_out", "down_blocks.0.downsamplers.0.conv", "up_blocks.0.upsamplers.0.conv"} <= full
+    assert not full & swapped
+    model.save_pretrained(tmp_path)
+    assert list(DCNv4UNet2DModel.from_pretrained(tmp_path).config.levels) == [1]
+    with pytest.raises(ValueError, match=r"levels must be null or a list of resolution levels in \[0, 2\)"):
+        build_unet("dcnv4", "tiny", 8, levels=[2])

@@ -36,7 +36,7 @@ REPLACEABLE = ("resnet", "conv_in", "conv_out", "downsample", "upsample")
 MODEL_TYPES = ("dcnv4", "conv")
 # `match` is not a model field: build_unet resolves it into block_out_channels, which the saved config records.
 DCNV4_OPTIONS = ("replace", "group_channels", "offset_scale", "dw_kernel_size", "remove_center", "official_init",
-                 "offset_lr_scale", "time_offsets", "match")
+                 "offset_lr_scale", "time_offsets", "levels", "match")
 # What a matched-budget DCNv4 U-Net is widened to equal: the conv baseline's parameter count or its GFLOPs.
 BUDGETS = ("params", "flops")
 BUDGET_TOLERANCE = 0.05
@@ -119,6 +119,10 @@ class DCNv4UNet2DModel(UNet2DModel):
         offset_lr_scale: the learning rate of the offset/mask projections (and their depthwise convs) as a multiple
             of the rest's; deformable networks commonly train them at 0.1x. A training setting, kept in the config
             so that a saved model says how it was trained; `parameter_groups` applies it.
+        levels: the resolution levels whose 3x3 convs (those `replace` names) are swapped, 0 the latent's full
+            resolution, 1 half of it, ...; None (the default) for every level. A conv's level is that of the map it
+            reads: conv_in and conv_out 0, the blocks' convs their block's, a downsampling conv its block's, an
+            upsampling conv the finer level it convolves after upsampling.
         time_offsets: let the offsets and masks of every ResnetBlock2D's first conv see the diffusion time (its
             input is taken before the block adds the time embedding; the second conv's input has it): the block's
             time embedding, through a zero-initialised projection, is added to the offset branch's input.
@@ -167,6 +171,7 @@ class DCNv4UNet2DModel(UNet2DModel):
         official_init: bool = False,
         offset_lr_scale: float = 1.0,
         time_offsets: bool = False,
+        levels: tuple[int, ...] | None = None,
         impl: str = "auto",
         cuda_backward: str = "atomic",
     ):
@@ -195,32 +200,45 @@ class DCNv4UNet2DModel(UNet2DModel):
 
         if not isinstance(time_offsets, bool):
             raise ValueError(f"time_offsets must be a bool, got {time_offsets!r}")
+        depth = len(block_out_channels)
+        if levels is not None and (isinstance(levels, (str, int)) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v < depth for v in levels)):
+            raise ValueError(f"levels must be null or a list of resolution levels in [0, {depth}), got {levels!r}")
+        # The level each block's convs read (up block j runs at level depth - 1 - j); see `levels`.
+        level_of = {id(m): i for i, block in enumerate(self.down_blocks) for m in block.modules()}
+        if self.mid_block is not None:
+            level_of.update({id(m): depth - 1 for m in self.mid_block.modules()})
+        level_of.update({id(m): depth - 1 - j for j, block in enumerate(self.up_blocks) for m in block.modules()})
 
-        def swap(conv: nn.Module, time_channels: int | None = None) -> nn.Module:
-            if not isinstance(conv, nn.Conv2d) or conv.kernel_size == (1, 1):
+        def swap(conv: nn.Module, level: int, time_channels: int | None = None) -> nn.Module:
+            if not isinstance(conv, nn.Conv2d) or conv.kernel_size == (1, 1) or \
+                    levels is not None and level not in levels:
                 return conv
             return DCNv4Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                                padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
                                time_channels=time_channels, **options)
 
         if "conv_in" in replace:
-            self.conv_in = swap(self.conv_in)
+            self.conv_in = swap(self.conv_in, 0)
         if "conv_out" in replace:
-            self.conv_out = swap(self.conv_out)
+            self.conv_out = swap(self.conv_out, 0)
         for module in list(self.modules()):
+            level = level_of.get(id(module))
             if isinstance(module, ResnetBlock2D) and "resnet" in replace:
                 timed = time_offsets and module.time_emb_proj is not None
-                module.conv1 = swap(module.conv1, module.time_emb_proj.in_features if timed else None)
-                module.conv2 = swap(module.conv2)
-                if timed:
+                module.conv1 = swap(module.conv1, level, module.time_emb_proj.in_features if timed else None)
+                module.conv2 = swap(module.conv2, level)
+                if timed and isinstance(module.conv1, DCNv4):
                     module.register_forward_pre_hook(_give_time, with_kwargs=True)
                     module.register_forward_hook(_take_time)
             elif (isinstance(module, Downsample2D) and "downsample" in replace) or \
                     (isinstance(module, Upsample2D) and "upsample" in replace):
                 # Downsample2D registers one conv under two names (conv and Conv2d_0); keep them one module.
+                if isinstance(module, Upsample2D):
+                    level -= 1  # its conv runs on the upsampled, finer map
                 for attr in ("conv", "Conv2d_0"):
                     if isinstance(getattr(module, attr, None), nn.Conv2d):
-                        new = swap(getattr(module, attr))
+                        new = swap(getattr(module, attr), level)
                         for alias in ("conv", "Conv2d_0"):
                             if getattr(module, alias, None) is getattr(module, attr):
                                 setattr(module, alias, new)
