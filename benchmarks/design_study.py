@@ -10,7 +10,9 @@ the conv U-Net, in one table.
 The study file (YAML) holds `base` (TrainConfig keys every run shares: data, VAE, budget), `baseline` (keys
 over `base` for the conv U-Net), `variants` (row name -> keys over `base`; a row's `dcnv4_options` merge key
 by key over the base's) and optionally `curve_rows` (rows whose comparison also measures FID at every
-checkpoint, or at the steps `curve_steps` lists); its paths are relative to the repository root. Each run is a train_ldm.py process in <output_dir>/runs/<row>/seed<S>, started from its whole
+checkpoint, or at the steps `curve_steps` lists) and `confirm` (`seeds`, fresh ones, and `base`, keys over the
+base for other data, and optionally `reference`: where the selected row is confirmed); its paths are relative to
+the repository root. Each run is a train_ldm.py process in <output_dir>/runs/<row>/seed<S>, started from its whole
 config, written first to <output_dir>/configs/<row>.seed<S>.yaml (`python train_ldm.py --config` that file
 redoes the run by hand). A finished run is reused only when its saved config equals the intended one (the
 bookkeeping keys of `EXPERIMENT_EXCLUDED` aside); an unfinished one resumes from its last checkpoint; a run
@@ -20,7 +22,10 @@ Then every row is compared with the baseline by `compare_arms` (per-arm FID/KID 
 the FID difference and its p-value, Welch's t on the per-run FIDs; the baseline is sampled once for all rows), the
 p-values of all rows get Holm's correction (the table says which verdicts survive it), each row's training
 step and U-Net evaluation are timed against the baseline's in interleaved rounds in one process, and study.md and
-study.json get one table.
+study.json get one table. Selection (`select`) takes the row with the lowest mean FID among those that beat conv
+after Holm's correction (or the lowest of all, marked so) into selected.json; confirmation (`confirm`) trains that
+row and conv on the confirm data with the confirm seeds and writes confirm/confirmation.md: a verdict on data and
+seeds the choice was not made on.
 """
 
 from __future__ import annotations
@@ -41,14 +46,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from unet_dcnv4.comparison import BOOKKEEPING, MODEL_KEYS, compare_arms  # noqa: E402
+from unet_dcnv4.comparison import BOOKKEEPING, MODEL_KEYS, compare_arms, interval_text  # noqa: E402
 from unet_dcnv4.config import to_dict, to_yaml  # noqa: E402
 from unet_dcnv4.intervals import LEVEL, holm, verdict  # noqa: E402
 from unet_dcnv4.timing import time_interleaved  # noqa: E402
 from unet_dcnv4.training import TrainConfig, load_config  # noqa: E402
 
 BASELINE = "baseline"
-PHASES = ("train", "compare", "throughput", "table")
+PHASES = ("train", "compare", "throughput", "table", "select", "confirm")
 # A finished run is reused whatever its BOOKKEEPING keys are (they do not change what it trains); a larger
 # max_train_steps resumes a finished run (train_ldm.py resumes exactly).
 
@@ -58,10 +63,22 @@ def read_study(path: str | os.PathLike) -> dict:
     study = yaml.safe_load(Path(path).read_text())
     if not isinstance(study, dict) or not isinstance(study.get("variants"), dict) or not study["variants"]:
         raise ValueError(f"study file {str(path)!r} must hold a mapping with a non-empty 'variants' mapping")
-    unknown = sorted(set(study) - {"base", "baseline", "variants", "curve_rows", "curve_steps"})
+    unknown = sorted(set(study) - {"base", "baseline", "variants", "curve_rows", "curve_steps", "confirm"})
     if unknown:
         raise ValueError(f"study file {str(path)!r} has unknown keys {unknown}; "
-                         "allowed: base, baseline, variants, curve_rows, curve_steps")
+                         "allowed: base, baseline, variants, curve_rows, curve_steps, confirm")
+    confirm = study.setdefault("confirm", None)
+    if confirm is not None:
+        seeds = confirm.get("seeds") if isinstance(confirm, dict) else None
+        if not isinstance(confirm, dict) or set(confirm) - {"base", "seeds", "reference"} or not isinstance(
+                confirm.get("base", {}), dict) or not seeds or not all(isinstance(x, int) and x >= 0 for x in seeds):
+            raise ValueError(f"study file {str(path)!r}: confirm must hold 'seeds' (a non-empty list of seeds), and "
+                             f"optionally 'base' (keys over base for the other data) and 'reference', got {confirm!r}")
+        confirm.setdefault("base", {})
+        confirm.setdefault("reference", None)
+        model = sorted(set(confirm["base"]) & set(MODEL_KEYS))
+        if model:
+            raise ValueError(f"study file {str(path)!r}: confirm's base sets {model}; the model is the selected row's")
     steps = study.setdefault("curve_steps", None)
     if steps is not None and (not isinstance(steps, list) or not all(isinstance(x, int) and x > 0 for x in steps)):
         raise ValueError(f"study file {str(path)!r}: curve_steps must be a list of positive steps, got {steps!r}")
@@ -88,6 +105,34 @@ def row_overrides(study: dict, row: str) -> dict:
     if "dcnv4_options" in keys:
         merged["dcnv4_options"] = {**study["base"].get("dcnv4_options", {}), **keys["dcnv4_options"]}
     return merged
+
+
+def confirm_study(study: dict) -> dict:
+    """The study on the confirmation data: the base with the keys of `confirm.base` over it (dcnv4_options merged
+    key by key)."""
+    extra = study["confirm"]["base"]
+    base = {**study["base"], **extra}
+    if "dcnv4_options" in extra:
+        base["dcnv4_options"] = {**study["base"].get("dcnv4_options", {}), **extra["dcnv4_options"]}
+    return {**study, "base": base}
+
+
+def select_row(rows: list[dict]) -> dict:
+    """The row a study selects for confirmation: the lowest mean FID among the rows whose verdict still says
+    DCNv4 has the lower FID after Holm's correction; when none does, the lowest mean FID of all, marked so.
+
+    Args:
+        rows: the variant rows of `table` (the baseline's left out).
+    """
+    if not rows:
+        raise ValueError("no compared row to select from; run the compare and table phases first")
+    winners = [r for r in rows if r["verdict_holm"] != verdict(["", ""], (-1.0, 1.0)) and r["fid_difference"] < 0]
+    best = min(winners or rows, key=lambda r: r["fid_mean"])
+    return {"row": best["row"], "changes": best["changes"], "fid_mean": best["fid_mean"],
+            "fid_difference": best["fid_difference"], "ci95": best["ci95"], "p_value": best["p_value"],
+            "p_holm": best["p_holm"], "verdict_holm": best["verdict_holm"], "survived_holm": bool(winners),
+            "rule": "lowest mean FID among the rows that beat conv after Holm's correction" if winners else
+                    "no row beat conv after Holm's correction: the lowest mean FID of all rows"}
 
 
 def run_config(study: dict, row: str, seed: int, output_dir: Path) -> TrainConfig:
@@ -343,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES),
                         help="what to do, in this order: train the runs, compare each row with the baseline, time "
                              "each row against the baseline (throughput.json), write the table from the comparisons "
-                             "and timings on disk")
+                             "and timings on disk, select the row to confirm (selected.json), and confirm it against "
+                             "conv on the study's confirm data with its fresh seeds (confirm/)")
     args = parser.parse_args(argv)
     try:
         if args.threads is not None and args.threads < 1:
@@ -389,19 +435,67 @@ def main(argv: list[str] | None = None) -> int:
         speed.update(measure_rows({row: runs[row] for row in rows}, runs[BASELINE],
                                   {row: cfgs[0] for row, cfgs in configs.items()}, args))
         speed_file.write_text(json.dumps(speed, indent=1))
-    if "table" not in args.phases:
+    if not {"table", "select", "confirm"} & set(args.phases):
         print(f"done in {time.time() - started:.0f} s")
         return 0
     # Every compared row of the study in the file's order, rows outside --only as last compared.
     summaries = {row: json.loads((output_dir / "comparisons" / row / "comparison.json").read_text())
                  for row in study["variants"] if (output_dir / "comparisons" / row / "comparison.json").is_file()}
     table_rows, markdown = table(study, summaries, speed)
-    (output_dir / "study.json").write_text(json.dumps({"study": study, "seeds": args.seeds, "rows": table_rows},
-                                                      indent=1))
-    (output_dir / "study.md").write_text(markdown)
-    print(f"\n{markdown}\nwritten to {output_dir}/study.md and study.json in {time.time() - started:.0f} s "
-          f"on {os.cpu_count()} cores")
+    if "table" in args.phases:
+        (output_dir / "study.json").write_text(json.dumps({"study": study, "seeds": args.seeds, "rows": table_rows},
+                                                          indent=1))
+        (output_dir / "study.md").write_text(markdown)
+        print(f"\n{markdown}\nwritten to {output_dir}/study.md and study.json in {time.time() - started:.0f} s "
+              f"on {os.cpu_count()} cores")
+    try:
+        if "select" in args.phases:
+            selected = {**select_row([r for r in table_rows if r["row"] != BASELINE]), "seeds": args.seeds,
+                        "data_source": study["base"].get("data_source"),
+                        "max_train_steps": study["base"].get("max_train_steps")}
+            (output_dir / "selected.json").write_text(json.dumps(selected, indent=1))
+            print(f"selected {selected['row']!r} ({selected['rule']})")
+        if "confirm" in args.phases:
+            confirm(study, output_dir, args)
+    except (ValueError, FileExistsError) as error:
+        print(f"design_study: {error}", file=sys.stderr)
+        return 2
     return 0
+
+
+def confirm(study: dict, output_dir: Path, args) -> dict | None:
+    """Trains the selected row and the baseline on the study's confirm data with its fresh seeds, compares them
+    and writes confirm/confirmation.md; None (and a line saying so) when the study file has no `confirm`."""
+    if study["confirm"] is None:
+        print("confirm: the study file has no confirm section (seeds and data to confirm on); skipped")
+        return None
+    selected_file = output_dir / "selected.json"
+    if not selected_file.is_file():
+        raise ValueError(f"{selected_file} does not exist: run the select phase first")
+    selected = json.loads(selected_file.read_text())
+    row, seeds = selected["row"], study["confirm"]["seeds"]
+    if set(seeds) & set(selected["seeds"]):
+        raise ValueError(f"confirm seeds {seeds} repeat the selection's seeds {selected['seeds']}: use fresh seeds")
+    other = confirm_study(study)
+    folder = output_dir / "confirm"
+    configs = {name: [run_config(other, name, seed, folder) for seed in seeds] for name in (BASELINE, row)}
+    train_all([cfgs[i] for i in range(len(seeds)) for cfgs in configs.values()], folder, args.jobs, args.overwrite,
+              args.threads)
+    settings = argparse.Namespace(**{**vars(args), "reference": study["confirm"]["reference"]})
+    summary = compare_row(row, [c.output_dir for c in configs[row]], [c.output_dir for c in configs[BASELINE]],
+                          folder, settings, False)
+    difference = summary["fid_difference"]
+    text = (f"Confirmation of row {row!r} ({selected['changes']}), selected on {selected['data_source']} at "
+            f"{selected['max_train_steps']} steps with seeds {selected['seeds']} ({selected['rule']}), against conv "
+            f"on {other['base'].get('data_source')} at {other['base'].get('max_train_steps')} steps with fresh seeds "
+            f"{seeds}: FID difference {difference['value']:+.2f}, {interval_text(difference)}; "
+            f"{difference['verdict']}.\n")
+    (folder / "confirmation.md").write_text(text)
+    (folder / "confirmation.json").write_text(json.dumps({"selected": selected, "seeds": seeds,
+                                                          "data_source": other["base"].get("data_source"),
+                                                          "fid_difference": difference}, indent=1))
+    print(text, end="")
+    return summary
 
 
 if __name__ == "__main__":

@@ -74,6 +74,8 @@ def test_rows_merge_dcnv4_options_over_the_base(study_file, tmp_path):
     ("variants: {baseline: {}}\n", "'baseline' names the conv row"),
     ("variants: {a: {}}\ncurve_rows: [b]\n", "curve_rows names no variant ['b']"),
     ("variants: {a: {}}\ncurve_steps: [1000, -5]\n", "curve_steps must be a list of positive steps"),
+    ("variants: {a: {}}\nconfirm: {base: {}}\n", "confirm must hold 'seeds'"),
+    ("variants: {a: {}}\nconfirm: {seeds: [5], base: {model_type: conv}}\n", "confirm's base sets ['model_type']"),
     ("variants: {a: {learning_rate: 0.1}}\n", "row 'a' sets ['learning_rate'], which every run of a comparison"),
 ])
 def test_bad_study_files_are_named(tmp_path, text, needle):
@@ -241,3 +243,47 @@ def test_runs_train_seed_by_seed_with_the_threads_asked_for(study_file, tmp_path
     assert study_script.main(argv) == 0
     assert fake_train.calls == [(row, f"seed{s}", 1) for s in (0, 1) for row in ("baseline", "default", "gc8")]
     assert study_script.main(argv[:-6] + ["--threads", "0", "--phases", "train"]) == 2
+
+
+def test_select_row_prefers_rows_that_survive_holm():
+    def row(name, fid, diff, verdict_holm):
+        return {"row": name, "changes": name, "fid_mean": fid, "fid_difference": diff, "ci95": [diff - 1, diff + 1],
+                "p_value": 0.01, "p_holm": 0.02, "verdict_holm": verdict_holm}
+
+    nothing = "no significant difference at 95%"
+    rows = [row("a", 200.0, -9.0, nothing), row("b", 203.0, -6.0, "DCNv4 lower FID"), row("c", 220.0, 8.0, nothing)]
+    chosen = study_script.select_row(rows)
+    assert chosen["row"] == "b" and chosen["survived_holm"] and chosen["rule"].startswith("lowest mean FID among")
+    chosen = study_script.select_row([rows[0], rows[2]])
+    assert chosen["row"] == "a" and not chosen["survived_holm"] and chosen["rule"].startswith("no row beat conv")
+    with pytest.raises(ValueError, match="no compared row"):
+        study_script.select_row([])
+
+
+def test_select_then_confirm_on_other_data_with_fresh_seeds(tmp_path, reference, monkeypatch, capsys):
+    fake_train.calls = []
+    monkeypatch.setattr(study_script, "train", fake_train)
+    monkeypatch.chdir(tmp_path)
+    study = {**STUDY, "confirm": {"seeds": [7, 8], "base": {"data_source": "other_images"}, "reference": reference}}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    out = tmp_path / "study"
+    common = ["--study", str(path), "--output_dir", str(out), "--num_images", "4", "--num_inference_steps", "2",
+              "--reference", reference, "--batch_size", "4", "--jackknife_groups", "3", "--seeds", "0", "1",
+              "--only", "default", "gc8"]
+    assert study_script.main(common + ["--phases", "train", "compare", "table", "select", "confirm"]) == 0
+    selected = json.loads((out / "selected.json").read_text())
+    assert selected["row"] in ("default", "gc8") and selected["seeds"] == [0, 1]
+    confirmed = sorted(call[:2] for call in fake_train.calls if call[1] in ("seed7", "seed8"))
+    assert confirmed == sorted((r, f"seed{s}") for r in ("baseline", selected["row"]) for s in (7, 8))
+    config = yaml.safe_load((out / "confirm" / "runs" / selected["row"] / "seed7" / "config.yaml").read_text())
+    assert config["data_source"] == "other_images"
+    text = (out / "confirm" / "confirmation.md").read_text()
+    assert f"Confirmation of row {selected['row']!r}" in text and "fresh seeds [7, 8]" in text
+    assert json.loads((out / "confirm" / "confirmation.json").read_text())["fid_difference"]["method"].startswith(
+        "Welch's t")
+    # Seeds of the selection are not fresh.
+    study["confirm"]["seeds"] = [1, 9]
+    path.write_text(yaml.safe_dump(study))
+    assert study_script.main(common + ["--phases", "confirm"]) == 2
+    assert "repeat the selection's seeds" in capsys.readouterr().err
