@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The comparison protocol on the embedded default: SEEDS training runs per arm of the tiny quickstart models
 # (the conv U-Net, the DCNv4 U-Net at equal width, the DCNv4 U-Net widened to the conv U-Net's parameters),
-# then two comparisons against the conv arm, each with per-arm mean +- std, a 95% bootstrap interval of the
-# FID difference and a verdict. Both tables are printed last.
+# then two comparisons against the conv arm, each with per-arm mean +- std, Welch's 95% interval of the FID
+# difference on the per-run FIDs, its p-value and a verdict. Both tables are printed last.
 #
 #     bash benchmarks/seeds_compare.sh
 #
