@@ -287,3 +287,14 @@ def test_select_then_confirm_on_other_data_with_fresh_seeds(tmp_path, reference,
     path.write_text(yaml.safe_dump(study))
     assert study_script.main(common + ["--phases", "confirm"]) == 2
     assert "repeat the selection's seeds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "benchmarks").glob("*study*.yaml")))
+def test_the_repositorys_study_files_resolve_to_valid_configs(name, tmp_path):
+    study = study_script.read_study(ROOT / "benchmarks" / name)
+    for row in [study_script.BASELINE, *study["variants"]]:
+        assert study_script.run_config(study, row, 0, tmp_path).max_train_steps == study["base"]["max_train_steps"]
+    if study["confirm"] is not None:
+        confirm = study_script.confirm_study(study)
+        assert study_script.run_config(confirm, study_script.BASELINE, 0, tmp_path).data_source == \
+            confirm["base"]["data_source"]
