@@ -103,7 +103,7 @@ def prepare_latents(cfg: TrainConfig, accelerator):
         accelerator.print(f"skip_corrupt: skipped {len(skipped)} unreadable image(s): {', '.join(skipped)}")
     cache_dir = cfg.latent_cache_dir or os.path.join(cfg.output_dir, "latent_cache")
     cache_dir = build_latent_cache(dataset, vae, cache_dir, cfg.resolution, vae_id, batch_size=cfg.encode_batch_size,
-                                   accelerator=accelerator, flips=cfg.flips)
+                                   accelerator=accelerator, flips=cfg.flips, dtype=cfg.latent_cache_dtype)
     latents = LatentDataset(cache_dir)
     if cfg.class_conditional and latents.num_classes < 1:
         raise ValueError(f"class_conditional is true, but data_source {cfg.data_source!r} has no class labels "

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shutil
+import struct
 import warnings
 from functools import lru_cache
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
 
@@ -30,6 +31,7 @@ from .progress import progress
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "LATENT_CACHE_DTYPES",
     "BuiltinImageDataset",
     "CorruptImageError",
     "DataSourceError",
@@ -45,8 +47,10 @@ __all__ = [
     "module_fingerprint",
     "read_image",
     "sample_latents",
+    "shard_arrays",
     "latent_scaling_factor",
     "to_rgb",
+    "write_shard",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -58,6 +62,12 @@ _BUILTIN_PHOTOS = (
 )
 _CACHE_FORMAT = 1
 _CACHE_INDEX = "cache.json"
+_BUILD_KEY = "build.json"  # in the side folder of a build: the key its finished shards were encoded for
+# How the latent cache may store the posterior mean and std, and the safetensors and numpy names of the dtypes.
+_CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+LATENT_CACHE_DTYPES = tuple(_CACHE_DTYPES)
+_SAFETENSORS_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+_SAFETENSORS_NUMPY = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64}
 
 
 class CorruptImageError(OSError):
@@ -568,49 +578,52 @@ def _read_index(cache_dir: str) -> dict | None:
     return index
 
 
-def _encode_share(dataset, vae, indices, flips, batch_size, num_workers, shard_size, out_dir, rank, show):
+def _shard_name(k: int) -> str:
+    return f"shard-{k:05d}.safetensors"
+
+
+def write_shard(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write one cache shard atomically: to a side file first, renamed into place once complete, so that a shard
+    file that exists is a whole one (what lets an interrupted build resume from it).
+
+    Args:
+        path: the shard's file.
+        tensors: "mean" and "std" (N, c, h, w) in the cache's dtype, "mean_flip" and "std_flip" with flips,
+            "labels" (N,) int64.
+        metadata: "start" (the first image's index) and "count" (N) as strings, and "stats", the JSON list of
+            the sums `latent_scaling_factor` takes, over the shard's float32 latents.
+    """
+    tmp = path + ".tmp"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _encode_shard(dataset, vae, indices, flips, batch_size, num_workers, dtype):
+    """The tensors of one shard (see `write_shard`) and the sums over its float32 latents."""
     device = next(vae.parameters()).device
-    dtype = next(vae.parameters()).dtype
+    vae_dtype = next(vae.parameters()).dtype
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers)
     stats = torch.zeros(3, dtype=torch.float64)  # sum of m, sum of m^2 + s^2, count
     buffers: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], "mean_flip": [], "std_flip": [], "labels": []}
-    shards, start = [], indices[0] if len(indices) else 0
-
-    def flush():
-        nonlocal start
-        if not buffers["labels"]:
-            return
-        tensors = {k: torch.cat(v).contiguous() for k, v in buffers.items() if v}
-        count = len(tensors["labels"])
-        name = f"shard-r{rank:03d}-{len(shards):05d}.safetensors"
-        save_file(tensors, os.path.join(out_dir, name), metadata={"start": str(start), "count": str(count)})
-        shards.append({"file": name, "start": start, "count": count})
-        start += count
-        for v in buffers.values():
-            v.clear()
-
-    with torch.no_grad():
-        for images, labels in progress(loader, desc=f"encoding latents (rank {rank})", disable=not show):
-            if images.ndim != 4 or images.shape[1] != 3:
-                raise ValueError(f"dataset images must be (3, H, W), got a batch of shape {tuple(images.shape)}")
-            x = images.to(device=device, dtype=dtype)
-            if flips:
-                x = torch.cat([x, x.flip(-1)])
-            posterior = vae.encode(x).latent_dist
-            mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()  # (B or 2B, c, h, w)
-            stats += torch.stack([mean.double().sum(), (mean.double() ** 2 + std.double() ** 2).sum(),
-                                  torch.tensor(float(mean.numel()), dtype=torch.float64)])
-            n = images.shape[0]
-            buffers["mean"].append(mean[:n])
-            buffers["std"].append(std[:n])
-            if flips:
-                buffers["mean_flip"].append(mean[n:])
-                buffers["std_flip"].append(std[n:])
-            buffers["labels"].append(torch.as_tensor(labels, dtype=torch.int64).reshape(-1))
-            if sum(len(t) for t in buffers["labels"]) >= shard_size:
-                flush()
-        flush()
-    return shards, stats.tolist()
+    for images, labels in loader:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"dataset images must be (3, H, W), got a batch of shape {tuple(images.shape)}")
+        x = images.to(device=device, dtype=vae_dtype)
+        if flips:
+            x = torch.cat([x, x.flip(-1)])
+        posterior = vae.encode(x).latent_dist
+        mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()  # (B or 2B, c, h, w)
+        stats += torch.stack([mean.double().sum(), (mean.double() ** 2 + std.double() ** 2).sum(),
+                              torch.tensor(float(mean.numel()), dtype=torch.float64)])
+        n = images.shape[0]
+        mean, std = mean.to(dtype), std.to(dtype)
+        buffers["mean"].append(mean[:n])
+        buffers["std"].append(std[:n])
+        if flips:
+            buffers["mean_flip"].append(mean[n:])
+            buffers["std_flip"].append(std[n:])
+        buffers["labels"].append(torch.as_tensor(labels, dtype=torch.int64).reshape(-1))
+    return {k: torch.cat(v) for k, v in buffers.items() if v}, stats.tolist()
 
 
 def build_latent_cache(
@@ -625,12 +638,15 @@ def build_latent_cache(
     scaling_factor: float | str | None = "config",
     num_workers: int = 0,
     shard_size: int = 8192,
+    dtype: str = "float32",
 ) -> str:
     """Encode `dataset` once with `vae` into safetensors shards under `cache_dir`, unless it already holds them.
 
     The cache is reused only when its index records the same dataset fingerprint, resolution, VAE
-    hash (config and weights), flips and scaling option; otherwise it is rebuilt in a side folder
-    and swapped in, so an interrupted build never looks complete.
+    hash (config and weights), flips, scaling option and dtype; otherwise it is built in a side folder
+    `cache_dir + ".partial"` and swapped in, so an unfinished build never looks complete. Shard k holds
+    images k * shard_size onwards and is written whole or not at all: a build interrupted and started again
+    with the same key and `shard_size`, on any number of processes, encodes only the shards still missing.
 
     Args:
         dataset: items `(image (3, R, R) in [-1, 1], label)`, deterministic (no random crop or flip),
@@ -641,7 +657,8 @@ def build_latent_cache(
         resolution: R, checked against the dataset's images.
         vae_id: name of the VAE (hub id or path), recorded for people reading the index.
         batch_size: images per encoder call (twice as many with flips).
-        accelerator: an `accelerate.Accelerator`; each process encodes its share, the main one writes the index.
+        accelerator: an `accelerate.Accelerator`; each process encodes every num_processes-th shard, the main
+            one writes the index.
         flips: also cache the horizontally flipped images (items N..2N-1 of `LatentDataset`).
         scaling_factor: "config" takes the VAE config's `scaling_factor` (and `shift_factor`) when the
             config states one, else measures; None measures 1/std of the latents over the data; a
@@ -650,6 +667,9 @@ def build_latent_cache(
             config.json without one). The index records the factor and where it came from.
         num_workers: DataLoader workers for reading images.
         shard_size: images per shard file.
+        dtype: how the posterior mean and std are stored, one of `LATENT_CACHE_DTYPES`: "float32" (exact),
+            "float16" or "bfloat16" (half the disk and page cache, rounded; the scaling factor is measured
+            on the float32 latents either way).
 
     Returns:
         `cache_dir`.
@@ -663,6 +683,9 @@ def build_latent_cache(
         )
     if not (scaling_factor in ("config", None) or (isinstance(scaling_factor, (int, float)) and scaling_factor > 0)):
         raise ValueError(f"scaling_factor must be 'config', None or a positive float, got {scaling_factor!r}")
+    if dtype not in LATENT_CACHE_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(LATENT_CACHE_DTYPES)}, got {dtype!r}")
+    positive_int("shard_size", shard_size)
     if len(dataset) == 0:
         raise ValueError("dataset must hold at least one image, got an empty dataset")
     rank = accelerator.process_index if accelerator is not None else 0
@@ -677,31 +700,50 @@ def build_latent_cache(
         "flips": bool(flips),
         "scaling_factor_option": scaling_factor,
         "num_images": len(dataset),
+        "dtype": dtype,
     }
     cache_dir = os.path.abspath(cache_dir)
     index = _read_index(cache_dir)
-    if index is not None and all(index.get(k) == v for k, v in expected.items()):
+    # Caches written before the dtype option hold float32.
+    if index is not None and all(index.get(k, "float32" if k == "dtype" else None) == v for k, v in expected.items()):
         return cache_dir
     if os.path.isdir(cache_dir) and os.listdir(cache_dir) and not os.path.exists(os.path.join(cache_dir, _CACHE_INDEX)):
         raise ValueError(f"cache_dir {cache_dir!r} is a non-empty folder that holds no latent cache; pick another")
 
     build_dir = cache_dir + ".partial"
+    build_key = dict(expected, shard_size=shard_size)
+    build_file = os.path.join(build_dir, _BUILD_KEY)
     if accelerator is not None:
         accelerator.wait_for_everyone()  # everyone has read the old index before the main process touches it
     if is_main:
-        shutil.rmtree(build_dir, ignore_errors=True)
-        os.makedirs(build_dir)
+        try:
+            with open(build_file) as f:
+                resumable = json.load(f) == build_key
+        except (OSError, ValueError):
+            resumable = False
+        if not resumable:  # another cache's shards, or none: start afresh
+            shutil.rmtree(build_dir, ignore_errors=True)
+            os.makedirs(build_dir)
+            with open(build_file + ".tmp", "w") as f:
+                json.dump(build_key, f)
+            os.replace(build_file + ".tmp", build_file)
     if accelerator is not None:
         accelerator.wait_for_everyone()
 
     n = len(dataset)
-    share = list(range(rank * n // world, (rank + 1) * n // world))
+    num_shards = -(-n // shard_size)
+    todo = [k for k in range(rank, num_shards, world) if not os.path.isfile(os.path.join(build_dir, _shard_name(k)))]
     was_training = getattr(vae, "training", False)
     vae.eval()
     failure = None
     try:
-        shards, stats = _encode_share(dataset, vae, share, flips, batch_size, num_workers, shard_size,
-                                      build_dir, rank, show=is_main)
+        with torch.no_grad():
+            for k in progress(todo, desc=f"encoding latents (rank {rank}, shards)", disable=not is_main):
+                start, stop = k * shard_size, min(n, (k + 1) * shard_size)
+                tensors, stats = _encode_shard(dataset, vae, list(range(start, stop)), flips, batch_size,
+                                               num_workers, _CACHE_DTYPES[dtype])
+                write_shard(os.path.join(build_dir, _shard_name(k)), tensors,
+                            {"start": str(start), "count": str(stop - start), "stats": json.dumps(stats)})
     except CorruptImageError as err:
         failure = err
     finally:
@@ -716,26 +758,21 @@ def build_latent_cache(
             raise failure or CorruptImageError(failures[0])
     elif failure is not None:
         raise failure
-    with open(os.path.join(build_dir, f"part-r{rank:03d}.json"), "w") as f:
-        json.dump({"shards": shards, "stats": stats}, f)
     if accelerator is not None:
         accelerator.wait_for_everyone()
 
     if is_main:
         shards, total = [], np.zeros(3)
-        for r in range(world):
-            part_path = os.path.join(build_dir, f"part-r{r:03d}.json")
-            with open(part_path) as f:
-                part = json.load(f)
-            os.remove(part_path)
-            shards += part["shards"]
-            total += np.asarray(part["stats"])
-        shards.sort(key=lambda s: s["start"])
-        assert [s["start"] for s in shards] == list(np.cumsum([0] + [s["count"] for s in shards[:-1]]))
-        for s in shards:
-            s["bytes"] = os.path.getsize(os.path.join(build_dir, s["file"]))
-        with safe_open(os.path.join(build_dir, shards[0]["file"]), framework="pt") as f:
-            latent_shape = list(f.get_slice("mean").get_shape()[1:])  # (c, h, w)
+        for k in range(num_shards):
+            name = _shard_name(k)
+            with safe_open(os.path.join(build_dir, name), framework="pt") as f:
+                meta = f.metadata()
+                if k == 0:
+                    latent_shape = list(f.get_slice("mean").get_shape()[1:])  # (c, h, w)
+            shards.append({"file": name, "start": int(meta["start"]), "count": int(meta["count"]),
+                           "bytes": os.path.getsize(os.path.join(build_dir, name))})
+            total += np.asarray(json.loads(meta["stats"]))  # summed in shard order: the same on any process count
+        assert [s["start"] for s in shards] == [k * shard_size for k in range(num_shards)]
 
         if scaling_factor == "config" and _config_scale(vae) is not None:
             factor, shift = _config_scale(vae)
@@ -758,6 +795,7 @@ def build_latent_cache(
             length=n * (2 if flips else 1),
             shards=shards,
         )
+        os.remove(build_file)
         with open(os.path.join(build_dir, _CACHE_INDEX), "w") as f:
             json.dump(index, f, indent=1)
         shutil.rmtree(cache_dir, ignore_errors=True)
@@ -767,12 +805,45 @@ def build_latent_cache(
     return cache_dir
 
 
+def shard_arrays(path: str) -> dict[str, np.memmap]:
+    """Read-only memory maps of every tensor of a safetensors file, by name, in the file's dtype (bfloat16 as
+    uint16 bits: numpy has no bfloat16). Nothing is read until indexed, and the pages read are the kernel's page
+    cache, shared by every process that maps the file.
+
+    The layout is the safetensors format's: an 8-byte little-endian header length, a JSON header giving each
+    tensor's dtype, shape and byte range `data_offsets` relative to the end of the header, then the data,
+    C-contiguous and little-endian.
+    """
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    arrays = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _SAFETENSORS_NUMPY:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, expected one of "
+                             f"{', '.join(_SAFETENSORS_NUMPY)}")
+        np_dtype = np.dtype(_SAFETENSORS_NUMPY[info["dtype"]]).newbyteorder("<")
+        begin, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        if end - begin != math.prod(shape) * np_dtype.itemsize:
+            raise ValueError(f"{path}: tensor {name!r} of shape {shape} spans {end - begin} bytes")
+        arrays[name] = np.memmap(path, dtype=np_dtype, mode="r", offset=8 + length + begin, shape=shape)
+    return arrays
+
+
 class LatentDataset(Dataset):
     """The latents of a cache built by `build_latent_cache`, scaled for the diffusion model.
 
-    Items are `{"mean": (c, h, w), "std": (c, h, w), "class_labels": int}` with
+    Items are `{"mean": (c, h, w), "std": (c, h, w), "class_labels": int}` in float32 with
     `mean = (posterior_mean - shift_factor) * scaling_factor` and `std = posterior_std * scaling_factor`;
     with flips cached, items N..2N-1 are the mirrored images. Draw the latent with `sample_latents`.
+
+    The shards are memory-mapped (`shard_arrays`), each process and DataLoader worker mapping them on first use,
+    and scaled per batch (`__getitems__`): every process of a node shares one copy in the page cache, and a
+    process holds only the class labels (L,) and the batch it reads. Use `first_means` for a fixed sample of the
+    means rather than reading them all.
     """
 
     def __init__(self, cache_dir: str):
@@ -781,35 +852,87 @@ class LatentDataset(Dataset):
             raise ValueError(f"cache_dir {cache_dir!r} holds no complete latent cache; run build_latent_cache first")
         if index.get("format") != _CACHE_FORMAT:
             found = index.get("format")
-            raise ValueError(f"cache_dir {cache_dir!r} has cache format {found}, expected {_CACHE_FORMAT}")
+            raise ValueError(f"cache_dir {cache_dir!r} has cache format {found}, expected {_CACHE_FORMAT}; "
+                             "delete it and run build_latent_cache (train_ldm.py does) to rebuild it")
+        self.cache_dir = cache_dir
         self.index = index
+        self.dtype = index.get("dtype", "float32")  # caches written before the dtype option hold float32
+        if self.dtype not in LATENT_CACHE_DTYPES:
+            raise ValueError(f"cache_dir {cache_dir!r} has dtype {self.dtype!r}, expected one of "
+                             f"{', '.join(LATENT_CACHE_DTYPES)}")
         self.scaling_factor = float(index["scaling_factor"])
         self.shift_factor = float(index["shift_factor"])
         self.latent_shape = tuple(index["latent_shape"])
         self.num_classes = int(index["num_classes"])
         self.classes = list(index["classes"])
         self.flips = bool(index["flips"])
-        parts = [load_file(os.path.join(cache_dir, s["file"])) for s in index["shards"]]
-        keys = ("mean", "std", "mean_flip", "std_flip") if self.flips else ("mean", "std")
-        tensors = {k: torch.cat([p[k] for p in parts]) for k in keys}
-        labels = torch.cat([p["labels"] for p in parts])
-        mean, std = tensors["mean"], tensors["std"]
-        if self.flips:
-            mean = torch.cat([mean, tensors["mean_flip"]])
-            std = torch.cat([std, tensors["std_flip"]])
-            labels = torch.cat([labels, labels])
-        self.mean = (mean - self.shift_factor) * self.scaling_factor  # (L, c, h, w)
-        self.std = std * self.scaling_factor  # (L, c, h, w)
-        self.labels = labels  # (L,)
-        if len(self.mean) != index["length"]:
-            found = len(self.mean)
+        self.num_images = sum(s["count"] for s in index["shards"])
+        self._starts = np.asarray([s["start"] for s in index["shards"]], dtype=np.int64)
+        found = self.num_images * (2 if self.flips else 1)
+        if found != index["length"] or list(self._starts) != list(np.cumsum([0] + [s["count"] for s in
+                                                                                    index["shards"][:-1]])):
             raise ValueError(f"cache_dir {cache_dir!r} holds {found} latents, its index says {index['length']}")
+        self._arrays: dict[int, dict[str, np.memmap]] = {}
+        labels = torch.cat([torch.from_numpy(np.array(self._shard(k)["labels"])) for k in range(len(self._starts))])
+        self.labels = torch.cat([labels, labels]) if self.flips else labels  # (L,) int64
+
+    def __getstate__(self) -> dict:
+        # The maps are not pickled: a DataLoader worker or another process maps the shards itself on first use.
+        return dict(self.__dict__, _arrays={})
+
+    def _shard(self, k: int) -> dict[str, np.memmap]:
+        if k not in self._arrays:
+            arrays = shard_arrays(os.path.join(self.cache_dir, self.index["shards"][k]["file"]))
+            expected = _SAFETENSORS_NAMES[self.dtype]
+            found = {name: a.dtype.str for name, a in arrays.items() if name != "labels"}
+            if any(np.dtype(v) != np.dtype(_SAFETENSORS_NUMPY[expected]) for v in found.values()):
+                raise ValueError(f"cache_dir {self.cache_dir!r}: shard {self.index['shards'][k]['file']} holds "
+                                 f"{found}, its index says {self.dtype}; delete the cache and rebuild it")
+            self._arrays[k] = arrays
+        return self._arrays[k]
 
     def __len__(self) -> int:
-        return len(self.mean)
+        return len(self.labels)
+
+    def read(self, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean (B, c, h, w), std (B, c, h, w), class labels (B,)) of the items `indices`, scaled, float32."""
+        i = torch.as_tensor(indices, dtype=torch.int64).reshape(-1).numpy()
+        length = len(self)
+        if len(i) and (i.min() < -length or i.max() >= length):
+            bad = i[(i < -length) | (i >= length)][0]
+            raise IndexError(f"index {bad} is out of range for a LatentDataset of {length} latents")
+        i = i % max(length, 1)
+        flipped = i >= self.num_images
+        image = i - flipped * self.num_images
+        shard = np.searchsorted(self._starts, image, side="right") - 1
+        storage = _CACHE_DTYPES[self.dtype]
+        mean = torch.empty((len(i), *self.latent_shape), dtype=storage)
+        std = torch.empty_like(mean)
+        for k in np.unique(shard):
+            arrays = self._shard(int(k))
+            for flip in np.unique(flipped[shard == k]):
+                rows = (shard == k) & (flipped == flip)
+                local = image[rows] - self._starts[k]
+                suffix = "_flip" if flip else ""
+                for out, name in ((mean, "mean"), (std, "std")):
+                    block = torch.from_numpy(arrays[name + suffix][local])  # a copy of these rows only
+                    out[torch.from_numpy(rows)] = block.view(storage) if storage == torch.bfloat16 else block
+        # The same float32 operations as on the whole cache: an item is bit for bit what it was when read eagerly.
+        mean = (mean.float() - self.shift_factor) * self.scaling_factor
+        std = std.float() * self.scaling_factor
+        return mean, std, self.labels[torch.from_numpy(i)]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        # The DataLoader's batched fetch: one read per shard for the whole batch.
+        mean, std, labels = self.read(indices)
+        return [{"mean": m, "std": s, "class_labels": int(c)} for m, s, c in zip(mean, std, labels)]
 
     def __getitem__(self, i: int) -> dict:
-        return {"mean": self.mean[i], "std": self.std[i], "class_labels": int(self.labels[i])}
+        return self.__getitems__([i])[0]
+
+    def first_means(self, n: int) -> torch.Tensor:
+        """The scaled posterior means of the first min(n, L) items, (n, c, h, w) float32."""
+        return self.read(range(min(n, len(self))))[0]
 
 
 def latent_scaling_factor(sum_mean: float, sum_second_moment: float, count: float) -> float:

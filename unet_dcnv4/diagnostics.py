@@ -102,7 +102,7 @@ def _run_latents(run: Path, cfg, num_latents: int) -> torch.Tensor:
 
     for folder in [run / "latent_cache"] + ([Path(cfg.latent_cache_dir)] if cfg.latent_cache_dir else []):
         if (folder / "cache.json").is_file():
-            return LatentDataset(str(folder)).mean[:num_latents]
+            return LatentDataset(str(folder)).first_means(num_latents)
     raise ValueError(f"run {str(run)!r} has no latent cache (latent_cache/ or latent_cache_dir) to measure on")
 
 

@@ -50,11 +50,12 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 # would load into another model, or train on other latents).
 ARCHITECTURE_KEYS = ("model_type", "model_size", "dcnv4_options", "class_conditional", "class_dropout_prob",
                      "use_ema", "data_source", "resolution", "vae", "vae_subfolder")
-# Refused unless `allow_resume_changes` is set: they change the objective, the data order or the random streams,
+# Refused unless `allow_resume_changes` is set: they change the objective, the data (`latent_cache_dtype` rounds
+# the cached latents), the data order or the random streams,
 # or they are restored from the checkpoint (optimizer and EMA hyperparameters), so that a changed value would
 # otherwise be ignored without a word. The number of processes and `RANDOM_STREAMS` are checked with them.
-EXACT_RESUME_KEYS = ("seed", "flips", "skip_corrupt", "train_batch_size", "gradient_accumulation_steps",
-                     "prediction_type", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
+EXACT_RESUME_KEYS = ("seed", "flips", "skip_corrupt", "latent_cache_dtype", "train_batch_size",
+                     "gradient_accumulation_steps", "prediction_type", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
                      "learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
                      "ema_max_decay", "ema_inv_gamma", "ema_power")
 # Free (recorded): how the remaining steps run, each a legitimate reason to resume with another value. The
@@ -103,6 +104,7 @@ class TrainConfig:
     vae: str | None = None  # path or hub id of an AutoencoderKL; None uses the built-in small VAE
     vae_subfolder: str | None = None
     latent_cache_dir: str | None = None  # None: <output_dir>/latent_cache
+    latent_cache_dtype: str = "float32"  # how the cache stores the latents: float32, float16 or bfloat16 (rounded)
     encode_batch_size: int = 32
     dataloader_num_workers: int = 0
 
@@ -157,6 +159,7 @@ def validate_config(cfg: TrainConfig) -> None:
     """Checks the types and ranges of every field; raises ValueError naming the key, the value and what was expected."""
     from pipelines import SAMPLERS
 
+    from .data import LATENT_CACHE_DTYPES
     from .ops import CUDA_BACKWARDS, IMPLS
     from .sampling import PRECISIONS
     from .unet import DCNV4_OPTIONS, MODEL_TYPES, UNET_SIZES
@@ -165,7 +168,8 @@ def validate_config(cfg: TrainConfig) -> None:
     for key, options in (("model_type", MODEL_TYPES), ("model_size", UNET_SIZES), ("mixed_precision", PRECISIONS),
                          ("dcnv4_impl", IMPLS), ("dcnv4_cuda_backward", CUDA_BACKWARDS),
                          ("prediction_type", PREDICTION_TYPES), ("beta_schedule", BETA_SCHEDULES),
-                         ("lr_scheduler", LR_SCHEDULERS), ("sample_scheduler", SAMPLERS)):
+                         ("lr_scheduler", LR_SCHEDULERS), ("sample_scheduler", SAMPLERS),
+                         ("latent_cache_dtype", LATENT_CACHE_DTYPES)):
         config.choice(cfg, key, options)
     unknown = sorted(set(cfg.dcnv4_options) - set(DCNV4_OPTIONS))
     if unknown:
