@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -171,3 +173,235 @@ def test_refusals(folder, tmp_path):
     with pytest.raises(ValueError, match="holds no latent cache"):
         build_latent_cache(ds, vae, folder, R, vae_id="v")  # never deletes a foreign folder
     assert len(os.listdir(folder)) == 5
+
+
+class FailingVAE(UnshuffleVAE):
+    """An `UnshuffleVAE` whose encoder call number `fail_at` raises, as a build killed part way would stop."""
+
+    def __init__(self, config=None, fail_at=None):
+        super().__init__(config)
+        self.fail_at = fail_at
+
+    def encode(self, x):
+        if self.encode_calls + 1 == self.fail_at:
+            raise RuntimeError("interrupted")
+        return super().encode(x)
+
+
+def eager_items(cache_dir):
+    """The items as LatentDataset computed them before it read through memory maps: every shard loaded,
+    concatenated and scaled at once."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(cache_dir, "cache.json")) as f:
+        index = json.load(f)
+    parts = [load_file(os.path.join(cache_dir, s["file"])) for s in index["shards"]]
+    cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    mean, std, labels = cat["mean"], cat["std"], cat["labels"]
+    if index["flips"]:
+        mean, std = torch.cat([mean, cat["mean_flip"]]), torch.cat([std, cat["std_flip"]])
+        labels = torch.cat([labels, labels])
+    mean = (mean.float() - index["shift_factor"]) * index["scaling_factor"]
+    return mean, std.float() * index["scaling_factor"], labels
+
+
+def cache_tensors(cache_dir):
+    from safetensors.torch import load_file
+
+    with open(os.path.join(cache_dir, "cache.json")) as f:
+        index = json.load(f)
+    return index, {s["file"]: load_file(os.path.join(cache_dir, s["file"])) for s in index["shards"]}
+
+
+def test_items_equal_eager_reading_in_sampler_order(folder, tmp_path):
+    from unet_dcnv4.training import EpochSampler
+
+    ds = build_image_dataset(folder, resolution=R)
+    # A shift and a factor that round in float32, shards of 2 images: items cross shards and flips.
+    vae = UnshuffleVAE({"scaling_factor": 0.18215, "shift_factor": 0.0609})
+    cache = build_latent_cache(ds, vae, str(tmp_path / "cache"), R, vae_id="v", batch_size=3, shard_size=2)
+    latents = LatentDataset(cache)
+    mean, std, labels = eager_items(cache)
+    assert len(latents) == len(mean) == 10
+    for i in range(len(latents)):
+        item = latents[i]
+        assert torch.equal(item["mean"], mean[i]) and torch.equal(item["std"], std[i])
+        assert item["class_labels"] == labels[i] and latents[i - len(latents)]["class_labels"] == labels[i]
+    assert torch.equal(latents.first_means(3), mean[:3]) and torch.equal(latents.first_means(99), mean)
+    with pytest.raises(IndexError, match="out of range"):
+        latents[len(latents)]
+
+    # Batches in the EpochSampler's order through workers, which unpickle the dataset and map the shards themselves.
+    sampler = EpochSampler(len(latents), seed=3)
+    sampler.set_epoch(2)
+    loader = torch.utils.data.DataLoader(latents, batch_size=4, sampler=sampler, num_workers=2)
+    order = list(sampler)
+    batches = list(loader)
+    assert torch.equal(torch.cat([b["mean"] for b in batches]), mean[order])
+    assert torch.equal(torch.cat([b["std"] for b in batches]), std[order])
+    assert torch.equal(torch.cat([b["class_labels"] for b in batches]), labels[order])
+
+
+def test_old_float32_cache_loads_and_is_reused(folder, tmp_path):
+    """A cache written before the dtype option: shards named per rank, an index without "dtype"."""
+    ds = build_image_dataset(folder, resolution=R)
+    vae = UnshuffleVAE({"scaling_factor": 0.5})
+    cache = build_latent_cache(ds, vae, str(tmp_path / "cache"), R, vae_id="v", flips=False)
+    expected = eager_items(cache)
+    index_path = os.path.join(cache, "cache.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    del index["dtype"]
+    os.rename(os.path.join(cache, index["shards"][0]["file"]), os.path.join(cache, "shard-r000-00000.safetensors"))
+    index["shards"][0]["file"] = "shard-r000-00000.safetensors"
+    with open(index_path, "w") as f:
+        json.dump(index, f)
+
+    latents = LatentDataset(cache)
+    assert latents.dtype == "float32"
+    assert all(torch.equal(latents[i]["mean"], expected[0][i]) for i in range(len(latents)))
+    build_latent_cache(ds, vae, cache, R, vae_id="v", flips=False)
+    assert vae.encode_calls == 1  # reused as the float32 cache it is
+    build_latent_cache(ds, vae, cache, R, vae_id="v", flips=False, dtype="float16")
+    assert vae.encode_calls == 2 and LatentDataset(cache).dtype == "float16"  # never taken for another dtype
+
+
+def test_dtype_is_recorded_keyed_and_close(folder, tmp_path):
+    ds = build_image_dataset(folder, resolution=R)
+    vae = UnshuffleVAE({"scaling_factor": 0.5})
+    reference = LatentDataset(build_latent_cache(ds, vae, str(tmp_path / "f32"), R, vae_id="v"))
+    cache_dir = str(tmp_path / "cache")
+    calls = vae.encode_calls
+    for dtype, unit_roundoff in (("float16", 2.0**-11), ("bfloat16", 2.0**-8)):
+        build_latent_cache(ds, vae, cache_dir, R, vae_id="v", dtype=dtype)
+        build_latent_cache(ds, vae, cache_dir, R, vae_id="v", dtype=dtype)
+        calls += 1
+        assert vae.encode_calls == calls  # encoded once per dtype, then reused
+        index, shards = cache_tensors(cache_dir)
+        assert index["dtype"] == dtype
+        assert all(t["mean"].dtype == getattr(torch, dtype) for t in shards.values())
+        latents = LatentDataset(cache_dir)
+        for i in range(len(latents)):
+            item, exact = latents[i], reference[i]
+            assert item["mean"].dtype == torch.float32
+            assert not torch.equal(item["std"], exact["std"]) or dtype == "float16"  # 0.1 rounds in bfloat16
+            for key in ("mean", "std"):
+                assert torch.allclose(item[key], exact[key], rtol=unit_roundoff, atol=1e-7)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        build_latent_cache(ds, vae, cache_dir, R, vae_id="v", dtype="int8")
+
+
+def test_dataset_maps_the_cache_instead_of_loading_it(tmp_path):
+    from unet_dcnv4.data import BuiltinImageDataset
+
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs /proc/self/status (Linux)")
+    ds = BuiltinImageDataset(resolution=64, size=256)
+    cache = build_latent_cache(ds, UnshuffleVAE({"scaling_factor": 0.5}), str(tmp_path / "cache"), 64, vae_id="v",
+                               batch_size=64, shard_size=64)
+    data_bytes = sum(s["bytes"] for s in json.load(open(os.path.join(cache, "cache.json")))["shards"])
+    assert data_bytes > 48e6  # 256 images x 4 arrays x 12x32x32 float32
+
+    # Measured in a fresh process, whose memory nothing else in this session has touched.
+    script = (
+        "import sys\n"
+        "from unet_dcnv4.data import LatentDataset\n"
+        "def rss_anon():\n"
+        "    with open('/proc/self/status') as f:\n"
+        "        return next(int(l.split()[1]) * 1024 for l in f if l.startswith('RssAnon:'))\n"
+        "before = rss_anon()\n"
+        "latents = LatentDataset(sys.argv[1])\n"
+        "batch = latents.read(list(range(0, 512, 16)))\n"
+        "assert batch[0].shape == (32, 12, 32, 32)\n"
+        "print(rss_anon() - before)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, cache], capture_output=True, text=True, check=True)
+    grown = int(run.stdout.split()[-1])
+    # Reading eagerly holds the whole cache (the scaled means and stds, flips included) and more while loading it.
+    assert grown < 0.25 * data_bytes, f"constructing and reading one batch grew the process by {grown} bytes"
+    latents = LatentDataset(cache)
+    latents.read(list(range(0, 512, 16)))
+    # What it holds in memory is the labels; the shards are memory maps.
+    held = [v for v in vars(latents).values() if isinstance(v, (torch.Tensor, np.ndarray))]
+    assert sum(v.nbytes for v in held) <= latents.labels.nbytes + 8 * len(latents.index["shards"])
+    assert all(isinstance(a, np.memmap) for arrays in latents._arrays.values() for a in arrays.values())
+    assert pickle_size(latents) < 64 * 1024  # what a DataLoader worker receives
+
+
+def pickle_size(obj):
+    import pickle
+
+    return len(pickle.dumps(obj))
+
+
+def test_interrupted_build_resumes_from_the_last_complete_shard(folder, tmp_path):
+    ds = build_image_dataset(folder, resolution=R)
+    config = {"scaling_factor": 0.5}
+    whole = str(tmp_path / "whole")
+    build_latent_cache(ds, UnshuffleVAE(config), whole, R, vae_id="v", batch_size=2, shard_size=2,
+                       scaling_factor=None)
+
+    cache_dir = str(tmp_path / "cache")
+    with pytest.raises(RuntimeError, match="interrupted"):  # shards 0 and 1 written, shard 2 not
+        build_latent_cache(ds, FailingVAE(config, fail_at=3), cache_dir, R, vae_id="v", batch_size=2, shard_size=2,
+                           scaling_factor=None)
+    assert not os.path.exists(cache_dir)  # an unfinished build never looks complete
+    partial = cache_dir + ".partial"
+    assert sorted(p for p in os.listdir(partial) if p.endswith(".safetensors")) == \
+        ["shard-00000.safetensors", "shard-00001.safetensors"]
+    written = {p: os.stat(os.path.join(partial, p)).st_mtime_ns for p in os.listdir(partial)}
+
+    vae = UnshuffleVAE(config)
+    build_latent_cache(ds, vae, cache_dir, R, vae_id="v", batch_size=2, shard_size=2, scaling_factor=None)
+    assert vae.encode_calls == 1  # only shard 2
+    for p in ("shard-00000.safetensors", "shard-00001.safetensors"):
+        assert os.stat(os.path.join(cache_dir, p)).st_mtime_ns == written[p]
+    assert not os.path.exists(partial)
+    assert_same_cache(cache_dir, whole)
+
+    # Resumed by another number of processes: a second process's shards (1 of 0..2) are kept by a single one.
+    other = str(tmp_path / "other")
+    with pytest.raises(RuntimeError, match="interrupted"):  # the main process set the build up, then stopped
+        build_latent_cache(ds, FailingVAE(config, fail_at=1), other, R, vae_id="v", batch_size=2, shard_size=2,
+                           scaling_factor=None)
+    second = SimpleNamespace(process_index=1, num_processes=2, wait_for_everyone=lambda: None)
+    vae = UnshuffleVAE(config)
+    build_latent_cache(ds, vae, other, R, vae_id="v", batch_size=2, shard_size=2, scaling_factor=None,
+                       accelerator=second)
+    assert vae.encode_calls == 1 and not os.path.exists(other)
+    vae = UnshuffleVAE(config)
+    build_latent_cache(ds, vae, other, R, vae_id="v", batch_size=2, shard_size=2, scaling_factor=None)
+    assert vae.encode_calls == 2
+    assert_same_cache(other, whole)
+
+    # Shards encoded for another key (here flips) are not taken.
+    with pytest.raises(RuntimeError, match="interrupted"):
+        build_latent_cache(ds, FailingVAE(config, fail_at=2), str(tmp_path / "f"), R, vae_id="v", batch_size=2,
+                           shard_size=2, flips=False)
+    vae = UnshuffleVAE(config)
+    build_latent_cache(ds, vae, str(tmp_path / "f"), R, vae_id="v", batch_size=2, shard_size=2)
+    assert vae.encode_calls == 3
+
+
+def assert_same_cache(a, b):
+    (index_a, tensors_a), (index_b, tensors_b) = cache_tensors(a), cache_tensors(b)
+    assert index_a == index_b and tensors_a.keys() == tensors_b.keys()
+    for name, t in tensors_a.items():
+        assert t.keys() == tensors_b[name].keys() and all(torch.equal(t[k], tensors_b[name][k]) for k in t)
+
+
+def test_shard_arrays_match_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    from unet_dcnv4.data import shard_arrays, write_shard
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 2, 5, generator=g), "b": torch.randn(4, 7, generator=g).half(),
+               "c": torch.randn(2, 3, generator=g).bfloat16(), "labels": torch.arange(5)}
+    path = str(tmp_path / "s.safetensors")
+    write_shard(path, tensors, {"start": "0", "count": "5"})
+    loaded, mapped = load_file(path), shard_arrays(path)
+    assert mapped.keys() == loaded.keys() and not os.path.exists(path + ".tmp")
+    for k, t in loaded.items():
+        m = torch.from_numpy(np.array(mapped[k]))
+        assert torch.equal(m.view(torch.bfloat16) if t.dtype == torch.bfloat16 else m, t)
