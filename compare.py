@@ -3,7 +3,9 @@ with the interval of the FID difference (Welch's t on the per-run FIDs with seve
 only with one), cost and throughput.
 
 Every run is sampled with the same sampler, steps, seeds and number of images and measured against one reference
-(the training data), then `comparison.json`, `comparison.md` and `comparison.png` are written to --output_dir.
+(the training data, another image folder, or a .npz of Inception statistics such as ADM's reference batches), then
+`comparison.json`, `comparison.md` and `comparison.png` are written to --output_dir (with --isc and --prc, the
+Inception Score, precision and recall of every run and their mean per arm too).
 `compare.py RUN_A RUN_B` compares one run per arm; `compare.py --a RUN... --b RUN...` several.
 """
 
@@ -29,9 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where each run's samples go, reused when their manifest matches (default: "
                              "OUTPUT_DIR/samples; comparisons that share runs can share it)")
     parser.add_argument("--reference", default=None,
-                        help="image folder to measure against (default: the training data)")
+                        help="image folder, or .npz of its Inception statistics (ADM's reference batches, e.g. "
+                             "VIRTUAL_imagenet256_labeled.npz, or a `python -m unet_dcnv4.metrics --save_stats` file), "
+                             "to measure against (default: the training data)")
     parser.add_argument("--num_images", type=int, default=None,
-                        help="samples per run (default: as many as reference images)")
+                        help="samples per run (default: as many as reference images or activations; required with "
+                             "an .npz of statistics only)")
+    parser.add_argument("--isc", action="store_true", help="also measure each run's Inception Score")
+    parser.add_argument("--prc", action="store_true",
+                        help="also measure each run's precision and recall (needs reference images or activations)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim")
     parser.add_argument("--num_inference_steps", type=int, default=50)
     parser.add_argument("--batch_size", type=int, default=64)
@@ -81,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                      seed=args.seed, mixed_precision=args.mixed_precision, cache_dir=args.cache_dir,
                      fid_curve=not args.no_fid_curve, curve_steps=args.curve_steps, grid_images=args.grid_images, jackknife_groups=args.jackknife_groups,
                      allow_mismatch=tuple(args.allow_mismatch), overwrite=args.overwrite,
-                     skip_corrupt=args.skip_corrupt, guidance_scale=args.guidance_scale, class_mix=args.class_mix)
+                     skip_corrupt=args.skip_corrupt, guidance_scale=args.guidance_scale, class_mix=args.class_mix,
+                     isc=args.isc, prc=args.prc)
     except (ValueError, TypeError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

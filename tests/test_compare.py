@@ -333,3 +333,64 @@ def test_the_default_reference_is_the_data_the_runs_trained_on(tmp_path, monkeyp
     Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(data / "4.png")
     with pytest.raises(ValueError, match="is not the data .* trained on.*--reference"):
         comparison.training_data(run)
+
+
+def test_an_npz_reference_gives_the_folders_fids_and_precision_recall(runs, pair, tmp_path, capsys):
+    """The reference folder's statistics written once (--save_stats) and read back give the same FIDs (relative
+    1e-6: FIDs of a few hundred); with activations, the sample count defaults to theirs and precision/recall are
+    reported per run and per arm; with statistics only, KID is n/a and the jackknife works from mu and sigma."""
+    from unet_dcnv4 import metrics
+
+    out, _ = pair
+    cache = str(out.parent / "cache")
+    before = json.loads((out / "comparison.json").read_text())
+    stats = str(tmp_path / "reference.npz")
+    assert metrics.main([runs["reference"], "--save_stats", stats, "--cache_dir", cache]) == 0
+    pair_runs = [runs["dcnv4"][0], runs["conv"][0]]
+    shared = ["--samples_dir", str(out / "samples"), "--no_fid_curve"]
+
+    assert compare.main([*pair_runs, *_argv(tmp_path / "npz", stats, "--prc", *shared)]) == 0
+    summary = json.loads((tmp_path / "npz" / "comparison.json").read_text())
+    assert summary["num_images"] == summary["num_reference"] == 8 and summary["prc"] and not summary["isc"]
+    for arm, old in zip(summary["arms"], before["arms"]):
+        run = arm["runs"][0]
+        assert run["fid"] == pytest.approx(old["runs"][0]["fid"], rel=1e-6)
+        assert run["kid_mean"] == pytest.approx(old["runs"][0]["kid_mean"], rel=1e-6)
+        assert 0 <= run["precision"] <= 1 and 0 <= run["recall"] <= 1
+        assert arm["precision_mean"] == run["precision"] and arm["recall_mean"] == run["recall"]
+    table = (tmp_path / "npz" / "comparison.md").read_text()
+    assert "| precision | recall |" in table and f"| {summary['arms'][0]['precision_mean']:.3f} |" in table
+    assert summary["fid_difference"]["ci95"] == pytest.approx(before["fid_difference"]["ci95"], rel=1e-4)
+
+    data = np.load(stats)
+    only = str(tmp_path / "only.npz")
+    with open(only, "wb") as f:
+        np.savez(f, mu=data["mu"], sigma=data["sigma"])
+    for extra, needle in ((["--prc"], "precision/recall needs the reference's activations"),
+                          ([], "holds Inception statistics only, no activations to count: give --num_images")):
+        capsys.readouterr()
+        assert compare.main([*pair_runs, *_argv(tmp_path / "only", only, *extra, *shared)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err and only in err
+    assert compare.main([*pair_runs, *_argv(tmp_path / "only", only, "--num_images", "8", *shared)]) == 0
+    summary = json.loads((tmp_path / "only" / "comparison.json").read_text())
+    assert summary["num_reference"] is None and "statistics only" in summary["kid_unavailable"]
+    for arm, old in zip(summary["arms"], before["arms"]):
+        assert arm["runs"][0]["fid"] == pytest.approx(old["runs"][0]["fid"], rel=1e-6) and arm["kid_mean"] is None
+    # The jackknife of one run an arm, from mu and sigma alone: the interval of the folder's, up to rounding.
+    assert summary["fid_difference"]["ci95"] == pytest.approx(before["fid_difference"]["ci95"], rel=1e-4)
+    table = (tmp_path / "only" / "comparison.md").read_text()
+    assert f"against the Inception statistics of {only}" in table and "| n/a |" in table
+
+
+def test_inception_score_without_a_classifier_is_refused_before_sampling(runs, tmp_path, capsys):
+    from unet_dcnv4 import metrics
+
+    cache = str(tmp_path / "cache")
+    if metrics.resolve_inception_weights(cache)["feature_extractor"] != metrics.FID_HELPER_EXTRACTOR:
+        pytest.skip("torch-fidelity's own weights, with the classifier, are installed")
+    argv = [runs["dcnv4"][0], runs["conv"][0], *_argv(tmp_path / "x", runs["reference"], "--isc")]
+    assert compare.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Inception Score needs Inception's 1008-way classifier" in err
+    assert not (tmp_path / "x" / "samples").exists()

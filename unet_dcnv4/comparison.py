@@ -259,6 +259,8 @@ def compare_arms(
     skip_corrupt: bool = False,
     guidance_scale: float = 1.0,
     class_mix: str = "data",
+    isc: bool = False,
+    prc: bool = False,
 ) -> dict:
     """Sample and measure every run of two arms, then write comparison.{json,md,png} to `output_dir`.
 
@@ -267,8 +269,10 @@ def compare_arms(
         output_dir: where the report goes.
         samples_dir: where each run's samples go, in a folder named by the run and reused when its manifest
             matches (default `<output_dir>/samples`; comparisons sharing a baseline can share it).
-        reference: image folder to measure against (default: the training data of the runs).
-        num_images: samples per run (default: the reference's size, so that FID's bias is the same for all).
+        reference: image folder, or `.npz` of Inception statistics (`metrics.load_reference_statistics`: ADM's
+            reference batches or a `--save_stats` file), to measure against (default: the training data of the runs).
+        num_images: samples per run (default: the reference's size, so that FID's bias is the same for all; for a
+            `.npz`, its number of activations or images; required for a `.npz` of statistics only).
         sampler, num_inference_steps, batch_size, seed, mixed_precision: sampling; every run uses the same seeds.
         cache_dir: reference features and converted Inception weights.
         fid_curve: also measure the intermediate checkpoints (FID against steps and training seconds).
@@ -281,13 +285,16 @@ def compare_arms(
         skip_corrupt: leave unreadable reference images out instead of stopping.
         guidance_scale: classifier-free guidance scale for class-conditional runs (1.0: none).
         class_mix: class mix of the samples of class-conditional runs, "data" or "uniform".
+        isc: also measure each run's Inception Score (needs Inception weights with the classifier).
+        prc: also measure each run's precision and recall (needs reference images or activations).
 
     Returns:
         What comparison.json holds.
     """
     from pipelines import LatentDiffusionPipeline
 
-    from .metrics import FrechetResampler, compute_fid_kid, list_images
+    from .metrics import (FrechetResampler, check_isc_available, compute_fid_kid, is_statistics_file, list_images,
+                          load_reference_statistics, resolve_inception_weights)
     from .sampling import write_grid
     from .unet import model_report
 
@@ -317,9 +324,25 @@ def compare_arms(
     skip_corrupt = skip_corrupt or getattr(cfg, "skip_corrupt", False)
     if reference is None:
         reference = training_data(first, skip_corrupt)
+    if isc:  # before any sampling: the weights may have no classifier
+        check_isc_available(resolve_inception_weights(cache_dir))
+    file_resolution = None
+    if is_statistics_file(reference):
+        stats = load_reference_statistics(reference)
+        file_resolution = stats["resolution"]
+        size = len(stats["features"]) if stats["features"] is not None else \
+            stats["images"][0] if stats["images"] is not None else None
+        if prc and size is None:
+            raise ValueError(f"precision/recall needs the reference's activations, and {reference} holds statistics "
+                             "only (mu, sigma); give a reference folder or an .npz with activations or images")
+        if num_images is None and size is None:
+            raise ValueError(f"{reference} holds Inception statistics only, no activations to count: give "
+                             "--num_images (the number of images its statistics were computed from, as FID is "
+                             "biased by the sample count)")
     if num_images is None:
         # As many samples as reference images: FID is biased by the sample count, so fix it, and fix it high.
-        num_images = len(list_images(reference)) if isinstance(reference, str) else len(reference)
+        num_images = size if is_statistics_file(reference) else \
+            len(list_images(reference)) if isinstance(reference, str) else len(reference)
         if num_images < MIN_IMAGES:
             raise ValueError(f"the reference holds {num_images} images; FID and its interval need at least "
                              f"{MIN_IMAGES}")
@@ -329,15 +352,16 @@ def compare_arms(
                     mixed_precision=mixed_precision, num_images=num_images, overwrite=overwrite,
                     guidance_scale=guidance_scale, class_mix=class_mix)
 
-    def measure(pipe, source: str, folder: str, use_ema: bool | None) -> dict:
+    def measure(pipe, source: str, folder: str, use_ema: bool | None, extras: bool = False) -> dict:
         sampled = _sample(pipe, source, folder, use_ema=use_ema, device=device, **settings)
-        metrics = compute_fid_kid(sampled["paths"], reference, resolution=cfg.resolution, cache_dir=cache_dir,
+        # A statistics file that records its resolution fixes it; the samples are resized to it.
+        metrics = compute_fid_kid(sampled["paths"], reference, resolution=file_resolution or cfg.resolution,
+                                  cache_dir=cache_dir,
                                   device=device, return_features=True, skip_corrupt=skip_corrupt, verbose=False,
-                                  sample_cache_dir=folder)
+                                  sample_cache_dir=folder, isc=isc and extras, prc=prc and extras)
         return {**metrics, "sampling_images_per_s": sampled["images_per_s"], "class_mix": sampled["class_mix"]}
 
     arms_out, features = [], {}
-    reference_features = None
     for label, runs in runs_by_arm.items():
         results = []
         for i, run in enumerate(runs):
@@ -350,8 +374,9 @@ def compare_arms(
                   flush=True)
             pipe = LatentDiffusionPipeline.from_pretrained(run["pipeline"])
             report = model_report(pipe.unet)
-            measured = measure(pipe, run["pipeline"], folder, use_ema=None)
+            measured = measure(pipe, run["pipeline"], folder, use_ema=None, extras=True)
             reference_features = measured.pop("reference_features")
+            reference_statistics = measured.pop("reference_statistics")
             features.setdefault(label, []).append(measured.pop("sample_features"))
             stats = run["train_stats"]
             curve = []
@@ -386,6 +411,7 @@ def compare_arms(
                 "train_wall_time_s": stats.get("wall_time_s"),
                 "fid_curve": curve,
                 "samples": folder,
+                **{k: measured[k] for k in _EXTRA_METRICS[isc, prc]},
             })
         cfg_arm = runs[0]["config"]
         fid_mean, fid_std = _mean_std([r["fid"] for r in results])
@@ -408,6 +434,7 @@ def compare_arms(
             "sampling_images_per_s": _mean_std([r["sampling_images_per_s"] for r in results])[0],
             "train_steps": results[0]["train_steps"],
             "train_wall_time_s": _mean_std([r["train_wall_time_s"] for r in results])[0],
+            **{_ARM_KEY[k]: _mean_std([r[k] for r in results])[0] for k in _EXTRA_METRICS[isc, prc] if k in _ARM_KEY},
             "runs": results,
             "grid": write_grid(results[0]["samples"], num_images, grid_images),
         })
@@ -418,7 +445,8 @@ def compare_arms(
 
     # The interval: from the per-run FIDs of arms with several runs, from a jackknife of the sample set of an arm
     # with one run (image noise only).
-    resampler = FrechetResampler(reference_features, device=device)
+    resampler = FrechetResampler(reference_features, device=device) if reference_features is not None else \
+        FrechetResampler.from_statistics(reference_statistics["mu"], reference_statistics["sigma"], device=device)
     image_variances = [jackknife_fid_variance(resampler.prepare(features[arm["label"]][0]), resampler,
                                               jackknife_groups, seed) if arm["num_runs"] == 1 else None
                        for arm in arms_out]
@@ -442,8 +470,11 @@ def compare_arms(
         "guidance_scale": guidance_scale,
         "class_mix": measured["class_mix"],
         "reference": reference if isinstance(reference, str) else f"{cfg.data_source} at {cfg.resolution}px",
-        "num_reference": len(reference_features),
-        "resolution": cfg.resolution,
+        "num_reference": measured["num_reference"],
+        "resolution": measured["resolution"],
+        "kid_unavailable": measured["kid_unavailable"],
+        "isc": isc,
+        "prc": prc,
         "inception_weights": measured["inception_weights"],
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
@@ -454,6 +485,13 @@ def compare_arms(
     write_figure(summary, os.path.join(output_dir, "comparison.png"))
     print(table)
     return summary
+
+
+# What --isc and --prc add to each run, by (isc, prc).
+_EXTRA_METRICS = {(False, False): (), (True, False): ("isc_mean", "isc_std"),
+                  (False, True): ("precision", "recall"), (True, True): ("isc_mean", "isc_std", "precision", "recall")}
+# Their mean over an arm's runs, under these keys.
+_ARM_KEY = {"isc_mean": "isc_mean", "precision": "precision_mean", "recall": "recall_mean"}
 
 
 def _sample(pipe, source: str, folder: str, use_ema: bool | None, device: str, sampler: str,
@@ -514,15 +552,22 @@ def interval_text(difference: dict) -> str:
 def markdown_table(summary: dict) -> str:
     """The comparison as a markdown table, the FID difference with its interval, the verdict and the setting."""
     precision = "fp32" if summary["mixed_precision"] == "no" else summary["mixed_precision"]
+    isc, prc = summary.get("isc", False), summary.get("prc", False)
+    extra_head = " IS |" * isc + " precision | recall |" * prc
     lines = [
-        "| arm | runs | FID | KID (x1000) | parameters (M) | params ratio | GFLOPs | GFLOPs ratio | train img/s "
-        "| sample img/s | train steps | train s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| arm | runs | FID | KID (x1000) |" + extra_head + " parameters (M) | params ratio | GFLOPs | GFLOPs ratio "
+        "| train img/s | sample img/s | train steps | train s |",
+        "| --- | ---: | ---: | ---: |" + " ---: |" * (isc + 2 * prc) + " ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: |",
     ]
     for arm in summary["arms"]:
+        kid = "n/a" if arm["kid_mean"] is None else \
+            f"{_fmt(arm['kid_mean'] * 1000, '.2f')} +- {_fmt(arm['kid_std'] * 1000, '.2f')}"
+        extra = (f" {_fmt(arm['isc_mean'], '.2f')} |" if isc else "") + \
+            (f" {_fmt(arm['precision_mean'], '.3f')} | {_fmt(arm['recall_mean'], '.3f')} |" if prc else "")
         lines.append(
             f"| {arm['label']} | {arm['num_runs']} | {_fmt(arm['fid_mean'], '.2f')} +- {_fmt(arm['fid_std'], '.2f')} | "
-            f"{_fmt(arm['kid_mean'] * 1000, '.2f')} +- {_fmt(arm['kid_std'] * 1000, '.2f')} | "
+            f"{kid} |{extra} "
             f"{arm['parameters'] / 1e6:.3f} | {arm['parameter_ratio']:.2f} | {arm['gflops']:.3f} | "
             f"{arm['gflops_ratio']:.2f} | {_fmt(arm['train_images_per_s'], '.1f')} | "
             f"{_fmt(arm['sampling_images_per_s'], '.2f')} | {arm['train_steps']} | "
@@ -540,8 +585,12 @@ def markdown_table(summary: dict) -> str:
         f"per run ({summary['sampler']}, {summary['num_inference_steps']} steps, seed {summary['seed']}, {precision}"
         + (f", guidance scale {summary['guidance_scale']:g}, class mix {summary['class_mix']}"
            if summary["class_mix"] else "") + ") "
-        f"against {summary['num_reference']} reference images ({summary['reference']}) at {summary['resolution']}px "
-        f"on {summary['device']}; {summary['inception_weights']}.",
+        + (f"against {summary['num_reference']} reference images ({summary['reference']})"
+           if summary["num_reference"] is not None else f"against the Inception statistics of {summary['reference']}")
+        + f" at {summary['resolution']}px on {summary['device']}; {summary['inception_weights']}"
+        + ("; IS: mean over runs of torch-fidelity's Inception Score" if isc else "")
+        + ("; precision/recall: mean over runs, torch-fidelity's on Inception pool features, k = 3" if prc else "")
+        + (f"; {summary['kid_unavailable']}" if summary.get("kid_unavailable") else "") + ".",
     ]
     if summary["allowed_differences"]:
         lines.append("Allowed differences between runs: " + "; ".join(summary["allowed_differences"]) + ".")
