@@ -905,18 +905,18 @@ class LatentDataset(Dataset):
         flipped = i >= self.num_images
         image = i - flipped * self.num_images
         shard = np.searchsorted(self._starts, image, side="right") - 1
+        stored = np.dtype(_SAFETENSORS_NUMPY[_SAFETENSORS_NAMES[self.dtype]])
+        mean = np.empty((len(i), *self.latent_shape), dtype=stored)
+        std = np.empty_like(mean)
+        group = flipped * len(self._starts) + shard  # one read per shard and side (flipped or not)
+        for g in np.unique(group):
+            rows = np.flatnonzero(group == g)
+            k, suffix = int(shard[rows[0]]), "_flip" if flipped[rows[0]] else ""
+            arrays, local = self._shard(k), image[rows] - self._starts[k]
+            mean[rows] = arrays["mean" + suffix][local]  # copies these rows only
+            std[rows] = arrays["std" + suffix][local]
         storage = _CACHE_DTYPES[self.dtype]
-        mean = torch.empty((len(i), *self.latent_shape), dtype=storage)
-        std = torch.empty_like(mean)
-        for k in np.unique(shard):
-            arrays = self._shard(int(k))
-            for flip in np.unique(flipped[shard == k]):
-                rows = (shard == k) & (flipped == flip)
-                local = image[rows] - self._starts[k]
-                suffix = "_flip" if flip else ""
-                for out, name in ((mean, "mean"), (std, "std")):
-                    block = torch.from_numpy(arrays[name + suffix][local])  # a copy of these rows only
-                    out[torch.from_numpy(rows)] = block.view(storage) if storage == torch.bfloat16 else block
+        mean, std = (torch.from_numpy(a).view(storage) for a in (mean, std))
         # The same float32 operations as on the whole cache: an item is bit for bit what it was when read eagerly.
         mean = (mean.float() - self.shift_factor) * self.scaling_factor
         std = std.float() * self.scaling_factor
@@ -925,7 +925,8 @@ class LatentDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> list[dict]:
         # The DataLoader's batched fetch: one read per shard for the whole batch.
         mean, std, labels = self.read(indices)
-        return [{"mean": m, "std": s, "class_labels": int(c)} for m, s, c in zip(mean, std, labels)]
+        items = zip(mean.unbind(), std.unbind(), labels.tolist())
+        return [{"mean": m, "std": s, "class_labels": c} for m, s, c in items]
 
     def __getitem__(self, i: int) -> dict:
         return self.__getitems__([i])[0]

@@ -51,13 +51,13 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 ARCHITECTURE_KEYS = ("model_type", "model_size", "dcnv4_options", "class_conditional", "class_dropout_prob",
                      "use_ema", "data_source", "resolution", "vae", "vae_subfolder")
 # Refused unless `allow_resume_changes` is set: they change the objective, the data (`latent_cache_dtype` rounds
-# the cached latents), the data order or the random streams,
-# or they are restored from the checkpoint (optimizer and EMA hyperparameters), so that a changed value would
-# otherwise be ignored without a word. The number of processes and `RANDOM_STREAMS` are checked with them.
+# the cached latents), the data order or the random streams, or they are restored from the checkpoint (optimizer
+# and EMA hyperparameters), so that a changed value would otherwise be ignored without a word. The number of
+# processes and `RANDOM_STREAMS` are checked with them.
 EXACT_RESUME_KEYS = ("seed", "flips", "skip_corrupt", "latent_cache_dtype", "train_batch_size",
-                     "gradient_accumulation_steps", "prediction_type", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
-                     "learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
-                     "ema_max_decay", "ema_inv_gamma", "ema_power")
+                     "gradient_accumulation_steps", "prediction_type", "num_train_timesteps", "beta_schedule",
+                     "beta_start", "beta_end", "learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay",
+                     "adam_epsilon", "ema_max_decay", "ema_inv_gamma", "ema_power")
 # Free (recorded): how the remaining steps run, each a legitimate reason to resume with another value. The
 # length, LR schedule, clipping and non-finite policy take effect from the resume on (`max_train_steps` extends
 # a run; with a decaying `lr_scheduler` it also reshapes the remaining schedule; `skip_nonfinite_steps` is what
