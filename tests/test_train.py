@@ -203,6 +203,7 @@ def test_resume_refuses_a_different_model(assets, straight_run, capsys):
     (dict(beta_schedule="linear", num_train_timesteps=500), "num_train_timesteps (1000, now 500), beta_schedule"),
     (dict(flips=False), "flips (True, now False)"),
     (dict(skip_corrupt=True), "skip_corrupt (False, now True)"),
+    (dict(latent_cache_dtype="float16"), "latent_cache_dtype ('float32', now 'float16')"),
     (dict(learning_rate=0.1), "learning_rate (0.0002, now 0.1)"),
 ])
 def test_resume_refuses_changes_that_break_exact_resume(assets, straight_run, capsys, sets, needle):
