@@ -557,8 +557,7 @@ def markdown_table(summary: dict) -> str:
     lines = [
         "| arm | runs | FID | KID (x1000) |" + extra_head + " parameters (M) | params ratio | GFLOPs | GFLOPs ratio "
         "| train img/s | sample img/s | train steps | train s |",
-        "| --- | ---: | ---: | ---: |" + " ---: |" * (isc + 2 * prc) + " ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-        "| ---: |",
+        "| --- |" + " ---: |" * (11 + isc + 2 * prc),
     ]
     for arm in summary["arms"]:
         kid = "n/a" if arm["kid_mean"] is None else \
