@@ -58,8 +58,9 @@ def compare_samples(folders: list[str], labels: list[str], reference: str, outpu
         print(f"[{label}] FID/KID of {len(paths)} images in {folder}", flush=True)
         m = compute_fid_kid(paths, reference, resolution=resolution, cache_dir=cache_dir, batch_size=batch_size,
                             device=device, verbose=False, return_features=True)
-        if resampler is None:
-            resampler = FrechetResampler(m["reference_features"])
+        if resampler is None:  # a reference .npz may hold statistics only
+            resampler = FrechetResampler(m["reference_features"]) if m["reference_features"] is not None else \
+                FrechetResampler.from_statistics(m["reference_statistics"]["mu"], m["reference_statistics"]["sigma"])
         image_variances.append(jackknife_fid_variance(resampler.prepare(m["sample_features"]), resampler,
                                                       jackknife_groups, seed))
         arms.append({"label": label, "folder": os.path.abspath(folder), "num_images": len(paths),
@@ -89,11 +90,12 @@ def markdown_table(summary: dict) -> str:
     d = summary["fid_difference"]
     lines = ["| arm | images | FID | KID x1000 |", "| --- | ---: | ---: | ---: |"]
     for arm in summary["arms"]:
-        lines.append(f"| {arm['label']} | {arm['num_images']} | {arm['fid']:.2f} | "
-                     f"{1000 * arm['kid_mean']:.2f} +- {1000 * arm['kid_std']:.2f} |")
+        kid = "n/a" if arm["kid_mean"] is None else f"{1000 * arm['kid_mean']:.2f} +- {1000 * arm['kid_std']:.2f}"
+        lines.append(f"| {arm['label']} | {arm['num_images']} | {arm['fid']:.2f} | {kid} |")  # n/a: no activations
     lines += ["", f"FID {d['a']} - {d['b']}: {d['value']:+.2f}, {interval_text(d)}: {summary['verdict']}.",
               f"The interval covers {summary['arms'][0]['interval_covers_text']}.",
-              f"Against {summary['num_reference']} reference images ({summary['reference']}) at "
+              (f"Against {summary['num_reference']} reference images ({summary['reference']}) at "
+               if summary["num_reference"] else f"Against the Inception statistics in {summary['reference']} at ") +
               f"{summary['resolution']}px; {summary['inception_weights']}.", ""]
     return "\n".join(lines)
 
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("a", help="sample folder of arm a (e.g. the DCNv4 model's)")
     parser.add_argument("b", help="sample folder of arm b (e.g. the conv model's)")
     parser.add_argument("--labels", nargs=2, default=["a", "b"], metavar=("A", "B"), help="the arms' names")
-    parser.add_argument("--reference", required=True, help="image folder to measure against (the training data)")
+    parser.add_argument("--reference", required=True, help="image folder, or .npz of Inception statistics, to measure against (the training data)")
     parser.add_argument("--output_dir", required=True, help="where comparison.{json,md} go")
     parser.add_argument("--resolution", type=int, default=None, help="side both sets are resized to "
                         "(default: the reference's)")

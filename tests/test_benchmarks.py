@@ -203,6 +203,24 @@ def test_compare_samples_measures_two_folders_and_refuses_unlike_ones(tmp_path, 
     text = (out / "comparison.md").read_text()
     assert "DCNv4 lower FID" in text and "image noise only" in text
 
+    # A reference given as statistics only (mu and sigma, no activations): the same FIDs, and an interval.
+    from unet_dcnv4 import metrics
+
+    saved, stats_only = tmp_path / "saved.npz", tmp_path / "stats_only.npz"
+    assert metrics.main([str(reference / "images"), "--save_stats", str(saved), "--cache_dir",
+                         str(tmp_path / "cache")]) == 0
+    np.savez(stats_only, **{k: v for k, v in np.load(saved).items() if k in ("mu", "sigma")})
+    out_npz = tmp_path / "report_npz"
+    assert compare.main([*argv[:5], "--reference", str(stats_only), "--output_dir", str(out_npz), *argv[9:], "--resolution",
+                         "32"]) == 0
+    from_stats = json.loads((out_npz / "comparison.json").read_text())
+    for arm, folder_arm in zip(from_stats["arms"], summary["arms"]):
+        assert arm["fid"] == pytest.approx(folder_arm["fid"], rel=1e-6)
+    assert from_stats["fid_difference"]["ci95"][1] < 0 and from_stats["num_reference"] is None
+    assert [a["kid_mean"] for a in from_stats["arms"]] == [None, None]
+    text = (out_npz / "comparison.md").read_text()
+    assert "| n/a |" in text and "Against the Inception statistics in" in text  # KID needs activations
+
     for key, value in (("seed", 1), ("use_ema", True), ("class_labels", [0, 1])):
         (far / "manifest.json").write_text(json.dumps({**manifest, key: value}))
         assert compare.main(argv) == 2
