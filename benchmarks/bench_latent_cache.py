@@ -5,7 +5,7 @@ order as training reads it; and the rounding of the float16 and bfloat16 storage
     python benchmarks/bench_latent_cache.py                      # 50,000 and 200,000 latents, float16 storage
     python benchmarks/bench_latent_cache.py --sizes 2000 --batches 5 --dir /tmp/lc   # a quick check
 
-Memory per reading process: RSS before and after opening the cache, and the peak while reading of the sums over
+Memory per reading process: RSS before and after opening the cache and its peak while reading, and the peak of the sums over
 the process and its DataLoader workers of PSS (each page split among the processes mapping it, so that pages a
 worker shares with its parent, or cache pages both readers map, count once), its anonymous part (what a loaded
 cache would grow) and its file-backed part (the mapped cache, shared in the page cache), and of RSS.
@@ -106,14 +106,14 @@ class PeakMemory(threading.Thread):
 
     def __init__(self):
         super().__init__(daemon=True)
-        self.peak = {"Rss": 0, "Pss": 0, "Pss_Anon": 0, "Pss_File": 0}
+        self.peak = {"Rss": 0, "Pss": 0, "Pss_Anon": 0, "Pss_File": 0, "own_Rss": 0}
         self.stop = threading.Event()
 
     def run(self):
         while not self.stop.is_set():
             memory = [_memory(p) for p in [os.getpid()] + _children(os.getpid())]
             for k in self.peak:
-                self.peak[k] = max(self.peak[k], sum(m[k] for m in memory))
+                self.peak[k] = max(self.peak[k], memory[0]["Rss"] if k == "own_Rss" else sum(m[k] for m in memory))
             self.stop.wait(0.05)
 
 
@@ -225,7 +225,9 @@ def main():
                 (first_cold, cold), (first_warm, warm) = r["times"]
                 before, after, peak = r["before"], r["after"], r["peak"]
                 print(f"  process {r['rank']}: RSS before open {before['Rss'] / mib:.0f} MiB, after open "
-                      f"{after['Rss'] / mib:.0f} MiB; peak with its workers: PSS {peak['Pss'] / mib:.0f} MiB "
+                      f"{after['Rss'] / mib:.0f} MiB, peak {peak['own_Rss'] / mib:.0f} MiB "
+                      f"(+{(peak['own_Rss'] - before['Rss']) / mib:.0f} MiB); "
+                      f"peak with its workers: PSS {peak['Pss'] / mib:.0f} MiB "
                       f"(+{(peak['Pss'] - before['Pss']) / mib:.0f} MiB over the PSS before open; of it anonymous "
                       f"{peak['Pss_Anon'] / mib:.0f}, file-backed {peak['Pss_File'] / mib:.0f}), RSS summed over "
                       f"the processes {peak['Rss'] / mib:.0f} MiB")

@@ -47,7 +47,8 @@ __all__ = [
     "module_fingerprint",
     "read_image",
     "sample_latents",
-    "shard_arrays",
+    "read_rows",
+    "shard_layout",
     "latent_scaling_factor",
     "to_rgb",
     "write_shard",
@@ -805,10 +806,9 @@ def build_latent_cache(
     return cache_dir
 
 
-def shard_arrays(path: str) -> dict[str, np.memmap]:
-    """Read-only memory maps of every tensor of a safetensors file, by name, in the file's dtype (bfloat16 as
-    uint16 bits: numpy has no bfloat16). Nothing is read until indexed, and the pages read are the kernel's page
-    cache, shared by every process that maps the file.
+def shard_layout(path: str) -> dict[str, tuple[np.dtype, tuple[int, ...], int]]:
+    """Every tensor of a safetensors file, by name: (numpy dtype, shape, byte offset of its data in the file), in
+    the file's dtype (bfloat16 as uint16 bits: numpy has no bfloat16). Reads the header only.
 
     The layout is the safetensors format's: an 8-byte little-endian header length, a JSON header giving each
     tensor's dtype, shape and byte range `data_offsets` relative to the end of the header, then the data,
@@ -817,7 +817,8 @@ def shard_arrays(path: str) -> dict[str, np.memmap]:
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
-    arrays = {}
+    size = os.path.getsize(path)
+    layout = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -827,10 +828,31 @@ def shard_arrays(path: str) -> dict[str, np.memmap]:
         np_dtype = np.dtype(_SAFETENSORS_NUMPY[info["dtype"]]).newbyteorder("<")
         begin, end = info["data_offsets"]
         shape = tuple(info["shape"])
-        if end - begin != math.prod(shape) * np_dtype.itemsize:
-            raise ValueError(f"{path}: tensor {name!r} of shape {shape} spans {end - begin} bytes")
-        arrays[name] = np.memmap(path, dtype=np_dtype, mode="r", offset=8 + length + begin, shape=shape)
-    return arrays
+        if end - begin != math.prod(shape) * np_dtype.itemsize or 8 + length + end > size:
+            raise ValueError(f"{path}: tensor {name!r} of shape {shape} spans bytes {begin}..{end} of the data, "
+                             f"which the file ({size} bytes) does not hold")
+        layout[name] = (np_dtype, shape, 8 + length + begin)
+    return layout
+
+
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") and "SC_IOV_MAX" in os.sysconf_names else 1024
+
+
+def read_rows(fd: int, offset: int, row_bytes: int, rows, buffers: list) -> None:
+    """buffers[j] = row rows[j] (of `row_bytes` bytes each) of the array at byte `offset` of the open file `fd`, by
+    positioned reads (`os.preadv`, one per run of consecutive rows): the pages come from the page cache, shared
+    by every process, and none is mapped into this one. Raises OSError on a short read."""
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    # Runs of consecutive rows, cut at the number of buffers one call takes.
+    starts = np.flatnonzero((np.diff(sorted_rows, prepend=-2) != 1) | (np.arange(len(rows)) % _IOV_MAX == 0))
+    order, sorted_rows, starts = order.tolist(), sorted_rows.tolist(), starts.tolist()
+    for a, b in zip(starts, starts[1:] + [len(order)]):
+        got = os.preadv(fd, [buffers[j] for j in order[a:b]], offset + sorted_rows[a] * row_bytes)
+        if got != (b - a) * row_bytes:
+            raise OSError(f"read {got} of {(b - a) * row_bytes} bytes at row {sorted_rows[a]}: the file is shorter "
+                          "than its header says")
 
 
 class LatentDataset(Dataset):
@@ -840,10 +862,11 @@ class LatentDataset(Dataset):
     `mean = (posterior_mean - shift_factor) * scaling_factor` and `std = posterior_std * scaling_factor`;
     with flips cached, items N..2N-1 are the mirrored images. Draw the latent with `sample_latents`.
 
-    The shards are memory-mapped (`shard_arrays`), each process and DataLoader worker mapping them on first use,
-    and scaled per batch (`__getitems__`): every process of a node shares one copy in the page cache, and a
-    process holds only the class labels (L,) and the batch it reads. Use `first_means` for a fixed sample of the
-    means rather than reading them all.
+    The shards are read by positioned reads of the rows a batch needs (`read_rows`), each process and
+    DataLoader worker opening them on first use, and scaled per batch (`__getitems__`): every process of a node
+    shares one copy of the data in the page cache, and a process holds only the class labels (L,) and the batch
+    it reads; nothing of the cache is mapped into it (mapped pages would count in its RSS once read). Use
+    `first_means` for a fixed sample of the means rather than reading them all.
     """
 
     def __init__(self, cache_dir: str):
@@ -872,24 +895,34 @@ class LatentDataset(Dataset):
         if found != index["length"] or list(self._starts) != list(np.cumsum([0] + [s["count"] for s in
                                                                                     index["shards"][:-1]])):
             raise ValueError(f"cache_dir {cache_dir!r} holds {found} latents, its index says {index['length']}")
-        self._arrays: dict[int, dict[str, np.memmap]] = {}
-        labels = torch.cat([torch.from_numpy(np.array(self._shard(k)["labels"])) for k in range(len(self._starts))])
+        self._files: dict[int, tuple[int, dict]] = {}  # shard -> (file descriptor, layout)
+        labels = []
+        for k, shard in enumerate(index["shards"]):
+            dtype, shape, offset = self._shard(k)[1]["labels"]
+            labels.append(torch.from_numpy(np.fromfile(os.path.join(cache_dir, shard["file"]), dtype=dtype,
+                                                       count=math.prod(shape), offset=offset).astype(np.int64)))
+        labels = torch.cat(labels)
         self.labels = torch.cat([labels, labels]) if self.flips else labels  # (L,) int64
 
     def __getstate__(self) -> dict:
-        # The maps are not pickled: a DataLoader worker or another process maps the shards itself on first use.
-        return dict(self.__dict__, _arrays={})
+        # The open files are not pickled: a DataLoader worker or another process opens the shards on first use.
+        return dict(self.__dict__, _files={})
 
-    def _shard(self, k: int) -> dict[str, np.memmap]:
-        if k not in self._arrays:
-            arrays = shard_arrays(os.path.join(self.cache_dir, self.index["shards"][k]["file"]))
-            expected = _SAFETENSORS_NAMES[self.dtype]
-            found = {name: a.dtype.str for name, a in arrays.items() if name != "labels"}
-            if any(np.dtype(v) != np.dtype(_SAFETENSORS_NUMPY[expected]) for v in found.values()):
+    def __del__(self):
+        for fd, _ in getattr(self, "_files", {}).values():
+            os.close(fd)
+
+    def _shard(self, k: int) -> tuple[int, dict]:
+        if k not in self._files:
+            path = os.path.join(self.cache_dir, self.index["shards"][k]["file"])
+            layout = shard_layout(path)
+            expected = np.dtype(_SAFETENSORS_NUMPY[_SAFETENSORS_NAMES[self.dtype]])
+            found = {name: dtype.str for name, (dtype, _, _) in layout.items() if name != "labels"}
+            if any(np.dtype(v) != expected for v in found.values()):
                 raise ValueError(f"cache_dir {self.cache_dir!r}: shard {self.index['shards'][k]['file']} holds "
                                  f"{found}, its index says {self.dtype}; delete the cache and rebuild it")
-            self._arrays[k] = arrays
-        return self._arrays[k]
+            self._files[k] = (os.open(path, os.O_RDONLY), layout)
+        return self._files[k]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -908,13 +941,16 @@ class LatentDataset(Dataset):
         stored = np.dtype(_SAFETENSORS_NUMPY[_SAFETENSORS_NAMES[self.dtype]])
         mean = np.empty((len(i), *self.latent_shape), dtype=stored)
         std = np.empty_like(mean)
-        group = flipped * len(self._starts) + shard  # one read per shard and side (flipped or not)
+        mean_rows, std_rows = ([memoryview(row).cast("B") for row in a] for a in (mean, std))
+        row_bytes = math.prod(self.latent_shape) * stored.itemsize
+        group = flipped * len(self._starts) + shard  # the rows of each shard and side (flipped or not)
         for g in np.unique(group):
             rows = np.flatnonzero(group == g)
             k, suffix = int(shard[rows[0]]), "_flip" if flipped[rows[0]] else ""
-            arrays, local = self._shard(k), image[rows] - self._starts[k]
-            mean[rows] = arrays["mean" + suffix][local]  # copies these rows only
-            std[rows] = arrays["std" + suffix][local]
+            (fd, layout), local = self._shard(k), image[rows] - self._starts[k]
+            for name, views in (("mean", mean_rows), ("std", std_rows)):
+                _, _, offset = layout[name + suffix]
+                read_rows(fd, offset, row_bytes, local, [views[j] for j in rows.tolist()])
         storage = _CACHE_DTYPES[self.dtype]
         mean, std = (torch.from_numpy(a).view(storage) for a in (mean, std))
         # The same float32 operations as on the whole cache: an item is bit for bit what it was when read eagerly.
@@ -923,7 +959,7 @@ class LatentDataset(Dataset):
         return mean, std, self.labels[torch.from_numpy(i)]
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
-        # The DataLoader's batched fetch: one read per shard for the whole batch.
+        # The DataLoader's batched fetch: the whole batch in one `read`.
         mean, std, labels = self.read(indices)
         items = zip(mean.unbind(), std.unbind(), labels.tolist())
         return [{"mean": m, "std": s, "class_labels": c} for m, s, c in items]
