@@ -13,8 +13,9 @@ from torch.utils.data import TensorDataset
 
 from unet_dcnv4 import checkpoints
 from unet_dcnv4 import vae as vae_module
+from unet_dcnv4.common import derive_seed
 from unet_dcnv4.training import (
-    NoiseGenerator, TrainConfig, derive_seed, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint,
+    NoiseGenerator, TrainConfig, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint,
 )
 
 REPO = Path(__file__).resolve().parents[1]

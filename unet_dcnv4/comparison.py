@@ -381,7 +381,7 @@ def compare_arms(
             stats = run["train_stats"]
             curve = []
             if fid_curve:
-                from .training import pipeline_from_checkpoint
+                from .sampling import pipeline_from_checkpoint
 
                 # The weights the run's pipeline holds: the EMA's when it kept one, else the raw ones.
                 use_ema = run["config"].use_ema

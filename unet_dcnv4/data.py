@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
 
 from ._checks import positive_int
+from .common import hub_offline, transport_errors
 from .progress import progress
 
 __all__ = [
@@ -473,12 +474,11 @@ class HFImageDataset(_ImageDataset):
 
 def _load_hub_dataset(datasets, name: str, split: str):
     """`datasets.load_dataset(name, split=split)`, a failure to reach or find it as a `DataSourceError`."""
-    from .vae import _hub_offline, _transport_errors
 
     try:
         return datasets.load_dataset(name, split=split)
-    except (OSError, TimeoutError, *_transport_errors()) as err:
-        if _hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE"):
+    except (OSError, TimeoutError, *transport_errors()) as err:
+        if hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE"):
             reason = "the Hugging Face Hub is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) and it is not cached"
         else:
             reason = "it could not be fetched from the Hugging Face Hub (no connection, or no such dataset there)"

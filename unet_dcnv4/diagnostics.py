@@ -112,7 +112,8 @@ def run_statistics(run_dir: str | os.PathLike, timesteps: list[int], num_latents
     from diffusers import DDPMScheduler
 
     from .checkpoints import STATE_FILE, list_checkpoints
-    from .training import load_config, pipeline_from_checkpoint
+    from .sampling import pipeline_from_checkpoint
+    from .training import load_config
 
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():

@@ -9,23 +9,24 @@ import math
 import os
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 from ._checks import positive_int
+from .common import PRECISIONS
 
 __all__ = [
     "CLASS_MIXES", "IMAGES_DIR", "MANIFEST_FILE", "PRECISIONS", "SampleFolderMismatch", "class_counts_for",
     "class_label_for", "image_path",
-    "index_seed", "load_pipeline", "pipeline_fingerprint", "prepare_sample_folder", "sample_manifest",
+    "index_seed", "load_pipeline", "pipeline_fingerprint", "pipeline_from_checkpoint", "prepare_sample_folder", "sample_manifest",
     "sample_paths", "generate_samples", "to_precision", "write_grid", "write_npz",
 ]
 
 IMAGES_DIR = "images"
 MANIFEST_FILE = "manifest.json"
-PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class SampleFolderMismatch(ValueError):
@@ -76,6 +77,61 @@ def class_counts_for(pipe, class_mix: str) -> list[int] | None:
     return getattr(pipe.config, "class_counts", None) if class_mix == "data" else None
 
 
+def _strip_wrapper_prefixes(state_dict: dict) -> dict:
+    """Removes the key prefixes that DDP ("module.") and torch.compile ("_orig_mod.") add."""
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def pipeline_from_checkpoint(checkpoint_dir: str | os.PathLike, use_ema: bool = True):
+    """Rebuilds the latent diffusion pipeline from a checkpoint folder alone (its config and training state).
+
+    Args:
+        checkpoint_dir: a `checkpoint-<step>` folder written by train_ldm.py.
+        use_ema: take the EMA weights (the default, what samples and metrics use) instead of the raw ones.
+
+    Returns:
+        A `pipelines.LatentDiffusionPipeline` on the CPU, in eval mode, with the sampling scheduler of the config.
+    """
+    from safetensors.torch import load_file
+
+    from pipelines import LatentDiffusionPipeline, make_scheduler
+
+    from .training import class_embeddings, null_class_label, read_checkpoint_state, unet_options
+    from .unet import build_unet
+    from .vae import load_vae
+
+    checkpoint_dir = Path(checkpoint_dir)
+    cfg, state = read_checkpoint_state(checkpoint_dir)
+    unet = build_unet(cfg.model_type, cfg.model_size, sample_size=state["latent_shape"][1],
+                      in_channels=state["latent_shape"][0],
+                      num_class_embeds=class_embeddings(cfg, state["num_classes"]), **unet_options(cfg))
+    unet.load_state_dict(_strip_wrapper_prefixes(load_file(checkpoint_dir / "model.safetensors")))
+    if use_ema:
+        if "ema" not in state["custom_objects"]:
+            raise ValueError(f"checkpoint_dir {str(checkpoint_dir)!r} holds no EMA weights (use_ema was false)")
+        from diffusers.training_utils import EMAModel
+
+        index = state["custom_objects"].index("ema")
+        ema_state = torch.load(checkpoint_dir / f"custom_checkpoint_{index}.pkl", map_location="cpu",
+                               weights_only=False)
+        ema = EMAModel(unet.parameters())
+        ema.load_state_dict(ema_state)
+        ema.copy_to(unet.parameters())
+    vae = load_vae(state["vae"], subfolder=state.get("vae_subfolder"))
+    vae.register_to_config(scaling_factor=state["scaling_factor"])
+    scheduler = make_scheduler(cfg.sample_scheduler, state["train_scheduler_config"])
+    pipe = LatentDiffusionPipeline(unet=unet.eval(), vae=vae.eval(), scheduler=scheduler,
+                                   null_class_label=null_class_label(cfg, state["num_classes"]),
+                                   class_counts=state.get("class_counts"))
+    return pipe
+
+
 def load_pipeline(source: str, use_ema: bool = True):
     """Load a pipeline folder (with `model_index.json`) or rebuild one from a training checkpoint folder.
 
@@ -89,8 +145,6 @@ def load_pipeline(source: str, use_ema: bool = True):
         return LatentDiffusionPipeline.from_pretrained(source)
     if not os.path.isdir(source):
         raise ValueError(f"source {source!r} is neither a pipeline folder nor a training checkpoint folder")
-    from .training import pipeline_from_checkpoint
-
     return pipeline_from_checkpoint(source, use_ema=use_ema)
 
 

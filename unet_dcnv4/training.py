@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import typing
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,12 +18,13 @@ import numpy as np
 import torch
 
 from . import checkpoints, config
+from .common import PRECISIONS, derive_seed
 
 __all__ = [
     "TrainConfig", "load_config", "validate_config", "config_to_dict", "config_to_yaml", "parse_overrides",
     "list_checkpoints", "latest_checkpoint", "resolve_resume_checkpoint", "prune_checkpoints", "save_checkpoint",
-    "read_checkpoint_state", "load_checkpoint", "resume_changes", "derive_seed", "EpochSampler", "NoiseGenerator",
-    "pipeline_from_checkpoint", "unet_options", "null_class_label", "class_embeddings", "CHECKPOINT_PREFIX",
+    "read_checkpoint_state", "load_checkpoint", "resume_changes", "EpochSampler", "NoiseGenerator",
+    "unet_options", "null_class_label", "class_embeddings", "CHECKPOINT_PREFIX",
     "ARCHITECTURE_KEYS", "EXACT_RESUME_KEYS", "RECORDED_RESUME_KEYS", "EXACT_RESUME_CHECKS", "RUN_OUTPUTS",
     "run_in_folder", "check_output_dir", "remove_run",
     "RANDOM_STREAMS", "FAULT_ENV", "FAULT_POINTS",
@@ -161,7 +161,6 @@ def validate_config(cfg: TrainConfig) -> None:
 
     from .data import LATENT_CACHE_DTYPES
     from .ops import CUDA_BACKWARDS, IMPLS
-    from .sampling import PRECISIONS
     from .unet import DCNV4_OPTIONS, MODEL_TYPES, UNET_SIZES
 
     config.coerce_fields(cfg)
@@ -365,29 +364,6 @@ def load_checkpoint(accelerator, checkpoint_dir: str | os.PathLike, device: torc
     return read_checkpoint_state(checkpoint_dir)[1]
 
 
-def derive_seed(seed: int, purpose: str, *keys: int) -> int:
-    """The seed of one random stream of a run, mixed from (seed, purpose, keys) by numpy's `SeedSequence`.
-
-    Streams of different seeds, purposes or keys are independent: unlike `seed + epoch`, seed 1 does not replay
-    the streams of seed 0 one epoch later.
-
-    Args:
-        seed: the run's seed, an int >= 0.
-        purpose: names the stream ("data", "noise", ...).
-        keys: ints >= 0 that pick one stream of the purpose (an epoch, a process rank, a step).
-
-    Returns:
-        An int in [0, 2**63), for `torch.Generator.manual_seed`.
-    """
-    for name, value in (("seed", seed), *((f"keys[{i}]", k) for i, k in enumerate(keys))):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    if not isinstance(purpose, str) or not purpose:
-        raise ValueError(f"purpose must be a non-empty string, got {purpose!r}")
-    sequence = np.random.SeedSequence(int(seed), spawn_key=(zlib.crc32(purpose.encode()), *map(int, keys)))
-    return int(sequence.generate_state(1, dtype=np.uint64)[0]) >> 1
-
-
 class EpochSampler(torch.utils.data.Sampler):
     """Indices 0..n-1 in a random order per epoch, drawn from `derive_seed(seed, "data", epoch)`.
 
@@ -451,60 +427,6 @@ class NoiseGenerator:
             raise ValueError(f"checkpoint was written by {state['world_size']} processes, this run has "
                              f"{self.world_size}: exact resume needs the same number of processes")
         self.generator.set_state(state["states"][self.rank])
-
-
-def _strip_wrapper_prefixes(state_dict: dict) -> dict:
-    """Removes the key prefixes that DDP ("module.") and torch.compile ("_orig_mod.") add."""
-    out = {}
-    for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
-    return out
-
-
-def pipeline_from_checkpoint(checkpoint_dir: str | os.PathLike, use_ema: bool = True):
-    """Rebuilds the latent diffusion pipeline from a checkpoint folder alone (its config and training state).
-
-    Args:
-        checkpoint_dir: a `checkpoint-<step>` folder written by train_ldm.py.
-        use_ema: take the EMA weights (the default, what samples and metrics use) instead of the raw ones.
-
-    Returns:
-        A `pipelines.LatentDiffusionPipeline` on the CPU, in eval mode, with the sampling scheduler of the config.
-    """
-    from safetensors.torch import load_file
-
-    from pipelines import LatentDiffusionPipeline, make_scheduler
-
-    from .unet import build_unet
-    from .vae import load_vae
-
-    checkpoint_dir = Path(checkpoint_dir)
-    cfg, state = read_checkpoint_state(checkpoint_dir)
-    unet = build_unet(cfg.model_type, cfg.model_size, sample_size=state["latent_shape"][1],
-                      in_channels=state["latent_shape"][0],
-                      num_class_embeds=class_embeddings(cfg, state["num_classes"]), **unet_options(cfg))
-    unet.load_state_dict(_strip_wrapper_prefixes(load_file(checkpoint_dir / "model.safetensors")))
-    if use_ema:
-        if "ema" not in state["custom_objects"]:
-            raise ValueError(f"checkpoint_dir {str(checkpoint_dir)!r} holds no EMA weights (use_ema was false)")
-        from diffusers.training_utils import EMAModel
-
-        index = state["custom_objects"].index("ema")
-        ema_state = torch.load(checkpoint_dir / f"custom_checkpoint_{index}.pkl", map_location="cpu",
-                               weights_only=False)
-        ema = EMAModel(unet.parameters())
-        ema.load_state_dict(ema_state)
-        ema.copy_to(unet.parameters())
-    vae = load_vae(state["vae"], subfolder=state.get("vae_subfolder"))
-    vae.register_to_config(scaling_factor=state["scaling_factor"])
-    scheduler = make_scheduler(cfg.sample_scheduler, state["train_scheduler_config"])
-    pipe = LatentDiffusionPipeline(unet=unet.eval(), vae=vae.eval(), scheduler=scheduler,
-                                   null_class_label=null_class_label(cfg, state["num_classes"]),
-                                   class_counts=state.get("class_counts"))
-    return pipe
 
 
 def null_class_label(cfg: TrainConfig, num_classes: int) -> int | None:

@@ -23,7 +23,7 @@ from diffusers import AutoencoderKL
 
 from . import checkpoints, config
 from ._checks import positive_int
-from .training import derive_seed
+from .common import PRECISIONS, derive_seed, hub_offline, transport_errors
 
 __all__ = [
     "BUILTIN_VAE_CONFIG",
@@ -44,19 +44,6 @@ __all__ = [
 
 class VAELoadError(OSError):
     """A VAE name or folder that cannot be loaded; the message says why and what to pass instead."""
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
-
-
-def _transport_errors() -> tuple[type[Exception], ...]:
-    # huggingface_hub speaks HTTP through httpx, whose connection errors are not OSErrors.
-    try:
-        import httpx
-    except ImportError:
-        return ()
-    return (httpx.TransportError,)
 
 
 def load_vae(name_or_path: str, subfolder: str | None = None, torch_dtype=None) -> AutoencoderKL:
@@ -91,14 +78,14 @@ def load_vae(name_or_path: str, subfolder: str | None = None, torch_dtype=None) 
 
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    offline = _hub_offline()
+    offline = hub_offline()
     try:
         return AutoencoderKL.from_pretrained(
             name_or_path, subfolder=subfolder, torch_dtype=torch_dtype, local_files_only=offline
         )
     except RepositoryNotFoundError as err:
         raise VAELoadError(f"VAE {name_or_path!r} is neither a local folder nor a Hugging Face Hub repository") from err
-    except (OSError, TimeoutError, *_transport_errors()) as err:
+    except (OSError, TimeoutError, *transport_errors()) as err:
         if offline:
             reason = "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache"
         else:
@@ -237,7 +224,6 @@ LOSSES = ("l1", "l2")
 
 def validate_vae_config(cfg: VAETrainConfig) -> None:
     """Checks the types and ranges of every field; raises ValueError naming the key, the value and what was expected."""
-    from .sampling import PRECISIONS
 
     config.coerce_fields(cfg)
     config.choice(cfg, "loss", LOSSES)
