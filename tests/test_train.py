@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from unet_dcnv4 import training
+from unet_dcnv4 import sampling, training
 from unet_dcnv4.ops import _layer_op
 from unet_dcnv4.training import load_config
 
@@ -152,10 +152,10 @@ def test_dcnv4_statistics_follow_the_checkpoints(straight_run, tmp_path, capsys)
 
 
 def test_pipeline_from_checkpoint(straight_run):
-    pipe = training.pipeline_from_checkpoint(straight_run / "checkpoints" / "checkpoint-6")
+    pipe = sampling.pipeline_from_checkpoint(straight_run / "checkpoints" / "checkpoint-6")
     saved = load_file(straight_run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
     assert_same(saved, {k: v.contiguous() for k, v in pipe.unet.state_dict().items()})
-    raw = training.pipeline_from_checkpoint(straight_run / "checkpoints" / "checkpoint-6", use_ema=False)
+    raw = sampling.pipeline_from_checkpoint(straight_run / "checkpoints" / "checkpoint-6", use_ema=False)
     assert not torch.equal(next(raw.unet.parameters()), next(pipe.unet.parameters()))
 
 
@@ -706,3 +706,48 @@ def test_a_corrupt_image_stops_every_process(assets, tmp_path):
     assert result.returncode != 0 and result.stderr.count("train_ldm.py: error: cannot read image") == 2, \
         result.stderr[-3000:]
     assert "broken.png" in result.stderr
+
+
+@dataclasses.dataclass
+class _Documented:
+    """A config for the help test."""
+
+    # First group.
+    a: int = 1
+    b: str | None = None  # after b
+    # Above c, one line,
+    # and a second.
+    c: dict = dataclasses.field(default_factory=dict)
+
+    # Second group, whose heading
+    # takes two lines.
+    d: bool = False
+
+
+def test_help_lists_every_key_with_its_default_group_and_comments(capsys):
+    from unet_dcnv4 import config
+
+    assert config.field_comments(_Documented) == [
+        ("First group.", "a", [], None), ("First group.", "b", [], "after b"),
+        ("First group.", "c", ["Above c, one line,", "and a second."], None),
+        ("Second group, whose heading takes two lines.", "d", [], None)]
+    assert config.keys_help(_Documented).splitlines()[1:] == [
+        "", "  # First group.", "  a: 1", "  b: null  # after b", "  # Above c, one line,", "  # and a second.",
+        "  c: {}", "", "  # Second group, whose heading takes two lines.", "  d: false"]
+
+    import train_vae
+
+    from unet_dcnv4.vae import VAETrainConfig
+
+    for module, cls in ((train_ldm, training.TrainConfig), (train_vae, VAETrainConfig)):
+        with pytest.raises(SystemExit):
+            module.main(["--help"])
+        text = capsys.readouterr().out
+        keys = [line.strip().split(":")[0] for line in text.split("config keys and their defaults")[1].splitlines()
+                if line.startswith("  ") and not line.strip().startswith("#") and ":" in line]
+        assert keys == [f.name for f in dataclasses.fields(cls)]
+    with pytest.raises(SystemExit):
+        train_ldm.main(["--help"])
+    text = capsys.readouterr().out
+    assert "  # Optimisation.\n  train_batch_size: 32  # per process\n" in text
+    assert "  latent_cache_dtype: float32  # how the cache stores" in text and "  dcnv4_options: {}" in text

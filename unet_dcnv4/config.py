@@ -6,8 +6,13 @@ overrides, validated with errors that name the key; printed and saved beside the
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
+import io
 import os
+import textwrap
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -15,7 +20,8 @@ from pathlib import Path
 import yaml
 
 __all__ = ["CONFIG_FILE", "field_types", "coerce_fields", "choice", "at_least", "parse_overrides", "apply_values",
-           "resolve", "to_dict", "to_yaml", "save_config", "add_arguments", "resolve_arguments"]
+           "resolve", "to_dict", "to_yaml", "save_config", "field_comments", "keys_help", "add_arguments",
+           "resolve_arguments"]
 
 # The resolved config beside a run and inside each checkpoint.
 CONFIG_FILE = "config.yaml"
@@ -153,12 +159,56 @@ def save_config(cfg, folder: str | os.PathLike) -> Path:
     return path
 
 
+def field_comments(cls) -> list[tuple[str | None, str, list[str], str | None]]:
+    """The fields of the dataclass `cls` in order, with the comments its source gives them, as
+    (group, name, lines above, comment after): a comment block after a blank line heads a group of fields, one
+    right above a field describes that field, and a comment on the field's line follows it."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    lines = source.splitlines()
+    comments = {}  # line number (1-based) -> comment text without "#"
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = token.string.lstrip("#").strip()
+    body = ast.parse(source).body[0].body
+    names = {f.name for f in dataclasses.fields(cls)}
+    out, group = [], None
+    for node in body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id in names):
+            continue
+        above, row = [], node.lineno - 1
+        while row >= 1 and lines[row - 1].strip().startswith("#"):
+            above.insert(0, comments[row])
+            row -= 1
+        if above and (row < 1 or not lines[row - 1].strip() or lines[row - 1].strip().endswith('"""')):
+            group, above = " ".join(above), []  # after a blank line (or the docstring): a group's heading
+        out.append((group, node.target.id, above, comments.get(node.lineno)))
+    return out
+
+
+def keys_help(cls) -> str:
+    """Every key of the dataclass `cls` with its default, grouped and commented as in its source, laid out as
+    a YAML config file: the text `--help` ends with."""
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls)}
+    text, group = ["config keys and their defaults (set them in a --config YAML file or with --set KEY=VALUE):"], None
+    for heading, name, above, after in field_comments(cls):
+        if heading != group:
+            group = heading
+            text += ["", f"  # {heading}"]
+        text += [f"  # {line}" for line in above]
+        value = yaml.safe_dump({name: defaults[name]}, default_flow_style=True, width=1000).strip()[1:-1]
+        text.append(f"  {value}" + (f"  # {after}" if after else ""))
+    return "\n".join(text)
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls, flags: dict[str, str]) -> None:
     """Adds `--config FILE`, a flag per key of `flags` ({field name: help}), `--set KEY=VALUE` and `--dry_run`.
 
     A named flag takes the field's type (a bool field gives `--name/--no-name`) and defaults to None, which
-    leaves the key to the file and the defaults.
+    leaves the key to the file and the defaults. `--help` ends with every key (`keys_help`).
     """
+    parser.epilog = keys_help(cls)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     types_ = field_types(cls)
     parser.add_argument("--config", default=None, help="YAML file of config keys over the defaults")
     for name, help_text in flags.items():
