@@ -57,7 +57,7 @@ MEMORY_OPS = frozenset("""LDG STG LD ST LDS STS LDL STL LDC RED REDG ATOM ATOMG 
     CCTL MEMBAR FENCE ERRBAR""".split())
 CLASSES = ("int", "float", "memory", "other")
 
-INSTR_RE = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+INSTR_RE = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)\s*([^;]*);")
 FUNCTION_RE = re.compile(r"^\s*Function\s*:\s*(\S+)")
 HEX_RE = re.compile(r"0x[0-9a-f]+")
 PTXAS_ENTRY_RE = re.compile(r"Compiling entry function '([^']+)'")
