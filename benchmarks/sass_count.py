@@ -183,6 +183,7 @@ def rows(variant: str, sass: str, ptxas: str) -> list[dict]:
         loop = counted(point_loop(instrs))
         loads = sum(1 for i in loop if is_readonly_load(i))
         points = loads / LOADS_PER_POINT
+        points = int(points) if points.is_integer() else points
         res = resources.get(mangled, {})
         row = {
             "variant": variant, "kernel": kernel, "dtype": dtype, "V": V,

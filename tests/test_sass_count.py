@@ -124,7 +124,7 @@ def test_rows_on_snippet():
     assert row["loop"] == 12 and row["points_per_iter"] == 1
     assert row["loop_classes"] == {"int": 3, "float": 1, "memory": 7, "other": 1}
     assert row["per_point"] == 12 and row["per_point_channel"] == 3
-    assert "| v | forward_kernel | fp32 | 4 | 64 | 28 | 24 | 12 | 3 | 1 | 7 | 1 | 1.0 | 12.0 | 3.0 |" in sc.table([row])
+    assert "| v | forward_kernel | fp32 | 4 | 64 | 28 | 24 | 12 | 3 | 1 | 7 | 1 | 1 | 12.0 | 3.0 |" in sc.table([row])
 
 
 @pytest.mark.parametrize("suffix,ident", [
