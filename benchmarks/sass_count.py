@@ -41,9 +41,11 @@ REPO = Path(__file__).resolve().parents[1]
 SOURCE = REPO / "csrc" / "cuda" / "dcnv4_cuda.cu"
 DEFAULT_VARIANTS = ["default=", "bwd16_v4=-DDCNV4_BWD16_V=4"]
 KERNELS = ("forward_kernel", "backward_kernel", "backward_tiled_kernel")
-# Mangled template arguments <scalar_t, V> of the kernels, e.g. ...14forward_kernelI13__nv_bfloat16Li8EE...
+# Mangled template arguments <scalar_t, V> of the kernels, e.g. ...14forward_kernelI13__nv_bfloat16Li8EE...,
+# and the forward's <scalar_t, V, index_t, KC>, e.g. ...14forward_kernelIfLi4EiLi9EEE... (int32_t, K = 9).
 DTYPES = {"f": "fp32", "d": "fp64", "6__half": "fp16", "13__nv_bfloat16": "bf16"}
-KERNEL_RE = re.compile(r"\d+(" + "|".join(KERNELS) + r")I(" + "|".join(DTYPES) + r")Li(\d+)EE")
+INDEX_TYPES = {"i": "int32", "l": "int64"}
+KERNEL_RE = re.compile(r"\d+(" + "|".join(KERNELS) + r")I(" + "|".join(DTYPES) + r")Li(\d+)E(?:([il])Li(\d+)E)?E")
 LOADS_PER_POINT = 7  # two offsets, one mask, four corners, all read-only loads
 
 # Instruction classes by base opcode (the part before the first '.'); uniform-datapath forms (UIADD3,
@@ -150,10 +152,15 @@ def class_counts(instrs: list[Instr]) -> dict[str, int]:
     return counts
 
 
-def kernel_id(mangled: str) -> tuple[str, str, int] | None:
-    """(kernel, dtype, V) of a mangled instantiation name, None for other functions."""
+def kernel_id(mangled: str) -> tuple[str, str, int, str] | None:
+    """(kernel, dtype, V, build) of a mangled instantiation name, None for other functions. build names the
+    forward's index type and K ("int32 K=9", "int64 K any"), "" for the kernels without them."""
     m = KERNEL_RE.search(mangled)
-    return None if m is None else (m.group(1), DTYPES[m.group(2)], int(m.group(3)))
+    if m is None:
+        return None
+    build = "" if m.group(4) is None else \
+        f"{INDEX_TYPES[m.group(4)]} K={m.group(5)}" if int(m.group(5)) else f"{INDEX_TYPES[m.group(4)]} K any"
+    return m.group(1), DTYPES[m.group(2)], int(m.group(3)), build
 
 
 def parse_ptxas(text: str) -> dict[str, dict[str, int]]:
@@ -179,14 +186,14 @@ def rows(variant: str, sass: str, ptxas: str) -> list[dict]:
         ident = kernel_id(mangled)
         if ident is None:
             continue
-        kernel, dtype, V = ident
+        kernel, dtype, V, build = ident
         loop = counted(point_loop(instrs))
         loads = sum(1 for i in loop if is_readonly_load(i))
         points = loads / LOADS_PER_POINT
         points = int(points) if points.is_integer() else points
         res = resources.get(mangled, {})
         row = {
-            "variant": variant, "kernel": kernel, "dtype": dtype, "V": V,
+            "variant": variant, "kernel": kernel, "dtype": dtype, "V": V, "build": build,
             "registers": res.get("registers", 0),
             "spill_bytes": res.get("spill_stores", 0) + res.get("spill_loads", 0),
             "stack_bytes": res.get("stack", 0),
@@ -199,7 +206,7 @@ def rows(variant: str, sass: str, ptxas: str) -> list[dict]:
         out.append(row)
     order = {k: n for n, k in enumerate(KERNELS)}
     dorder = {d: n for n, d in enumerate(("fp32", "bf16", "fp16", "fp64"))}
-    return sorted(out, key=lambda r: (order[r["kernel"]], dorder[r["dtype"]], -r["V"]))
+    return sorted(out, key=lambda r: (order[r["kernel"]], dorder[r["dtype"]], -r["V"], r["build"]))
 
 
 def find_cuobjdump(override: str | None = None) -> str:
@@ -271,12 +278,12 @@ def _fmt(x) -> str:
 
 def table(rows_: list[dict]) -> str:
     """A markdown table of the rows: resources, totals, the point loop and its classes."""
-    head = ["variant", "kernel", "dtype", "V", "regs", "spill B", "total", "loop", "int", "float", "mem", "other",
+    head = ["variant", "kernel", "dtype", "V", "build", "regs", "spill B", "total", "loop", "int", "float", "mem", "other",
             "pts/iter", "instr/pt", "instr/pt-ch"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows_:
         c = r["loop_classes"]
-        cells = [r["variant"], r["kernel"], r["dtype"], r["V"], r["registers"], r["spill_bytes"], r["total"], r["loop"],
+        cells = [r["variant"], r["kernel"], r["dtype"], r["V"], r["build"] or "-", r["registers"], r["spill_bytes"], r["total"], r["loop"],
                  c["int"], c["float"], c["memory"], c["other"], r["points_per_iter"], r["per_point"],
                  r["per_point_channel"]]
         lines.append("| " + " | ".join(_fmt(x) for x in cells) + " |")

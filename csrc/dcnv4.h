@@ -51,33 +51,34 @@ DCNV4_HD double floor_acc(double x) { return floor(x); }
 // Bilinear footprint of (x, y) in pixel-index coordinates (pixel centres at integers). Corner c is
 // (y0 + (c >> 1), x0 + (c & 1)); its weight is zero where it lies outside the H x W image (zero
 // padding), and its pixel index is then 0 so that it is always safe to read.
-template <typename acc_t>
+template <typename acc_t, typename index_t = int64_t>
 struct Bilinear {
-  int64_t idx[4];  // pixel index y * W + x of each corner
+  index_t idx[4];  // pixel index y * W + x of each corner
   acc_t w[4];      // interpolation weight of each corner, zero when outside
   bool inside[4];
   acc_t lx, ly;    // fractional parts of x and y
-  int64_t x0, y0;  // the top-left corner (clamped to within H + W + 2 of the image)
+  index_t x0, y0;  // the top-left corner (clamped to within H + W + 2 of the image)
 };
 
-template <typename acc_t>
-DCNV4_HD Bilinear<acc_t> bilinear(acc_t x, acc_t y, int64_t H, int64_t W) {
-  Bilinear<acc_t> b;
+// index_t: int64_t, or int32_t where the caller knows that H * W and H + W + 2 fit it.
+template <typename acc_t, typename index_t = int64_t>
+DCNV4_HD Bilinear<acc_t, index_t> bilinear(acc_t x, acc_t y, index_t H, index_t W) {
+  Bilinear<acc_t, index_t> b;
   const acc_t xf = floor_acc(x), yf = floor_acc(y);
   b.lx = x - xf;
   b.ly = y - yf;
   // Positions beyond the image by more than a pixel have no corner inside; clamp before the
   // integer conversion so that huge offsets cannot overflow it.
   const acc_t big = static_cast<acc_t>(H + W + 2);
-  const int64_t x0 = static_cast<int64_t>(xf < -big ? -big : (xf > big ? big : xf));
-  const int64_t y0 = static_cast<int64_t>(yf < -big ? -big : (yf > big ? big : yf));
+  const index_t x0 = static_cast<index_t>(xf < -big ? -big : (xf > big ? big : xf));
+  const index_t y0 = static_cast<index_t>(yf < -big ? -big : (yf > big ? big : yf));
   b.x0 = x0;
   b.y0 = y0;
   const acc_t wx[2] = {1 - b.lx, b.lx};
   const acc_t wy[2] = {1 - b.ly, b.ly};
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
-    const int64_t cy = y0 + (c >> 1), cx = x0 + (c & 1);
+    const index_t cy = y0 + (c >> 1), cx = x0 + (c & 1);
     const bool in = cy >= 0 && cy < H && cx >= 0 && cx < W;
     b.inside[c] = in;
     b.idx[c] = in ? cy * W + cx : 0;

@@ -63,6 +63,13 @@ def emu_bwd16_v4(tmp_path_factory):
     return build_emulator(tmp_path_factory, "dcnv4_emulator_bwd16_v4", ("-DDCNV4_BWD16_V=4",))
 
 
+@pytest.fixture(scope="module")
+def emu_index64(tmp_path_factory):
+    """The kernels built with DCNV4_FWD_INDEX64: the forward takes int64 indices at every size (the default
+    build takes int32 where every index fits, as at every shape here)."""
+    return build_emulator(tmp_path_factory, "dcnv4_emulator_index64", ("-DDCNV4_FWD_INDEX64",))
+
+
 def guarded(shape, dtype, fill):
     """A contiguous tensor of `shape`, filled with `fill`, inside a buffer whose GUARD elements on each
     side hold SENTINEL."""
@@ -143,6 +150,15 @@ def check_backward(emu, case, dtype, seed, variant="atomic"):
 @pytest.mark.parametrize("case", list(EMULATED), ids=str)
 def test_emulated_forward_matches_reference(emu, case, dtype):
     check_forward(emu, EMULATED[case], dtype, seed=2 * list(EMULATED).index(case))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=lambda t: str(t).split(".")[-1])
+@pytest.mark.parametrize("case", ["13x9", "k5_D32", "remove_center", "far_offsets", "D36_scalar_half", "stride2"],
+                         ids=str)
+def test_emulated_forward_with_int64_indices(emu_index64, case, dtype):
+    """The forward's int64 builds, which the launcher takes for tensors of 2^30 elements or more, with K = 9
+    (3x3 cases) and with any K."""
+    check_forward(emu_index64, EMULATED[case], dtype, seed=70 + list(EMULATED).index(case))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

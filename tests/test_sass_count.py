@@ -124,15 +124,18 @@ def test_rows_on_snippet():
     assert row["loop"] == 12 and row["points_per_iter"] == 1
     assert row["loop_classes"] == {"int": 3, "float": 1, "memory": 7, "other": 1}
     assert row["per_point"] == 12 and row["per_point_channel"] == 3
-    assert "| v | forward_kernel | fp32 | 4 | 64 | 28 | 24 | 12 | 3 | 1 | 7 | 1 | 1 | 12.0 | 3.0 |" in sc.table([row])
+    assert "| v | forward_kernel | fp32 | 4 | - | 64 | 28 | 24 | 12 | 3 | 1 | 7 | 1 | 1 | 12.0 | 3.0 |" in sc.table([row])
 
 
 @pytest.mark.parametrize("suffix,ident", [
-    ("14forward_kernelIfLi4EEEvNS_6ParamsEPKT_S5_PS3_iil", ("forward_kernel", "fp32", 4)),
-    ("14forward_kernelI13__nv_bfloat16Li8EEEvNS_6ParamsEPKT_S6_PS4_iil", ("forward_kernel", "bf16", 8)),
-    ("15backward_kernelI6__halfLi1EEEvNS_6ParamsEPKT_S6_S6_PNS0_3AccIS4_E4typeEPS4_iil", ("backward_kernel", "fp16", 1)),
+    ("14forward_kernelIfLi4EiLi9EEEvNS_6ParamsEPKT_S5_PS3_iiT1_", ("forward_kernel", "fp32", 4, "int32 K=9")),
+    ("14forward_kernelI13__nv_bfloat16Li8ElLi0EEEvNS_6ParamsEPKT_S6_PS4_iiT1_",
+     ("forward_kernel", "bf16", 8, "int64 K any")),
+    ("14forward_kernelIfLi4EEEvNS_6ParamsEPKT_S5_PS3_iil", ("forward_kernel", "fp32", 4, "")),  # before the builds
+    ("15backward_kernelI6__halfLi1EEEvNS_6ParamsEPKT_S6_S6_PNS0_3AccIS4_E4typeEPS4_iil",
+     ("backward_kernel", "fp16", 1, "")),
     ("21backward_tiled_kernelIdLi1EEEvNS_6ParamsEPKT_S5_S5_PNS0_3AccIS3_E4typeEPS3_iiNS0_6TilingE",
-     ("backward_tiled_kernel", "fp64", 1)),
+     ("backward_tiled_kernel", "fp64", 1, "")),
 ])
 def test_kernel_id(suffix, ident):
     assert sc.kernel_id("_ZN5dcnv446_GLOBAL__N__7c139f1b_13_dcnv4_cuda_cu_03b70840" + suffix) == ident
@@ -173,28 +176,34 @@ def real_rows(tmp_path_factory):
     return json.loads((folder / "rows.json").read_text())
 
 
-def _expected(bwd16_v: int) -> set[tuple[str, str, int]]:
+FORWARD_BUILDS = ("int32 K=9", "int32 K any", "int64 K=9", "int64 K any")
+
+
+def _expected(bwd16_v: int) -> set[tuple[str, str, int, str]]:
     widths = {"fp32": (4, 1), "bf16": (8, 1), "fp16": (8, 1), "fp64": (1,)}
-    out = {("forward_kernel", d, v) for d, vs in widths.items() for v in vs}
+    out = {("forward_kernel", d, v, b) for d, vs in widths.items() for v in vs for b in FORWARD_BUILDS}
     widths["bf16"] = widths["fp16"] = (bwd16_v, 1)
-    return out | {(k, d, v) for k in ("backward_kernel", "backward_tiled_kernel") for d, vs in widths.items() for v in vs}
+    return out | {(k, d, v, "") for k in ("backward_kernel", "backward_tiled_kernel") for d, vs in widths.items()
+                  for v in vs}
 
 
 def test_real_kernels(real_rows):
     by_variant: dict[str, dict] = {}
     for r in real_rows:
-        by_variant.setdefault(r["variant"], {})[(r["kernel"], r["dtype"], r["V"])] = r
+        by_variant.setdefault(r["variant"], {})[(r["kernel"], r["dtype"], r["V"], r["build"])] = r
         assert r["registers"] > 0 and r["loop"] > 0 and r["total"] > r["loop"]
-        assert r["points_per_iter"] == (2 if r["kernel"] == "forward_kernel" else 1)  # #pragma unroll 2
+        # Points per iteration: the forward's #pragma unroll (3 with K = 9, 2 for any K), the backward's 1.
+        forward = r["kernel"] == "forward_kernel"
+        assert r["points_per_iter"] == ((3 if "K=9" in r["build"] else 2) if forward else 1)
     assert set(by_variant["default"]) == _expected(8)
     assert set(by_variant["bwd16_v4"]) == _expected(4)
     counts = ("registers", "spill_bytes", "total", "loop", "loop_classes", "total_classes")
     default, v4 = by_variant["default"], by_variant["bwd16_v4"]
     for key, row in default.items():
-        kernel, dtype, V = key
+        kernel, dtype, V, _ = key
         if kernel == "forward_kernel" or dtype in ("fp32", "fp64") or V == 1:  # untouched by the switch
             assert all(row[c] == v4[key][c] for c in counts), key
     for kernel in ("backward_kernel", "backward_tiled_kernel"):
         for dtype in ("bf16", "fp16"):
-            assert default[(kernel, dtype, 8)]["loop"] != v4[(kernel, dtype, 4)]["loop"]
-            assert default[(kernel, dtype, 8)]["total"] != v4[(kernel, dtype, 4)]["total"]
+            assert default[(kernel, dtype, 8, "")]["loop"] != v4[(kernel, dtype, 4, "")]["loop"]
+            assert default[(kernel, dtype, 8, "")]["total"] != v4[(kernel, dtype, 4, "")]["total"]

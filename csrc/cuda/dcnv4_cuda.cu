@@ -179,62 +179,99 @@ __device__ __forceinline__ void atomic_add_vec(double* p, const double (&v)[V]) 
 }
 
 // Where one task's data lives: the task's offset/mask triplets, its image in value (already moved
-// to the group's first channel) and its output pixel.
-struct Task {
-  int64_t n, ho, wo, g, pix;
+// to the group's first channel) and its output pixel. index_t is int64_t, or int32_t in a forward whose
+// every index fits it (`fits_int32`).
+template <typename index_t>
+struct TaskT {
+  index_t n, ho, wo, g, pix;
 };
+using Task = TaskT<int64_t>;
 
-__device__ __forceinline__ Task task_of(const Params& p, int64_t q) {
-  Task t;
-  t.g = q % p.G;
-  t.pix = q / p.G;  // (n * Ho + ho) * Wo + wo
-  t.wo = t.pix % p.Wo;
-  const int64_t r = t.pix / p.Wo;
-  t.ho = r % p.Ho;
-  t.n = r / p.Ho;
+template <typename index_t>
+__device__ __forceinline__ TaskT<index_t> task_of(const Params& p, index_t q) {
+  const index_t G = static_cast<index_t>(p.G), Wo = static_cast<index_t>(p.Wo), Ho = static_cast<index_t>(p.Ho);
+  TaskT<index_t> t;
+  t.g = q % G;
+  t.pix = q / G;  // (n * Ho + ho) * Wo + wo
+  t.wo = t.pix % Wo;
+  const index_t r = t.pix / Wo;
+  t.ho = r % Ho;
+  t.n = r / Ho;
   return t;
 }
 
-// Sampling position and mask of point k of a task; `om` points at the task's 3K channels.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ Bilinear<acc_t> sample_point(const Params& p, const Task& t, const scalar_t* om, int k,
-                                                        acc_t& mask) {
+// Sampling position of point k of a task before its offset, as point_base gives it, for a kernel of KH x KW
+// taps known at compile time without remove_center: once the point loop is unrolled, the tap of each point
+// is a constant.
+template <int KH, int KW, typename acc_t, typename index_t>
+__device__ __forceinline__ void point_base_fixed(const Params& p, index_t ho, index_t wo, int k, acc_t& x0,
+                                                 acc_t& y0) {
+  const int i = k / KH, j = k % KH;  // tap_of_point
+  const int cw = p.dw * (KW - 1) / 2;
+  const int ch = p.dh * (KH - 1) / 2;
+  const acc_t s = static_cast<acc_t>(p.offset_scale);
+  x0 = static_cast<acc_t>(wo * p.sw - p.pw + cw) + s * static_cast<acc_t>(i * p.dw - cw);
+  y0 = static_cast<acc_t>(ho * p.sh - p.ph + ch) + s * static_cast<acc_t>(j * p.dh - ch);
+}
+
+// Sampling position and mask of point k of a task; `om` points at the task's 3K channels. KC: K known at
+// compile time (9: a 3x3 kernel without remove_center), or 0 for any kernel.
+template <int KC = 0, typename scalar_t, typename acc_t, typename index_t>
+__device__ __forceinline__ Bilinear<acc_t, index_t> sample_point(const Params& p, const TaskT<index_t>& t,
+                                                                 const scalar_t* om, int k, acc_t& mask) {
+  static_assert(KC == 0 || KC == 9, "K is a compile-time 9 (3x3) or a runtime value");
   acc_t x, y;
-  point_base(p, t.ho, t.wo, k, x, y);
+  if constexpr (KC == 9) {
+    point_base_fixed<3, 3>(p, t.ho, t.wo, k, x, y);
+  } else {
+    point_base(p, t.ho, t.wo, k, x, y);
+  }
   const acc_t s = static_cast<acc_t>(p.offset_scale);
   x += s * load1(om + 2 * k);
   y += s * load1(om + 2 * k + 1);
-  mask = load1(om + 2 * p.K + k);
-  return bilinear(x, y, p.H, p.W);
+  mask = load1(om + 2 * (KC > 0 ? KC : p.K) + k);
+  return bilinear<acc_t, index_t>(x, y, static_cast<index_t>(p.H), static_cast<index_t>(p.W));
 }
 
+// Points per iteration of the forward's point loop when K is a compile-time 9: 3 (a row of taps: each
+// point's tap column is a constant) or 9 (the whole loop, more registers); -DDCNV4_FWD_K9_UNROLL=9 builds it.
+#ifndef DCNV4_FWD_K9_UNROLL
+#define DCNV4_FWD_K9_UNROLL 3
+#endif
+static_assert(DCNV4_FWD_K9_UNROLL == 3 || DCNV4_FWD_K9_UNROLL == 9, "DCNV4_FWD_K9_UNROLL must be 3 or 9");
+
 // out[task, chunk] = sum_k mask_k * bilinear sample of point k. Each lane keeps V accumulators; the
-// point loop is unrolled so that the four corner loads of several points are in flight together.
-template <typename scalar_t, int V>
+// point loop is unrolled (DCNV4_FWD_K9_UNROLL points at a time when K is a compile-time 9, else two) so that
+// the corner loads of several points are in flight together. Indices are index_t (see TaskT).
+template <typename scalar_t, int V, typename index_t, int KC>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p, const scalar_t* __restrict__ value,
                                                            const scalar_t* __restrict__ offset_mask,
                                                            scalar_t* __restrict__ output, int log2_lanes, int chunks,
-                                                           int64_t tasks) {
+                                                           index_t tasks) {
   using acc_t = typename Acc<scalar_t>::type;
+  constexpr int kUnroll = KC > 0 ? DCNV4_FWD_K9_UNROLL : 2;
   const int lanes = 1 << log2_lanes;
-  const int64_t C = p.G * p.D;
-  const int64_t total = tasks << log2_lanes;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; tid < total; tid += step) {
-    const int64_t q = tid >> log2_lanes;
+  const int K = KC > 0 ? KC : p.K;
+  const index_t C = static_cast<index_t>(p.G * p.D), P = static_cast<index_t>(p.P);
+  const index_t HW = static_cast<index_t>(p.H * p.W), D = static_cast<index_t>(p.D);
+  const index_t total = tasks << log2_lanes;
+  const index_t step = static_cast<index_t>(gridDim.x) * static_cast<index_t>(blockDim.x);
+  for (index_t tid = static_cast<index_t>(blockIdx.x) * static_cast<index_t>(blockDim.x) + threadIdx.x;
+       tid < total; tid += step) {
+    const index_t q = tid >> log2_lanes;
     const int lane = static_cast<int>(tid & (lanes - 1));
-    const Task t = task_of(p, q);
-    const scalar_t* om = offset_mask + t.pix * p.P + t.g * 3 * p.K;
-    const scalar_t* img = value + t.n * p.H * p.W * C + t.g * p.D;
-    scalar_t* out = output + t.pix * C + t.g * p.D;
+    const TaskT<index_t> t = task_of(p, q);
+    const scalar_t* om = offset_mask + t.pix * P + t.g * 3 * K;
+    const scalar_t* img = value + t.n * HW * C + t.g * D;
+    scalar_t* out = output + t.pix * C + t.g * D;
     for (int c = lane; c < chunks; c += lanes) {
       acc_t acc[V];
 #pragma unroll
       for (int i = 0; i < V; ++i) acc[i] = 0;
-#pragma unroll 2
-      for (int k = 0; k < p.K; ++k) {
+#pragma unroll kUnroll
+      for (int k = 0; k < K; ++k) {
         acc_t m;
-        const Bilinear<acc_t> b = sample_point(p, t, om, k, m);
+        const Bilinear<acc_t, index_t> b = sample_point<KC>(p, t, om, k, m);
 #pragma unroll
         for (int corner = 0; corner < 4; ++corner) {
           if (!b.inside[corner]) continue;
@@ -539,14 +576,46 @@ Launch plan(const Params& p, int V) {
   return l;
 }
 
+// Whether every index of the forward fits int32_t with room for the grid-stride loop's last step: the
+// elements of value, offset_mask and output, and the threads over tasks x lanes, each under 2^30.
+// -DDCNV4_FWD_INDEX64 builds the forward with int64_t indices always (the emulator tests that path), and
+// with -DDCNV4_FWD_K_RUNTIME too it is the forward as it was before both (benchmarks/gpu_check.sh times it).
+bool fits_int32(const Params& p, const Launch& l) {
+#ifdef DCNV4_FWD_INDEX64
+  return false;
+#else
+  const int64_t limit = int64_t{1} << 30;
+  const int64_t C = p.G * p.D;
+  return p.N * p.H * p.W * C < limit && p.N * p.Ho * p.Wo * p.P < limit && p.N * p.Ho * p.Wo * C < limit &&
+         (l.tasks << l.log2_lanes) + kThreads < limit;
+#endif
+}
+
+template <typename scalar_t, int V, typename index_t, int KC>
+cudaError_t launch_forward_as(const Params& p, const Launch& l, const void* value, const void* offset_mask,
+                              void* output, cudaStream_t stream) {
+  DCNV4_LAUNCH(l.blocks, kThreads, 0, stream, forward_kernel<scalar_t, V, index_t, KC>)(
+      p, static_cast<const scalar_t*>(value), static_cast<const scalar_t*>(offset_mask),
+      static_cast<scalar_t*>(output), l.log2_lanes, l.chunks, static_cast<index_t>(l.tasks));
+  return cudaGetLastError();
+}
+
+// The forward's four builds: int32_t or int64_t indices, K a compile-time 9 (3x3, no remove_center) or any.
 template <typename scalar_t, int V>
 cudaError_t launch_forward(const Params& p, const void* value, const void* offset_mask, void* output,
                            cudaStream_t stream) {
   const Launch l = plan(p, V);
-  DCNV4_LAUNCH(l.blocks, kThreads, 0, stream, forward_kernel<scalar_t, V>)(
-      p, static_cast<const scalar_t*>(value), static_cast<const scalar_t*>(offset_mask),
-      static_cast<scalar_t*>(output), l.log2_lanes, l.chunks, l.tasks);
-  return cudaGetLastError();
+#ifdef DCNV4_FWD_K_RUNTIME
+  const bool k9 = false;
+#else
+  const bool k9 = p.kh == 3 && p.kw == 3 && !p.remove_center;
+#endif
+  if (fits_int32(p, l)) {
+    return k9 ? launch_forward_as<scalar_t, V, int32_t, 9>(p, l, value, offset_mask, output, stream)
+              : launch_forward_as<scalar_t, V, int32_t, 0>(p, l, value, offset_mask, output, stream);
+  }
+  return k9 ? launch_forward_as<scalar_t, V, int64_t, 9>(p, l, value, offset_mask, output, stream)
+            : launch_forward_as<scalar_t, V, int64_t, 0>(p, l, value, offset_mask, output, stream);
 }
 
 template <typename scalar_t, int V>
