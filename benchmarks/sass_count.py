@@ -20,7 +20,8 @@ log2(lanes) times; code the compiler moved out of the span (the shuffles' diverg
 kernel's EXIT) is not counted.
 
 Points per loop iteration: the span's read-only global loads (LDG ... .CONSTANT) divided by the seven a
-point makes (two offsets, one mask, four corners); `#pragma unroll 2` makes it 2 in the forward.
+point makes (two offsets, one mask, four corners; a corner of more than 16 bytes, the fp32 forward's 8
+channels, is two loads); `#pragma unroll 2` makes it 2 in the forward.
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ DTYPES = {"f": "fp32", "d": "fp64", "6__half": "fp16", "13__nv_bfloat16": "bf16"
 INDEX_TYPES = {"i": "int32", "l": "int64"}
 KERNEL_RE = re.compile(r"\d+(" + "|".join(KERNELS) + r")I(" + "|".join(DTYPES) + r")Li(\d+)E(?:([il])Li(\d+)E)?E")
 LOADS_PER_POINT = 7  # two offsets, one mask, four corners, all read-only loads
+ITEM_BYTES = {"fp32": 4, "fp64": 8, "fp16": 2, "bf16": 2}
+
+
+def loads_per_point(dtype: str, V: int) -> int:
+    """Read-only loads a point makes: two offsets and a mask, then each corner's V channels in 16-byte words
+    (one word, or one scalar, when they take 16 bytes or fewer)."""
+    return 3 + 4 * max(1, V * ITEM_BYTES[dtype] // 16)
 
 # Instruction classes by base opcode (the part before the first '.'); uniform-datapath forms (UIADD3,
 # ULDC, ...) are classed as their vector forms. Anything not listed is "other".
@@ -189,7 +197,7 @@ def rows(variant: str, sass: str, ptxas: str) -> list[dict]:
         kernel, dtype, V, build = ident
         loop = counted(point_loop(instrs))
         loads = sum(1 for i in loop if is_readonly_load(i))
-        points = loads / LOADS_PER_POINT
+        points = loads / loads_per_point(dtype, V)
         points = int(points) if points.is_integer() else points
         res = resources.get(mangled, {})
         row = {

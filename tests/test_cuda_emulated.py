@@ -70,6 +70,13 @@ def emu_index64(tmp_path_factory):
     return build_emulator(tmp_path_factory, "dcnv4_emulator_index64", ("-DDCNV4_FWD_INDEX64",))
 
 
+@pytest.fixture(scope="module")
+def emu_fwd32_v8(tmp_path_factory):
+    """The kernels built with DCNV4_FWD32_V=8: the fp32 forward takes 8 channels a lane (two 16-byte loads a
+    corner) for groups of a multiple of 8 channels."""
+    return build_emulator(tmp_path_factory, "dcnv4_emulator_fwd32_v8", ("-DDCNV4_FWD32_V=8",))
+
+
 def guarded(shape, dtype, fill):
     """A contiguous tensor of `shape`, filled with `fill`, inside a buffer whose GUARD elements on each
     side hold SENTINEL."""
@@ -159,6 +166,13 @@ def test_emulated_forward_with_int64_indices(emu_index64, case, dtype):
     """The forward's int64 builds, which the launcher takes for tensors of 2^30 elements or more, with K = 9
     (3x3 cases) and with any K."""
     check_forward(emu_index64, EMULATED[case], dtype, seed=70 + list(EMULATED).index(case))
+
+
+@pytest.mark.parametrize("case", ["13x9", "k5_D32", "D64", "remove_center", "far_offsets", "stride2", "7x7_D4",
+                                  "D36_scalar_half", "padded_P"], ids=str)
+def test_emulated_fp32_forward_with_8_channels_a_lane(emu_fwd32_v8, case):
+    """The fp32 forward built with DCNV4_FWD32_V=8 (groups of 8k channels; 4 channels a lane for the others)."""
+    check_forward(emu_fwd32_v8, EMULATED[case], torch.float32, seed=90 + list(EMULATED).index(case))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -111,6 +111,12 @@ def test_point_loop_is_the_innermost_with_readonly_loads():
     assert sum(sc.is_readonly_load(i) for i in loop) == sc.LOADS_PER_POINT
 
 
+@pytest.mark.parametrize("dtype,V,loads", [("fp32", 4, 7), ("fp32", 8, 11), ("fp32", 1, 7), ("bf16", 8, 7),
+                                          ("fp16", 4, 7), ("fp64", 1, 7)])
+def test_loads_per_point(dtype, V, loads):
+    assert sc.loads_per_point(dtype, V) == loads
+
+
 def test_point_loop_none():
     assert sc.point_loop(sc.parse_sass(sass("k", ["LDG.E.CONSTANT R1, desc[UR4][R2.64]", "EXIT"]))["k"]) == []
     assert sc.point_loop(sc.parse_sass(sass("k", ["IADD3 R1, R1, 0x1, RZ", "@P0 BRA 0x0", "EXIT"]))["k"]) == []

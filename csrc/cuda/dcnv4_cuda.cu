@@ -95,6 +95,28 @@ struct VecIO<float, 4> {
   }
 };
 
+// Eight float channels as two 16-byte words: the fp32 forward's lane width when built with
+// DCNV4_FWD32_V=8 (see forward_cuda).
+template <>
+struct VecIO<float, 8> {
+  static __device__ __forceinline__ void load(const float* p, float (&o)[8]) {
+    const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+    const float4 b = __ldg(reinterpret_cast<const float4*>(p + 4));
+    o[0] = a.x;
+    o[1] = a.y;
+    o[2] = a.z;
+    o[3] = a.w;
+    o[4] = b.x;
+    o[5] = b.y;
+    o[6] = b.z;
+    o[7] = b.w;
+  }
+  static __device__ __forceinline__ void store(float* p, const float (&o)[8]) {
+    *reinterpret_cast<float4*>(p) = make_float4(o[0], o[1], o[2], o[3]);
+    *reinterpret_cast<float4*>(p + 4) = make_float4(o[4], o[5], o[6], o[7]);
+  }
+};
+
 // A 16-bit type's two-channel word and its conversions to and from a float pair.
 template <typename scalar_t>
 struct Pair16;
@@ -706,11 +728,21 @@ cudaError_t backward_typed(BackwardVariant variant, const Params& p, const void*
 
 }  // namespace
 
+// Channels per lane of the fp32 forward: 4 (one 16-byte load a corner) unless built with DCNV4_FWD32_V=8
+// (two, for groups of a multiple of 8 channels): a lane's point geometry then serves 8 channels.
+#ifndef DCNV4_FWD32_V
+#define DCNV4_FWD32_V 4
+#endif
+static_assert(DCNV4_FWD32_V == 4 || DCNV4_FWD32_V == 8, "DCNV4_FWD32_V must be 4 or 8");
+
 cudaError_t forward_cuda(const Params& p, DType dtype, const void* value, const void* offset_mask, void* output,
                          cudaStream_t stream) {
   if (p.N * p.Ho * p.Wo * p.G * p.D == 0) return cudaSuccess;
   switch (dtype) {
     case DType::kFloat32:
+      if (DCNV4_FWD32_V == 8 && p.D % 8 == 0 && aligned16(value) && aligned16(output)) {
+        return launch_forward<float, DCNV4_FWD32_V>(p, value, offset_mask, output, stream);
+      }
       return forward_typed<float, 4>(p, value, offset_mask, output, stream);
     case DType::kFloat16:
       return forward_typed<__half, 8>(p, value, offset_mask, output, stream);
