@@ -168,22 +168,22 @@ fi
 
 # The forward's builds (csrc/cuda/dcnv4_cuda.cu): "before" is the forward as it was (int64 indices, K a
 # runtime value), "default" takes int32 indices and a compile-time K = 9 for 3x3 kernels with three points
-# an iteration, "unroll9" the whole point loop, "fwd32v8" 8 fp32 channels a lane. The GPU forward tests of
-# the last two, then the four builds' forward times at the anchor shapes in fp32 and bf16, one after the
-# other on the quiet GPU.
+# an iteration, "unroll9" the whole point loop, "wide" two 16-byte words a corner (8 fp32 or 16 half
+# channels a lane). The GPU forward tests of the last two, then the four builds' forward times at the anchor
+# shapes in fp32 and bf16, one after the other on the quiet GPU.
 if wants variants; then
-  step "forward builds: before / default / unroll9 / fwd32v8, tests and timings"
-  for flags in "-DDCNV4_FWD_K9_UNROLL=9" "-DDCNV4_FWD32_V=8"; do
+  step "forward builds: before / default / unroll9 / wide, tests and timings"
+  for flags in "-DDCNV4_FWD_K9_UNROLL=9" "-DDCNV4_FWD32_V=8 -DDCNV4_FWD16_V=16"; do
     UNET_DCNV4_NVCC_FLAGS="$flags" timeout "$(limit 120)" "$PY" -m pytest tests/test_cuda.py -q \
       -p no:cacheprovider -k "forward" >>"$OUTDIR/fwd_variant_tests.log" 2>&1 || status=1
   done
   grep -v "^DEBUG" "$OUTDIR/fwd_variant_tests.log" | tail -n 2
-  for build in before default unroll9 fwd32v8; do
+  for build in before default unroll9 wide; do
     case $build in
       before) flags="-DDCNV4_FWD_INDEX64 -DDCNV4_FWD_K_RUNTIME" ;;
       default) flags="" ;;
       unroll9) flags="-DDCNV4_FWD_K9_UNROLL=9" ;;
-      fwd32v8) flags="-DDCNV4_FWD32_V=8" ;;
+      wide) flags="-DDCNV4_FWD32_V=8 -DDCNV4_FWD16_V=16" ;;
     esac
     UNET_DCNV4_NVCC_FLAGS="$flags" timeout "$(limit 120)" "$PY" benchmarks/bench_op.py --device cuda --quick \
       --dtypes float32,bfloat16 --out "$OUTDIR/bench_fwd_$build.json" >"$OUTDIR/bench_fwd_$build.log" 2>&1 ||
@@ -193,15 +193,15 @@ if wants variants; then
 import json, sys
 from pathlib import Path
 runs = {}
-for build in ("before", "default", "unroll9", "fwd32v8"):
+for build in ("before", "default", "unroll9", "wide"):
     path = Path(sys.argv[1]) / f"bench_fwd_{build}.json"
     if path.exists():
         runs[build] = {(r["N"], r["H"], r["W"], r["C"], r["G"], r["dtype"]): r for r in json.loads(path.read_text())["rows"]}
-print("shape dtype | fwd ms before | default | unroll9 | fwd32v8 | before / default | default / floor")
+print("shape dtype | fwd ms before | default | unroll9 | wide | before / default | default / floor")
 for key, a in runs.get("before", {}).items():
     d = runs.get("default", {}).get(key)
     if d:
-        other = [runs.get(b, {}).get(key, {}).get("fwd_ms", float("nan")) for b in ("unroll9", "fwd32v8")]
+        other = [runs.get(b, {}).get(key, {}).get("fwd_ms", float("nan")) for b in ("unroll9", "wide")]
         print(f"{key} | {a['fwd_ms']:.4f} | {d['fwd_ms']:.4f} | {other[0]:.4f} | {other[1]:.4f} | "
               f"{a['fwd_ms'] / d['fwd_ms']:.2f} | {d['fwd_ms'] / d['floor_fwd_ms']:.2f}")
 EOF4

@@ -71,10 +71,11 @@ def emu_index64(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def emu_fwd32_v8(tmp_path_factory):
-    """The kernels built with DCNV4_FWD32_V=8: the fp32 forward takes 8 channels a lane (two 16-byte loads a
-    corner) for groups of a multiple of 8 channels."""
-    return build_emulator(tmp_path_factory, "dcnv4_emulator_fwd32_v8", ("-DDCNV4_FWD32_V=8",))
+def emu_wide_forward(tmp_path_factory):
+    """The kernels built with DCNV4_FWD32_V=8 and DCNV4_FWD16_V=16: the forward takes two 16-byte words a
+    corner, 8 fp32 channels a lane for groups of a multiple of 8, 16 half-precision ones for multiples of 16."""
+    return build_emulator(tmp_path_factory, "dcnv4_emulator_wide_forward",
+                          ("-DDCNV4_FWD32_V=8", "-DDCNV4_FWD16_V=16"))
 
 
 def guarded(shape, dtype, fill):
@@ -168,11 +169,12 @@ def test_emulated_forward_with_int64_indices(emu_index64, case, dtype):
     check_forward(emu_index64, EMULATED[case], dtype, seed=70 + list(EMULATED).index(case))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
 @pytest.mark.parametrize("case", ["13x9", "k5_D32", "D64", "remove_center", "far_offsets", "stride2", "7x7_D4",
                                   "D36_scalar_half", "padded_P"], ids=str)
-def test_emulated_fp32_forward_with_8_channels_a_lane(emu_fwd32_v8, case):
-    """The fp32 forward built with DCNV4_FWD32_V=8 (groups of 8k channels; 4 channels a lane for the others)."""
-    check_forward(emu_fwd32_v8, EMULATED[case], torch.float32, seed=90 + list(EMULATED).index(case))
+def test_emulated_forward_with_two_words_a_corner(emu_wide_forward, case, dtype):
+    """The forward built with DCNV4_FWD32_V=8 and DCNV4_FWD16_V=16 (the other groups keep one word a corner)."""
+    check_forward(emu_wide_forward, EMULATED[case], dtype, seed=90 + list(EMULATED).index(case))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

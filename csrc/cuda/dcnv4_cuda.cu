@@ -166,6 +166,35 @@ struct VecIO16 {
     *reinterpret_cast<word_t*>(p) = r;
   }
 };
+// 16 half-precision channels as two 16-byte words: the 16-bit forward's lane width when built with
+// DCNV4_FWD16_V=16 (see forward_cuda).
+template <typename scalar_t>
+struct VecIO16x2 {
+  static __device__ __forceinline__ void load(const scalar_t* p, float (&o)[16]) {
+    float a[8], b[8];
+    VecIO16<scalar_t, 8>::load(p, a);
+    VecIO16<scalar_t, 8>::load(p + 8, b);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      o[i] = a[i];
+      o[8 + i] = b[i];
+    }
+  }
+  static __device__ __forceinline__ void store(scalar_t* p, const float (&o)[16]) {
+    float a[8], b[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      a[i] = o[i];
+      b[i] = o[8 + i];
+    }
+    VecIO16<scalar_t, 8>::store(p, a);
+    VecIO16<scalar_t, 8>::store(p + 8, b);
+  }
+};
+template <>
+struct VecIO<__half, 16> : VecIO16x2<__half> {};
+template <>
+struct VecIO<__nv_bfloat16, 16> : VecIO16x2<__nv_bfloat16> {};
 template <>
 struct VecIO<__half, 8> : VecIO16<__half, 8> {};
 template <>
@@ -734,6 +763,20 @@ cudaError_t backward_typed(BackwardVariant variant, const Params& p, const void*
 #define DCNV4_FWD32_V 4
 #endif
 static_assert(DCNV4_FWD32_V == 4 || DCNV4_FWD32_V == 8, "DCNV4_FWD32_V must be 4 or 8");
+// Channels per lane of the 16-bit forward: 8 (one 16-byte load a corner) unless built with DCNV4_FWD16_V=16
+// (two, for groups of a multiple of 16 channels).
+#ifndef DCNV4_FWD16_V
+#define DCNV4_FWD16_V 8
+#endif
+static_assert(DCNV4_FWD16_V == 8 || DCNV4_FWD16_V == 16, "DCNV4_FWD16_V must be 8 or 16");
+
+template <typename scalar_t>
+cudaError_t forward16(const Params& p, const void* value, const void* offset_mask, void* output, cudaStream_t stream) {
+  if (DCNV4_FWD16_V == 16 && p.D % 16 == 0 && aligned16(value) && aligned16(output)) {
+    return launch_forward<scalar_t, DCNV4_FWD16_V>(p, value, offset_mask, output, stream);
+  }
+  return forward_typed<scalar_t, 8>(p, value, offset_mask, output, stream);
+}
 
 cudaError_t forward_cuda(const Params& p, DType dtype, const void* value, const void* offset_mask, void* output,
                          cudaStream_t stream) {
@@ -745,9 +788,9 @@ cudaError_t forward_cuda(const Params& p, DType dtype, const void* value, const 
       }
       return forward_typed<float, 4>(p, value, offset_mask, output, stream);
     case DType::kFloat16:
-      return forward_typed<__half, 8>(p, value, offset_mask, output, stream);
+      return forward16<__half>(p, value, offset_mask, output, stream);
     case DType::kBFloat16:
-      return forward_typed<__nv_bfloat16, 8>(p, value, offset_mask, output, stream);
+      return forward16<__nv_bfloat16>(p, value, offset_mask, output, stream);
     case DType::kFloat64:
       return launch_forward<double, 1>(p, value, offset_mask, output, stream);
   }
