@@ -249,8 +249,15 @@ def test_runs_without_ema_get_their_fid_curve(runs, tmp_path, capsys):
     # --curve_steps picks the checkpoints the curve measures; a step no run kept is refused first.
     assert compare.main([a, b, *_argv(out, runs["reference"], "--num_images", "4", "--curve_steps", "4")]) == 2
     assert compare.main([a, b, *_argv(out, runs["reference"], "--num_images", "4", "--curve_steps", "5")]) == 0
-    curve = json.loads((out / "comparison.json").read_text())["arms"][0]["runs"][0]["fid_curve"]
+    summary = json.loads((out / "comparison.json").read_text())
+    curve = summary["arms"][0]["runs"][0]["fid_curve"]
     assert [p["step"] for p in curve] == [5, 10] and curve[0]["train_seconds"] == 1.5 and curve[0]["fid"] > 0
+    # Both arms measured steps 5 and 10: the curve analysis compares them there (one run an arm: no interval).
+    assert [d["step"] for d in summary["curves"]["differences"]] == [5, 10]
+    assert summary["curves"]["differences"][0]["value"] == pytest.approx(
+        curve[0]["fid"] - summary["arms"][1]["runs"][0]["fid_curve"][0]["fid"])
+    assert "| 5 |" in (out / "comparison.md").read_text() and "FID fall per doubling" in \
+        (out / "comparison.md").read_text()
     manifest = json.loads((Path(out) / "samples").glob("a-*/step-5/manifest.json").__next__().read_text())
     assert manifest["use_ema"] is False
     assert "curve_steps [4] are not checkpoints of" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .curves import curve_analysis, curve_lines
 from .intervals import difference_interval, jackknife_fid_variance, verdict
 
 __all__ = ["EXPERIMENT_EXCLUDED", "BOOKKEEPING", "MIN_IMAGES", "read_run", "experiment_identity", "model_config",
@@ -477,6 +478,8 @@ def compare_arms(
         "prc": prc,
         "inception_weights": measured["inception_weights"],
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        # FID against step when the runs measured intermediate checkpoints: plateaus, differences, crossings.
+        "curves": curve_analysis(arms_out[0], arms_out[1]) if fid_curve else None,
     }
     with open(os.path.join(output_dir, "comparison.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -593,6 +596,10 @@ def markdown_table(summary: dict) -> str:
     ]
     if summary["allowed_differences"]:
         lines.append("Allowed differences between runs: " + "; ".join(summary["allowed_differences"]) + ".")
+    if summary.get("curves"):
+        lines += ["", "FID against training step (mean +- standard deviation over runs; the interval: Welch's t on "
+                  "the per-run FIDs at that step, n/a for an arm of one run):", ""]
+        lines += curve_lines(summary["curves"])
     return "\n".join(lines) + "\n"
 
 
