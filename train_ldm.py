@@ -7,12 +7,14 @@ Run with no arguments to train the embedded CPU example; `accelerate launch trai
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import resource
 import sys
 import time
+import typing
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -186,62 +188,112 @@ def _hparams(cfg: TrainConfig) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config_to_dict(cfg).items()}
 
 
+@dataclasses.dataclass
+class Resume:
+    """What a run continues: the checkpoint (None for a new run), its training state, the config changes since
+    it ({key: (old, new)}, checked by `plan_resume`), described in words, and every change recorded so far."""
+
+    checkpoint: Path | None = None
+    state: dict | None = None
+    changes: dict = dataclasses.field(default_factory=dict)
+    described: str = ""
+    history: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Parts:
+    """What trains: the prepared model (and the module inside its wrappers), the noise schedule, the optimiser
+    and LR schedule, the prepared data loader, the EMA (or None), the noise generator and the objects that
+    every checkpoint saves beside the model."""
+
+    model: torch.nn.Module
+    unwrapped: torch.nn.Module
+    noise_scheduler: typing.Any
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: typing.Any
+    dataloader: torch.utils.data.DataLoader
+    ema: typing.Any
+    rng: NoiseGenerator
+    custom_objects: list
+    num_parameters: int
+
+
 def train(cfg: TrainConfig, overwrite: bool = False) -> dict:
     """Runs (or resumes) the training described by `cfg`; returns the statistics written to train_stats.json.
 
     A new run refuses an output_dir that holds a run (`check_output_dir`) unless `overwrite`, which removes that
     run once this one's inputs are checked (`remove_run`). config.yaml is written then, when the run starts.
     """
-    from accelerate.utils import set_seed
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-
-    from pipelines import LatentDiffusionPipeline, make_scheduler
-
     wall_start = time.perf_counter()
-    output_dir = Path(cfg.output_dir)
-    checkpoints_dir = output_dir / "checkpoints"
     accelerator = build_accelerator(cfg)
-    device = accelerator.device
-    is_main = accelerator.is_main_process
-
-    resume_dir = resolve_resume_checkpoint(cfg.resume_from_checkpoint, checkpoints_dir)
-    check_output_dir(output_dir, cfg.resume_from_checkpoint, resume_dir, overwrite)
-    changes, history = {}, []
-    if resume_dir is not None:
-        old_cfg, old_state = read_checkpoint_state(resume_dir)
-        try:
-            changes = resume_changes(old_cfg, cfg, old_state, accelerator.num_processes)
-        except ValueError as err:
-            raise ValueError(f"{err} in {str(resume_dir)!r}") from None
-        described = ", ".join(f"{k} ({old!r}, now {new!r})" for k, (old, new) in changes.items())
-        exact = {k: v for k, v in changes.items() if k in EXACT_RESUME_CHECKS}
-        if exact and not cfg.allow_resume_changes:
-            listed = ", ".join(f"{k} ({old!r}, now {new!r})" for k, (old, new) in exact.items())
-            raise ValueError(f"resume_from_checkpoint {str(resume_dir)!r} was trained with different {listed}; "
-                             "that breaks exact resume (set allow_resume_changes: true, "
-                             "--set allow_resume_changes=true, to continue anyway)")
-        # Every change is recorded with the step it starts at, in train_stats.json and every later checkpoint.
-        history = old_state.get("resume_changes", [])
-        if changes:
-            history = history + [{"step": old_state["step"], "checkpoint": str(resume_dir),
-                                  "changes": {k: list(v) for k, v in changes.items()}}]
-    if is_main:
+    # 1. What the run continues, its changes checked before anything is built.
+    resume = plan_resume(cfg, accelerator, overwrite)
+    if accelerator.is_main_process:
         print(config_to_yaml(cfg), end="")
-    if device.type == "cuda" and cfg.allow_tf32:
+    if accelerator.device.type == "cuda" and cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-    # 1. Data: latents cached once, a fresh latent drawn from the posterior every step.
+    # 2. Data: latents cached once, a fresh latent drawn from the posterior every step.
     latents, vae, vae_id, skipped_images = prepare_latents(cfg, accelerator)
     global_batch = cfg.train_batch_size * accelerator.num_processes
     if len(latents) < global_batch:
         raise ValueError(f"train_batch_size {cfg.train_batch_size} x {accelerator.num_processes} processes needs at "
                          f"least {global_batch} latents, the dataset has {len(latents)}")
+    # 3. Model, noise schedule, optimiser, EMA, noise generator, and their state when resuming.
+    parts = build_parts(cfg, accelerator, latents, resume)
+    global_step, train_seconds = restore(cfg, accelerator, parts, resume)
+    # 4. The run starts: only now is a previous run removed (--overwrite) and the config written.
+    start_run(cfg, accelerator, overwrite)
+    state = run_state(cfg, accelerator, latents, vae, vae_id, skipped_images, parts, resume)
+    # 5. The steps, with checkpoints and sample grids on the way.
+    loop = train_steps(cfg, accelerator, parts, latents, vae, state, global_step, train_seconds, resume.checkpoint)
+    # 6. The pipeline folder (EMA weights) and the run's statistics.
+    images_per_step = global_batch * cfg.gradient_accumulation_steps
+    stats = run_stats(cfg, accelerator, parts, state, loop, images_per_step, wall_start, skipped_images,
+                      resume.history)
+    write_outputs(cfg, accelerator, parts, vae, state, stats)
+    accelerator.end_training()
+    return stats
 
-    # 2. Model, noise schedule, optimiser, EMA. Seeded here: building the latent cache (or finding it built)
-    # must not change the initial weights.
+
+def plan_resume(cfg: TrainConfig, accelerator, overwrite: bool) -> Resume:
+    """The checkpoint the run continues (or none), after refusing a used output_dir for a new run and a change
+    that breaks exact resume unless allowed; every change is recorded with the step it starts at."""
+    checkpoints_dir = Path(cfg.output_dir) / "checkpoints"
+    resume_dir = resolve_resume_checkpoint(cfg.resume_from_checkpoint, checkpoints_dir)
+    check_output_dir(Path(cfg.output_dir), cfg.resume_from_checkpoint, resume_dir, overwrite)
+    if resume_dir is None:
+        return Resume()
+    old_cfg, old_state = read_checkpoint_state(resume_dir)
+    try:
+        changes = resume_changes(old_cfg, cfg, old_state, accelerator.num_processes)
+    except ValueError as err:
+        raise ValueError(f"{err} in {str(resume_dir)!r}") from None
+    described = ", ".join(f"{k} ({old!r}, now {new!r})" for k, (old, new) in changes.items())
+    exact = {k: v for k, v in changes.items() if k in EXACT_RESUME_CHECKS}
+    if exact and not cfg.allow_resume_changes:
+        listed = ", ".join(f"{k} ({old!r}, now {new!r})" for k, (old, new) in exact.items())
+        raise ValueError(f"resume_from_checkpoint {str(resume_dir)!r} was trained with different {listed}; "
+                         "that breaks exact resume (set allow_resume_changes: true, "
+                         "--set allow_resume_changes=true, to continue anyway)")
+    # Every change is recorded with the step it starts at, in train_stats.json and every later checkpoint.
+    history = old_state.get("resume_changes", [])
+    if changes:
+        history = history + [{"step": old_state["step"], "checkpoint": str(resume_dir),
+                              "changes": {k: list(v) for k, v in changes.items()}}]
+    return Resume(resume_dir, old_state, changes, described, history)
+
+
+def build_parts(cfg: TrainConfig, accelerator, latents, resume: Resume) -> Parts:
+    """The model, noise schedule, optimiser, LR schedule, EMA and noise generator, prepared by accelerate and
+    registered for checkpointing. Seeded here: building the latent cache (or finding it built) must not change
+    the initial weights."""
+    from accelerate.utils import set_seed
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    device = accelerator.device
     set_seed(cfg.seed)
     model = build_model(cfg, latents.latent_shape, latents.num_classes)
     if cfg.recompute_value and cfg.model_type == "dcnv4":
@@ -278,30 +330,37 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict:
         custom_objects.append("ema")
     accelerator.register_for_checkpointing(lr_scheduler)
     custom_objects += ["lr_scheduler", "rng"]
-
     # Per-process noise states do not map onto another process count: a resume onto one starts new streams,
     # keyed by its step.
-    resized = "num_processes" in changes
+    resized = "num_processes" in resume.changes
     rng = NoiseGenerator(cfg.seed, device, accelerator.process_index, accelerator.num_processes,
-                         keys=(old_state["step"],) if resized else (), strict=not resized)
+                         keys=(resume.state["step"],) if resized else (), strict=not resized)
     accelerator.register_for_checkpointing(rng)
+    return Parts(model, unwrapped, noise_scheduler, optimizer, lr_scheduler, dataloader, ema, rng, custom_objects,
+                 num_parameters)
 
-    global_step = 0
+
+def restore(cfg: TrainConfig, accelerator, parts: Parts, resume: Resume) -> tuple[int, float]:
+    """Loads the checkpoint's state into the parts and applies the allowed changes over it. Returns the step to
+    continue from and the seconds spent in optimisation steps so far (0 and 0.0 for a new run)."""
+    if resume.checkpoint is None:
+        if cfg.resume_from_checkpoint == "latest":
+            accelerator.print(f"No complete checkpoint in {Path(cfg.output_dir) / 'checkpoints'}; starting a new run")
+        return 0, 0.0
+    accelerator.print(f"Resuming from {resume.checkpoint} at step {resume.state['step']}"
+                      + (f", recording the changes {resume.described}" if resume.changes else ", nothing changed"))
+    model_device = next(parts.unwrapped.parameters()).device
+    resumed = load_checkpoint(accelerator, resume.checkpoint, model_device, parts.ema)
+    apply_resume_changes(resume.changes, cfg, parts.optimizer, parts.lr_scheduler, parts.ema)
     # Seconds spent in optimisation steps since step 0, over every resume: the x axis of FID against time.
-    train_seconds = 0.0
-    if resume_dir is not None:
-        accelerator.print(f"Resuming from {resume_dir} at step {old_state['step']}"
-                          + (f", recording the changes {described}" if changes else ", nothing changed"))
-        model_device = next(unwrapped.parameters()).device
-        resumed = load_checkpoint(accelerator, resume_dir, model_device, ema)
-        global_step, train_seconds = resumed["step"], resumed.get("train_seconds") or 0.0
-        apply_resume_changes(changes, cfg, optimizer, lr_scheduler, ema)
-    elif cfg.resume_from_checkpoint == "latest":
-        accelerator.print(f"No complete checkpoint in {checkpoints_dir}; starting a new run")
+    return resumed["step"], resumed.get("train_seconds") or 0.0
 
-    # The run starts: its inputs are checked, its model built and its state restored. Only now is a previous run
-    # removed (--overwrite) and the config written, so that a run that stops on its inputs changes nothing.
-    if is_main:
+
+def start_run(cfg: TrainConfig, accelerator, overwrite: bool) -> None:
+    """The run's inputs are checked, its model built and its state restored: only now is a previous run removed
+    (--overwrite) and the config written, so that a run that stops on its inputs changes nothing."""
+    output_dir = Path(cfg.output_dir)
+    if accelerator.is_main_process:
         if overwrite:
             removed = remove_run(output_dir)
             if removed:
@@ -310,29 +369,54 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict:
         replace_file(output_dir / "config.yaml", config_to_yaml(cfg))
     accelerator.wait_for_everyone()
 
+
+def run_state(cfg: TrainConfig, accelerator, latents, vae, vae_id: str, skipped_images: list, parts: Parts,
+              resume: Resume) -> dict:
+    """What every checkpoint records beside the weights (with the step and seconds added when it is written):
+    the VAE and the latents' scaling, the data, the noise schedule, the process count and the resume history.
+    The VAE takes the latents' scaling, which the saved pipeline divides by."""
     scaling_factor, shift_factor = latents.scaling_factor, latents.shift_factor
-    # The saved VAE must undo the scaling the latents were trained with (the pipeline divides by it).
     vae.register_to_config(scaling_factor=scaling_factor, shift_factor=shift_factor)
-    run_state = {"vae": vae_id, "vae_subfolder": cfg.vae_subfolder, "scaling_factor": scaling_factor,
-                 "shift_factor": shift_factor, "latent_shape": list(latents.latent_shape),
-                 "num_classes": latents.num_classes, "custom_objects": custom_objects,
-                 "train_scheduler_config": dict(noise_scheduler.config), "num_processes": accelerator.num_processes,
-                 "skipped_images": skipped_images, "resume_changes": history, "random_streams": RANDOM_STREAMS,
-                 "data_fingerprint": latents.index["dataset_fingerprint"], "vae_hash": latents.index["vae_hash"],
-                 # Images per class (flipped copies not counted twice): the class mix of samples for FID.
-                 "class_counts": (torch.bincount(latents.labels, minlength=latents.num_classes)
-                                  // (2 if latents.flips else 1)).tolist() if cfg.class_conditional else None}
+    return {"vae": vae_id, "vae_subfolder": cfg.vae_subfolder, "scaling_factor": scaling_factor,
+            "shift_factor": shift_factor, "latent_shape": list(latents.latent_shape),
+            "num_classes": latents.num_classes, "custom_objects": parts.custom_objects,
+            "train_scheduler_config": dict(parts.noise_scheduler.config),
+            "num_processes": accelerator.num_processes, "skipped_images": skipped_images,
+            "resume_changes": resume.history, "random_streams": RANDOM_STREAMS,
+            "data_fingerprint": latents.index["dataset_fingerprint"], "vae_hash": latents.index["vae_hash"],
+            # Images per class (flipped copies not counted twice): the class mix of samples for FID.
+            "class_counts": (torch.bincount(latents.labels, minlength=latents.num_classes)
+                             // (2 if latents.flips else 1)).tolist() if cfg.class_conditional else None}
+
+
+def sampling_pipeline(cfg: TrainConfig, parts: Parts, vae, state: dict):
+    """The latent diffusion pipeline of the model being trained (its current weights) and the run's VAE."""
+    from pipelines import LatentDiffusionPipeline, make_scheduler
+
+    return LatentDiffusionPipeline(unet=parts.unwrapped, vae=vae,
+                                   scheduler=make_scheduler(cfg.sample_scheduler, parts.noise_scheduler.config),
+                                   null_class_label=null_class_label(cfg, state["num_classes"]),
+                                   class_counts=state["class_counts"])
+
+
+def train_steps(cfg: TrainConfig, accelerator, parts: Parts, latents, vae, state: dict, global_step: int,
+                train_seconds: float, last_checkpoint: Path | None) -> dict:
+    """The training loop from `global_step` to `cfg.max_train_steps`: one iteration is one optimizer step over
+    gradient_accumulation_steps micro-batches; logs, checkpoints and sample grids at their intervals.
+
+    Returns:
+        {"global_step", "train_seconds", "timed_steps", "timed_seconds", "skipped_steps", "last_loss"}.
+    """
+    output_dir = Path(cfg.output_dir)
+    checkpoints_dir = output_dir / "checkpoints"
+    is_main = accelerator.is_main_process
+    model, unwrapped, ema, dataloader = parts.model, parts.unwrapped, parts.ema, parts.dataloader
     null_label = null_class_label(cfg, latents.num_classes)
 
     def checkpoint(step: int) -> Path:
         return save_checkpoint(accelerator, checkpoints_dir, step, cfg,
-                               dict(run_state, step=step, train_seconds=train_seconds),
+                               dict(state, step=step, train_seconds=train_seconds),
                                total_limit=cfg.checkpoints_total_limit)
-
-    def sampling_pipeline():
-        return LatentDiffusionPipeline(unet=unwrapped, vae=vae,
-                                       scheduler=make_scheduler(cfg.sample_scheduler, noise_scheduler.config),
-                                       null_class_label=null_label, class_counts=run_state["class_counts"])
 
     def sample(step: int) -> None:
         if is_main:
@@ -340,7 +424,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict:
                 ema.store(unwrapped.parameters())
                 ema.copy_to(unwrapped.parameters())
             unwrapped.eval()
-            grid = save_sample_grid(sampling_pipeline(), cfg, latents.num_classes,
+            grid = save_sample_grid(sampling_pipeline(cfg, parts, vae, state), cfg, latents.num_classes,
                                     output_dir / "samples" / f"step-{step:07d}.png")
             unwrapped.train()
             if cfg.use_ema:
@@ -349,7 +433,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict:
                                                                dataformats="NHWC")
         accelerator.wait_for_everyone()
 
-    # 3. Data order: batch b of the run is batch (b mod len) of epoch (b div len); resume skips what was consumed.
+    # Data order: batch b of the run is batch (b mod len) of epoch (b div len); resume skips what was consumed.
     def batches(start: int):
         epoch, skip = divmod(start, len(dataloader))
         while True:
@@ -361,13 +445,10 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict:
     accelerator.init_trackers("train_ldm", config=_hparams(cfg))
     progress = progress_bar(total=cfg.max_train_steps, initial=global_step, desc="train", disable=not is_main)
     data = batches(global_step * cfg.gradient_accumulation_steps)
-    images_per_step = global_batch * cfg.gradient_accumulation_steps
+    images_per_step = cfg.train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
     steps_this_run, timed_steps, timed_seconds, skipped_steps = 0, 0, 0.0, 0
     last_loss = float("nan")
-    last_checkpoint = resume_dir
     model.train()
-
-    # 4. The loop: one iteration is one optimizer step over gradient_accumulation_steps micro-batches.
     while global_step < cfg.max_train_steps:
         step_start = time.perf_counter()
         micro_losses = []
@@ -376,7 +457,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict:
             last_micro = micro == cfg.gradient_accumulation_steps - 1
             # Gradients are all-reduced only on the last micro-batch of the step.
             with nullcontext() if last_micro else accelerator.no_sync(model):
-                loss = compute_loss(model, noise_scheduler, batch, rng.generator, cfg.prediction_type,
+                loss = compute_loss(model, parts.noise_scheduler, batch, parts.rng.generator, cfg.prediction_type,
                                     cfg.class_conditional, null_label, cfg.class_dropout_prob)
                 accelerator.backward(loss / cfg.gradient_accumulation_steps)
             micro_losses.append(loss.detach())
@@ -391,9 +472,9 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict:
                                      "set skip_nonfinite_steps: true to skip such steps)")
         # fp16's grad scaler skips steps with non-finite gradients itself and must see them to lower its scale.
         if finite or cfg.mixed_precision == "fp16":
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr_scheduler.step()
+            parts.optimizer.step()
+        parts.optimizer.zero_grad(set_to_none=True)
+        parts.lr_scheduler.step()
         if finite:
             if cfg.use_ema:
                 ema.step(unwrapped.parameters())
@@ -413,7 +494,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict:
         progress.set_postfix(loss=f"{step_loss:.4f}", img_s=f"{images_per_s:.1f}")
 
         if global_step % cfg.log_every_steps == 0 or global_step == cfg.max_train_steps or not finite:
-            accelerator.log({"train/loss": step_loss, "train/lr": lr_scheduler.get_last_lr()[0],
+            accelerator.log({"train/loss": step_loss, "train/lr": parts.lr_scheduler.get_last_lr()[0],
                              "train/images_per_s": images_per_s, "train/grad_norm": float(grad_norm),
                              "train/skipped_steps": skipped_steps}, step=global_step)
         if global_step % cfg.checkpointing_steps == 0 or global_step == cfg.max_train_steps:
@@ -421,22 +502,29 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict:
         if cfg.sample_every_steps and global_step % cfg.sample_every_steps == 0:
             sample(global_step)
     progress.close()
+    return {"global_step": global_step, "train_seconds": train_seconds, "timed_steps": timed_steps,
+            "timed_seconds": timed_seconds, "skipped_steps": skipped_steps, "last_loss": last_loss}
 
-    # 5. The pipeline folder (EMA weights) and the run's statistics.
-    stats = {
-        "steps": global_step,
+
+def run_stats(cfg: TrainConfig, accelerator, parts: Parts, state: dict, loop: dict, images_per_step: int,
+              wall_start: float, skipped_images: list, history: list) -> dict:
+    """The statistics train_stats.json holds: steps, speed, loss, memory, the data and what changed on resume."""
+    device = accelerator.device
+    timed_steps, timed_seconds = loop["timed_steps"], loop["timed_seconds"]
+    return {
+        "steps": loop["global_step"],
         "images_per_s": images_per_step * timed_steps / timed_seconds if timed_seconds else None,
-        "final_loss": last_loss,
-        "parameters": num_parameters,
+        "final_loss": loop["last_loss"],
+        "parameters": parts.num_parameters,
         "wall_time_s": time.perf_counter() - wall_start,
-        "train_seconds": train_seconds,
-        "data_fingerprint": run_state["data_fingerprint"],
+        "train_seconds": loop["train_seconds"],
+        "data_fingerprint": state["data_fingerprint"],
         # Where the data was, whatever folder the run was started from: compare.py measures FID against it.
         "data_source_path": os.path.abspath(cfg.data_source) if os.path.isdir(cfg.data_source) else None,
-        "vae_hash": run_state["vae_hash"],
+        "vae_hash": state["vae_hash"],
         "peak_memory_mb": peak_memory_mb(device),
         "peak_memory_kind": "cuda_allocated" if device.type == "cuda" else "cpu_max_rss",
-        "skipped_steps": skipped_steps,
+        "skipped_steps": loop["skipped_steps"],
         "model_type": cfg.model_type,
         "model_size": cfg.model_size,
         "mixed_precision": cfg.mixed_precision,
@@ -447,17 +535,20 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict:
         "resume_changes": history,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
+
+
+def write_outputs(cfg: TrainConfig, accelerator, parts: Parts, vae, state: dict, stats: dict) -> None:
+    """The pipeline folder with the EMA weights (the raw ones without EMA) and train_stats.json, each replaced
+    whole: a kill or an error leaves the previous one or the new one, never a part."""
     accelerator.wait_for_everyone()
-    if is_main:
+    if accelerator.is_main_process:
+        output_dir = Path(cfg.output_dir)
         if cfg.use_ema:
-            ema.copy_to(unwrapped.parameters())
-        # Each replaced whole: a kill or an error leaves the previous one or the new one, never a part.
-        replace_folder(output_dir / "pipeline", sampling_pipeline().save_pretrained)
+            parts.ema.copy_to(parts.unwrapped.parameters())
+        replace_folder(output_dir / "pipeline", sampling_pipeline(cfg, parts, vae, state).save_pretrained)
         replace_file(output_dir / "train_stats.json", json.dumps(stats, indent=2) + "\n")
         print(f"Outputs in {output_dir.resolve()}: pipeline/ (EMA U-Net + VAE + scheduler), checkpoints/, "
               f"samples/, logs/ (TensorBoard), train_stats.json, config.yaml")
-    accelerator.end_training()
-    return stats
 
 
 def apply_resume_changes(changes: dict, cfg: TrainConfig, optimizer, lr_scheduler, ema) -> None:
