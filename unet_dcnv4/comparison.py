@@ -5,9 +5,11 @@ check that they share one experiment, sampling and FID/KID of every run, the int
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -292,18 +294,91 @@ def compare_arms(
     Returns:
         What comparison.json holds.
     """
-    from pipelines import LatentDiffusionPipeline
-
-    from .metrics import (FrechetResampler, check_isc_available, compute_fid_kid, is_statistics_file, list_images,
-                          load_reference_statistics, resolve_inception_weights)
-    from .sampling import write_grid
-    from .unet import model_report
+    from .metrics import FrechetResampler
 
     if len(arms) != 2 or not all(arms):
         raise ValueError(f"arms must be two non-empty lists of run folders, got {arms!r}")
     if num_images is not None and (not isinstance(num_images, int) or num_images < MIN_IMAGES):
         raise ValueError(f"num_images must be an int >= {MIN_IMAGES} (FID needs a covariance, its interval a "
                          f"jackknife), got {num_images!r}")
+    # 1. The runs: read, distinct, comparable, and holding the curve's checkpoints.
+    runs_by_arm, allowed = read_arms(arms, fid_curve, curve_steps, allow_mismatch)
+    cfg = next(iter(runs_by_arm.values()))[0]["config"]
+    # The runs' own choice counts too: a run trained without its unreadable images is measured without them.
+    skip_corrupt = skip_corrupt or getattr(cfg, "skip_corrupt", False)
+    # 2. What FID is measured against, and with how many samples.
+    reference, num_images, file_resolution = resolve_reference(next(iter(runs_by_arm.values()))[0], reference,
+                                                                num_images, isc, prc, cache_dir, skip_corrupt)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    os.makedirs(output_dir, exist_ok=True)
+    measurer = _Measurer(reference=reference, resolution=file_resolution or cfg.resolution, cache_dir=cache_dir,
+                         device=device, skip_corrupt=skip_corrupt, isc=isc, prc=prc,
+                         settings=dict(sampler=sampler, num_inference_steps=num_inference_steps, batch_size=batch_size,
+                                       seed=seed, mixed_precision=mixed_precision, num_images=num_images,
+                                       overwrite=overwrite, guidance_scale=guidance_scale, class_mix=class_mix))
+    # 3. Every run sampled and measured (and its curve's checkpoints), each arm summarised.
+    arms_out = []
+    for label, runs in runs_by_arm.items():
+        results = [measure_run(measurer, label, i, len(runs), run, samples_dir or os.path.join(output_dir, "samples"),
+                               fid_curve, curve_steps) for i, run in enumerate(runs)]
+        arms_out.append(summarize_arm(label, runs[0]["config"], results, num_images, grid_images, isc, prc))
+    a, b = arms_out
+    for arm in arms_out:
+        arm["parameter_ratio"] = arm["parameters"] / b["parameters"]
+        arm["gflops_ratio"] = arm["gflops"] / b["gflops"]
+    # 4. The interval: from the per-run FIDs of arms with several runs, from a jackknife of the sample set of an arm
+    # with one run (image noise only).
+    last = measurer.last
+    resampler = FrechetResampler(last["reference_features"], device=device) \
+        if last["reference_features"] is not None else \
+        FrechetResampler.from_statistics(last["reference_statistics"]["mu"], last["reference_statistics"]["sigma"],
+                                         device=device)
+    image_variances = [jackknife_fid_variance(resampler.prepare(arm["runs"][0].pop("sample_features")), resampler,
+                                              jackknife_groups, seed) if arm["num_runs"] == 1 else None
+                       for arm in arms_out]
+    for arm in arms_out:
+        for run in arm["runs"]:
+            run.pop("sample_features", None)
+    difference = difference_interval([r["fid"] for r in a["runs"]], [r["fid"] for r in b["runs"]], *image_variances)
+    conclusion = verdict([a["label"], b["label"]], difference["ci95"])
+    for arm, spread in zip(arms_out, difference.pop("arms")):
+        arm["interval_covers"] = spread["covers"]
+        arm["interval_covers_text"] = spread["covers_text"]
+    # 5. The report.
+    summary = {
+        "arms": arms_out,
+        "fid_difference": {"a": a["label"], "b": b["label"], **difference, "verdict": conclusion,
+                           "jackknife_groups": jackknife_groups if any(image_variances) else None},
+        "verdict": conclusion,
+        "budget": _budget_line(a, b),
+        "allowed_differences": allowed,
+        "sampler": sampler,
+        "num_inference_steps": num_inference_steps,
+        "num_images": num_images,
+        "seed": seed,
+        "mixed_precision": mixed_precision,
+        "guidance_scale": guidance_scale,
+        "class_mix": last["class_mix"],
+        "reference": reference if isinstance(reference, str) else f"{cfg.data_source} at {cfg.resolution}px",
+        "num_reference": last["num_reference"],
+        "resolution": last["resolution"],
+        "kid_unavailable": last["kid_unavailable"],
+        "isc": isc,
+        "prc": prc,
+        "inception_weights": last["inception_weights"],
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        # FID against step when the runs measured intermediate checkpoints: plateaus, differences, crossings.
+        "curves": curve_analysis(arms_out[0], arms_out[1]) if fid_curve else None,
+    }
+    write_report(summary, output_dir)
+    return summary
+
+
+def read_arms(arms: list[list[str]], fid_curve: bool, curve_steps: list[int] | None,
+              allow_mismatch: tuple[str, ...]) -> tuple[dict[str, list[dict]], list[str]]:
+    """The runs of each arm by the arm's label (`read_run`), refused when a run is given twice, when the runs
+    differ in what they train (`check_comparable`, `allow_mismatch` aside) or lack a checkpoint the curve asks
+    for. Returns (runs by label, the differences allowed)."""
     runs_by_arm: dict[str, list[dict]] = {}
     for index, dirs in enumerate(arms):
         runs = [read_run(d) for d in dirs]
@@ -318,16 +393,23 @@ def compare_arms(
             missing = sorted(set(curve_steps) - kept)
             if missing:
                 raise ValueError(f"curve_steps {missing} are not checkpoints of {run['dir']} (it keeps {sorted(kept)})")
-    allowed = check_comparable(runs_by_arm, allow_mismatch)
-    first = next(iter(runs_by_arm.values()))[0]
-    cfg = first["config"]
-    # The runs' own choice counts too: a run trained without its unreadable images is measured without them.
-    skip_corrupt = skip_corrupt or getattr(cfg, "skip_corrupt", False)
+    return runs_by_arm, check_comparable(runs_by_arm, allow_mismatch)
+
+
+def resolve_reference(first_run: dict, reference, num_images: int | None, isc: bool, prc: bool,
+                      cache_dir: str | None, skip_corrupt: bool) -> tuple:
+    """What FID is measured against (default: the runs' training data), the samples per run (default: as many
+    as the reference holds, since FID is biased by the sample count), and the resolution an `.npz` fixes (None
+    otherwise). Refuses what cannot be measured before any sampling: an Inception Score with weights that have no
+    classifier, precision/recall or a default sample count against statistics only."""
+    from .metrics import (check_isc_available, is_statistics_file, list_images, load_reference_statistics,
+                          resolve_inception_weights)
+
     if reference is None:
-        reference = training_data(first, skip_corrupt)
-    if isc:  # before any sampling: the weights may have no classifier
+        reference = training_data(first_run, skip_corrupt)
+    if isc:
         check_isc_available(resolve_inception_weights(cache_dir))
-    file_resolution = None
+    file_resolution, size = None, None
     if is_statistics_file(reference):
         stats = load_reference_statistics(reference)
         file_resolution = stats["resolution"]
@@ -347,147 +429,134 @@ def compare_arms(
         if num_images < MIN_IMAGES:
             raise ValueError(f"the reference holds {num_images} images; FID and its interval need at least "
                              f"{MIN_IMAGES}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    os.makedirs(output_dir, exist_ok=True)
-    settings = dict(sampler=sampler, num_inference_steps=num_inference_steps, batch_size=batch_size, seed=seed,
-                    mixed_precision=mixed_precision, num_images=num_images, overwrite=overwrite,
-                    guidance_scale=guidance_scale, class_mix=class_mix)
+    return reference, num_images, file_resolution
 
-    def measure(pipe, source: str, folder: str, use_ema: bool | None, extras: bool = False) -> dict:
-        sampled = _sample(pipe, source, folder, use_ema=use_ema, device=device, **settings)
+
+@dataclasses.dataclass
+class _Measurer:
+    """Samples a pipeline into a folder (reused when its manifest matches) and measures FID/KID (and IS,
+    precision/recall for a run's final weights) against the reference; keeps the last measurement, whose
+    reference features and setting the report uses."""
+
+    reference: typing.Any
+    resolution: int
+    cache_dir: str | None
+    device: str
+    skip_corrupt: bool
+    isc: bool
+    prc: bool
+    settings: dict
+    last: dict | None = None
+
+    def __call__(self, pipe, source: str, folder: str, use_ema: bool | None, extras: bool = False) -> dict:
+        from .metrics import compute_fid_kid
+
+        sampled = _sample(pipe, source, folder, use_ema=use_ema, device=self.device, **self.settings)
         # A statistics file that records its resolution fixes it; the samples are resized to it.
-        metrics = compute_fid_kid(sampled["paths"], reference, resolution=file_resolution or cfg.resolution,
-                                  cache_dir=cache_dir,
-                                  device=device, return_features=True, skip_corrupt=skip_corrupt, verbose=False,
-                                  sample_cache_dir=folder, isc=isc and extras, prc=prc and extras)
-        return {**metrics, "sampling_images_per_s": sampled["images_per_s"], "class_mix": sampled["class_mix"]}
+        metrics = compute_fid_kid(sampled["paths"], self.reference, resolution=self.resolution,
+                                  cache_dir=self.cache_dir, device=self.device, return_features=True,
+                                  skip_corrupt=self.skip_corrupt, verbose=False, sample_cache_dir=folder,
+                                  isc=self.isc and extras, prc=self.prc and extras)
+        measured = {**metrics, "sampling_images_per_s": sampled["images_per_s"], "class_mix": sampled["class_mix"]}
+        if extras:
+            self.last = measured
+        return measured
 
-    arms_out, features = [], {}
-    for label, runs in runs_by_arm.items():
-        results = []
-        for i, run in enumerate(runs):
-            # Named by the run, not by its place in this comparison: comparisons that share a samples folder
-            # (and a baseline) reuse each other's samples; the manifest says whether they may.
-            name = Path(run["dir"]).resolve()
-            digest = hashlib.sha256(str(name).encode()).hexdigest()[:8]
-            folder = os.path.join(samples_dir or os.path.join(output_dir, "samples"), f"{name.name}-{digest}")
-            print(f"[{label}] run {i + 1}/{len(runs)}: sampling {num_images} images from {run['pipeline']}",
-                  flush=True)
-            pipe = LatentDiffusionPipeline.from_pretrained(run["pipeline"])
-            report = model_report(pipe.unet)
-            measured = measure(pipe, run["pipeline"], folder, use_ema=None, extras=True)
-            reference_features = measured.pop("reference_features")
-            reference_statistics = measured.pop("reference_statistics")
-            features.setdefault(label, []).append(measured.pop("sample_features"))
-            stats = run["train_stats"]
-            curve = []
-            if fid_curve:
-                from .sampling import pipeline_from_checkpoint
 
-                # The weights the run's pipeline holds: the EMA's when it kept one, else the raw ones.
-                use_ema = run["config"].use_ema
-                for checkpoint in run["checkpoints"]:
-                    if checkpoint["step"] == stats["steps"] or \
-                            curve_steps is not None and checkpoint["step"] not in curve_steps:
-                        continue
-                    print(f"[{label}] run {i + 1}: FID at step {checkpoint['step']}", flush=True)
-                    point = measure(pipeline_from_checkpoint(checkpoint["path"], use_ema=use_ema), checkpoint["path"],
-                                    os.path.join(folder, f"step-{checkpoint['step']}"), use_ema=use_ema)
-                    curve.append({"step": checkpoint["step"], "train_seconds": checkpoint["train_seconds"],
-                                  "fid": point["fid"], "kid_mean": point["kid_mean"]})
-            curve.append({"step": stats["steps"], "train_seconds": stats.get("train_seconds"),
-                          "fid": measured["fid"], "kid_mean": measured["kid_mean"]})
-            results.append({
-                "run_dir": run["dir"],
-                "seed": run["config"].seed,
-                "fid": measured["fid"],
-                "kid_mean": measured["kid_mean"],
-                "kid_std": measured["kid_std"],
-                "parameters": report["parameters"],
-                "gflops": report["gflops"],
-                "block_out_channels": list(pipe.unet.config.block_out_channels),
-                "train_images_per_s": stats.get("images_per_s"),
-                "sampling_images_per_s": measured["sampling_images_per_s"],
-                "train_steps": stats["steps"],
-                "train_wall_time_s": stats.get("wall_time_s"),
-                "fid_curve": curve,
-                "samples": folder,
-                **{k: measured[k] for k in _EXTRA_METRICS[isc, prc]},
-            })
-        cfg_arm = runs[0]["config"]
-        fid_mean, fid_std = _mean_std([r["fid"] for r in results])
-        kid_mean, kid_std = _mean_std([r["kid_mean"] for r in results])
-        arms_out.append({
-            "label": label,
-            "model_type": cfg_arm.model_type,
-            "model_size": cfg_arm.model_size,
-            "dcnv4_options": dict(cfg_arm.dcnv4_options) if cfg_arm.model_type == "dcnv4" else {},
-            "match": cfg_arm.dcnv4_options.get("match") if cfg_arm.model_type == "dcnv4" else None,
-            "num_runs": len(results),
-            "fid_mean": fid_mean,
-            "fid_std": fid_std,
-            "kid_mean": kid_mean,
-            "kid_std": kid_std,
-            "parameters": results[0]["parameters"],
-            "gflops": results[0]["gflops"],
-            "block_out_channels": results[0]["block_out_channels"],
-            "train_images_per_s": _mean_std([r["train_images_per_s"] for r in results])[0],
-            "sampling_images_per_s": _mean_std([r["sampling_images_per_s"] for r in results])[0],
-            "train_steps": results[0]["train_steps"],
-            "train_wall_time_s": _mean_std([r["train_wall_time_s"] for r in results])[0],
-            **{_ARM_KEY[k]: _mean_std([r[k] for r in results])[0] for k in _EXTRA_METRICS[isc, prc] if k in _ARM_KEY},
-            "runs": results,
-            "grid": write_grid(results[0]["samples"], num_images, grid_images),
-        })
-    a, b = arms_out
-    for arm in arms_out:
-        arm["parameter_ratio"] = arm["parameters"] / b["parameters"]
-        arm["gflops_ratio"] = arm["gflops"] / b["gflops"]
+def measure_run(measure: _Measurer, label: str, i: int, count: int, run: dict, samples_dir: str,
+                fid_curve: bool, curve_steps: list[int] | None) -> dict:
+    """One run sampled and measured with its pipeline's weights, and at the checkpoints of its FID curve; its
+    row of comparison.json, with its sample features under "sample_features" (popped by the caller)."""
+    from pipelines import LatentDiffusionPipeline
 
-    # The interval: from the per-run FIDs of arms with several runs, from a jackknife of the sample set of an arm
-    # with one run (image noise only).
-    resampler = FrechetResampler(reference_features, device=device) if reference_features is not None else \
-        FrechetResampler.from_statistics(reference_statistics["mu"], reference_statistics["sigma"], device=device)
-    image_variances = [jackknife_fid_variance(resampler.prepare(features[arm["label"]][0]), resampler,
-                                              jackknife_groups, seed) if arm["num_runs"] == 1 else None
-                       for arm in arms_out]
-    difference = difference_interval([r["fid"] for r in a["runs"]], [r["fid"] for r in b["runs"]], *image_variances)
-    conclusion = verdict([a["label"], b["label"]], difference["ci95"])
-    for arm, spread in zip(arms_out, difference.pop("arms")):
-        arm["interval_covers"] = spread["covers"]
-        arm["interval_covers_text"] = spread["covers_text"]
-    summary = {
-        "arms": arms_out,
-        "fid_difference": {"a": a["label"], "b": b["label"], **difference, "verdict": conclusion,
-                           "jackknife_groups": jackknife_groups if any(image_variances) else None},
-        "verdict": conclusion,
-        "budget": _budget_line(a, b),
-        "allowed_differences": allowed,
-        "sampler": sampler,
-        "num_inference_steps": num_inference_steps,
-        "num_images": num_images,
-        "seed": seed,
-        "mixed_precision": mixed_precision,
-        "guidance_scale": guidance_scale,
-        "class_mix": measured["class_mix"],
-        "reference": reference if isinstance(reference, str) else f"{cfg.data_source} at {cfg.resolution}px",
-        "num_reference": measured["num_reference"],
-        "resolution": measured["resolution"],
-        "kid_unavailable": measured["kid_unavailable"],
-        "isc": isc,
-        "prc": prc,
-        "inception_weights": measured["inception_weights"],
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        # FID against step when the runs measured intermediate checkpoints: plateaus, differences, crossings.
-        "curves": curve_analysis(arms_out[0], arms_out[1]) if fid_curve else None,
+    from .sampling import pipeline_from_checkpoint
+    from .unet import model_report
+
+    # Named by the run, not by its place in this comparison: comparisons that share a samples folder
+    # (and a baseline) reuse each other's samples; the manifest says whether they may.
+    name = Path(run["dir"]).resolve()
+    digest = hashlib.sha256(str(name).encode()).hexdigest()[:8]
+    folder = os.path.join(samples_dir, f"{name.name}-{digest}")
+    print(f"[{label}] run {i + 1}/{count}: sampling {measure.settings['num_images']} images from {run['pipeline']}",
+          flush=True)
+    pipe = LatentDiffusionPipeline.from_pretrained(run["pipeline"])
+    report = model_report(pipe.unet)
+    measured = measure(pipe, run["pipeline"], folder, use_ema=None, extras=True)
+    stats = run["train_stats"]
+    curve = []
+    if fid_curve:
+        # The weights the run's pipeline holds: the EMA's when it kept one, else the raw ones.
+        use_ema = run["config"].use_ema
+        for checkpoint in run["checkpoints"]:
+            if checkpoint["step"] == stats["steps"] or curve_steps is not None and checkpoint["step"] not in curve_steps:
+                continue
+            print(f"[{label}] run {i + 1}: FID at step {checkpoint['step']}", flush=True)
+            point = measure(pipeline_from_checkpoint(checkpoint["path"], use_ema=use_ema), checkpoint["path"],
+                            os.path.join(folder, f"step-{checkpoint['step']}"), use_ema=use_ema)
+            curve.append({"step": checkpoint["step"], "train_seconds": checkpoint["train_seconds"],
+                          "fid": point["fid"], "kid_mean": point["kid_mean"]})
+    curve.append({"step": stats["steps"], "train_seconds": stats.get("train_seconds"),
+                  "fid": measured["fid"], "kid_mean": measured["kid_mean"]})
+    return {
+        "run_dir": run["dir"],
+        "seed": run["config"].seed,
+        "fid": measured["fid"],
+        "kid_mean": measured["kid_mean"],
+        "kid_std": measured["kid_std"],
+        "parameters": report["parameters"],
+        "gflops": report["gflops"],
+        "block_out_channels": list(pipe.unet.config.block_out_channels),
+        "train_images_per_s": stats.get("images_per_s"),
+        "sampling_images_per_s": measured["sampling_images_per_s"],
+        "train_steps": stats["steps"],
+        "train_wall_time_s": stats.get("wall_time_s"),
+        "fid_curve": curve,
+        "samples": folder,
+        **{k: measured[k] for k in _EXTRA_METRICS[measure.isc, measure.prc]},
+        "sample_features": measured["sample_features"],
     }
+
+
+def summarize_arm(label: str, cfg_arm, results: list[dict], num_images: int, grid_images: int, isc: bool,
+                  prc: bool) -> dict:
+    """An arm's row of comparison.json: its setting, the mean and spread of its runs' metrics, its runs and the
+    grid of its first run's samples."""
+    from .sampling import write_grid
+
+    fid_mean, fid_std = _mean_std([r["fid"] for r in results])
+    kid_mean, kid_std = _mean_std([r["kid_mean"] for r in results])
+    return {
+        "label": label,
+        "model_type": cfg_arm.model_type,
+        "model_size": cfg_arm.model_size,
+        "dcnv4_options": dict(cfg_arm.dcnv4_options) if cfg_arm.model_type == "dcnv4" else {},
+        "match": cfg_arm.dcnv4_options.get("match") if cfg_arm.model_type == "dcnv4" else None,
+        "num_runs": len(results),
+        "fid_mean": fid_mean,
+        "fid_std": fid_std,
+        "kid_mean": kid_mean,
+        "kid_std": kid_std,
+        "parameters": results[0]["parameters"],
+        "gflops": results[0]["gflops"],
+        "block_out_channels": results[0]["block_out_channels"],
+        "train_images_per_s": _mean_std([r["train_images_per_s"] for r in results])[0],
+        "sampling_images_per_s": _mean_std([r["sampling_images_per_s"] for r in results])[0],
+        "train_steps": results[0]["train_steps"],
+        "train_wall_time_s": _mean_std([r["train_wall_time_s"] for r in results])[0],
+        **{_ARM_KEY[k]: _mean_std([r[k] for r in results])[0] for k in _EXTRA_METRICS[isc, prc] if k in _ARM_KEY},
+        "runs": results,
+        "grid": write_grid(results[0]["samples"], num_images, grid_images),
+    }
+
+
+def write_report(summary: dict, output_dir: str) -> None:
+    """comparison.json, comparison.md (printed too) and comparison.png in `output_dir`."""
     with open(os.path.join(output_dir, "comparison.json"), "w") as f:
         json.dump(summary, f, indent=2)
     table = markdown_table(summary)
     Path(output_dir, "comparison.md").write_text(table)
     write_figure(summary, os.path.join(output_dir, "comparison.png"))
     print(table)
-    return summary
 
 
 # What --isc and --prc add to each run, by (isc, prc).
