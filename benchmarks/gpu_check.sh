@@ -132,6 +132,14 @@ for (i, kernel), m in sorted(rows.items()):
 EOF2
 fi
 
+# bench_build NAME FLAGS DTYPES: bench_op.py --quick with the kernels built with the nvcc FLAGS
+# (UNET_DCNV4_NVCC_FLAGS, a build folder of their own), into $OUTDIR/bench_NAME.json and .log.
+bench_build() {
+  UNET_DCNV4_NVCC_FLAGS="$2" timeout "$(limit 120)" "$PY" benchmarks/bench_op.py --device cuda --quick \
+    --dtypes "$3" --out "$OUTDIR/bench_$1.json" >"$OUTDIR/bench_$1.log" 2>&1 ||
+    echo "bench_op.py with the $1 build failed; see $OUTDIR/bench_$1.log"
+}
+
 # A kernel variant built beside the default (UNET_DCNV4_NVCC_FLAGS): the 16-bit backward with 4
 # channels a lane instead of 8 (DCNV4_BWD16_V in csrc/cuda/dcnv4_cuda.cu). Its GPU tests, then both
 # builds' 16-bit backward at the first four anchor shapes, one after the other on the quiet GPU.
@@ -142,13 +150,8 @@ if wants variants; then
   variant_tests_rc=$?
   grep -v "^DEBUG" "$OUTDIR/variant_tests.log" | tail -n 3
   [ "$variant_tests_rc" -eq 0 ] || status=1
-  for v in 8 4; do
-    flags=""
-    [ "$v" = 4 ] && flags="-DDCNV4_BWD16_V=4"
-    UNET_DCNV4_NVCC_FLAGS="$flags" timeout "$(limit 120)" "$PY" benchmarks/bench_op.py --device cuda --quick \
-      --dtypes float16,bfloat16 --out "$OUTDIR/bench_bwd16_v$v.json" >"$OUTDIR/bench_bwd16_v$v.log" 2>&1 ||
-      echo "bench_op.py with DCNV4_BWD16_V=$v failed; see $OUTDIR/bench_bwd16_v$v.log"
-  done
+  bench_build bwd16_v8 "" float16,bfloat16
+  bench_build bwd16_v4 "-DDCNV4_BWD16_V=4" float16,bfloat16
   "$PY" - "$OUTDIR" <<'EOF3' | tee "$OUTDIR/bench_bwd16.txt"
 import json, sys
 from pathlib import Path
@@ -178,17 +181,10 @@ if wants variants; then
       -p no:cacheprovider -k "forward" >>"$OUTDIR/fwd_variant_tests.log" 2>&1 || status=1
   done
   grep -v "^DEBUG" "$OUTDIR/fwd_variant_tests.log" | tail -n 2
-  for build in before default unroll9 wide; do
-    case $build in
-      before) flags="-DDCNV4_FWD_INDEX64 -DDCNV4_FWD_K_RUNTIME" ;;
-      default) flags="" ;;
-      unroll9) flags="-DDCNV4_FWD_K9_UNROLL=9" ;;
-      wide) flags="-DDCNV4_FWD32_V=8 -DDCNV4_FWD16_V=16" ;;
-    esac
-    UNET_DCNV4_NVCC_FLAGS="$flags" timeout "$(limit 120)" "$PY" benchmarks/bench_op.py --device cuda --quick \
-      --dtypes float32,bfloat16 --out "$OUTDIR/bench_fwd_$build.json" >"$OUTDIR/bench_fwd_$build.log" 2>&1 ||
-      echo "bench_op.py with the $build forward failed; see $OUTDIR/bench_fwd_$build.log"
-  done
+  bench_build fwd_before "-DDCNV4_FWD_INDEX64 -DDCNV4_FWD_K_RUNTIME" float32,bfloat16
+  bench_build fwd_default "" float32,bfloat16
+  bench_build fwd_unroll9 "-DDCNV4_FWD_K9_UNROLL=9" float32,bfloat16
+  bench_build fwd_wide "-DDCNV4_FWD32_V=8 -DDCNV4_FWD16_V=16" float32,bfloat16
   "$PY" - "$OUTDIR" <<'EOF4' | tee "$OUTDIR/bench_fwd_builds.txt"
 import json, sys
 from pathlib import Path
