@@ -188,8 +188,9 @@ def train(cfg: TrainConfig, output_dir: Path, threads: int) -> None:
 def train_all(configs: list[TrainConfig], output_dir: Path, jobs: int, overwrite: bool,
               threads: int | None = None) -> None:
     """Trains what is not finished, in the order given, `jobs` at a time with `threads` threads each (default:
-    the cores split evenly); when none is, the first run alone (it builds the shared latent cache)."""
-    todo, finished = [], 0
+    the cores split evenly); when none has saved a checkpoint, the first run alone (it builds the shared latent
+    cache, which a run that checkpointed has built)."""
+    todo, begun = [], 0
     for cfg in configs:
         try:
             state = run_state(cfg)
@@ -201,7 +202,7 @@ def train_all(configs: list[TrainConfig], output_dir: Path, jobs: int, overwrite
         print(f"{cfg.output_dir}: {state}" + (", reused" if state == "finished" else ""), flush=True)
         if state != "finished":
             todo.append(cfg)
-        finished += state == "finished"
+        begun += state == "finished" or (Path(cfg.output_dir) / "checkpoints").is_dir()
     cores = os.cpu_count() or 1
     started = time.time()
 
@@ -210,7 +211,7 @@ def train_all(configs: list[TrainConfig], output_dir: Path, jobs: int, overwrite
         train(cfg, output_dir, threads)
         print(f"[{time.time() - started:7.0f} s] done  {cfg.output_dir}", flush=True)
 
-    if todo and not finished:  # nothing trained yet: the first run builds the latent cache alone
+    if todo and not begun:  # nothing trained yet: the first run builds the latent cache alone
         one(todo.pop(0), threads or cores)
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = [pool.submit(one, cfg, threads or max(1, cores // jobs)) for cfg in todo]

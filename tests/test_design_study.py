@@ -1,6 +1,7 @@
 """benchmarks/design_study.py: rows built from the study file, finished runs reused only for the same config, the
 comparisons and the table, on fabricated runs (the training process is replaced); one real training run (slow)."""
 
+import dataclasses
 import importlib.util
 import json
 import threading
@@ -147,6 +148,28 @@ def test_max_train_steps_sets_every_runs_budget(study_file, tmp_path, monkeypatc
         assert yaml.safe_load((out / "runs" / row / "seed0" / "config.yaml").read_text())["max_train_steps"] == 9
     assert study_script.main(args + ["--max_train_steps", "0"]) == 2
     assert "--max_train_steps must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_the_first_run_trains_alone_only_while_no_run_has_checkpointed(study_file, tmp_path, monkeypatch):
+    """Runs that stopped part-way have built the latent cache: extending them runs `jobs` at a time at once."""
+    fake_train.calls = []
+    monkeypatch.setattr(study_script, "train", fake_train)
+    study = study_script.read_study(study_file)
+    configs = [study_script.run_config(study, row, 0, tmp_path) for row in ("baseline", "default")]
+    for cfg in configs:  # started, no checkpoint yet: the cache may not exist
+        Path(cfg.output_dir).mkdir(parents=True)
+        (Path(cfg.output_dir) / "config.yaml").write_text(to_yaml(cfg))
+    study_script.train_all(configs, tmp_path, jobs=2, overwrite=False)
+    cores = study_script.os.cpu_count() or 1
+    assert [call[2] for call in fake_train.calls] == [cores, max(1, cores // 2)]
+
+    fake_train.calls = []
+    longer = [dataclasses.replace(cfg, max_train_steps=cfg.max_train_steps * 2) for cfg in configs]
+    for cfg in longer:  # finished at the shorter budget, checkpointed: partial now, and the cache exists
+        assert study_script.run_state(cfg) == "partial"
+        (Path(cfg.output_dir) / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    study_script.train_all(longer, tmp_path, jobs=2, overwrite=False)
+    assert [call[2] for call in fake_train.calls] == [max(1, cores // 2)] * 2
 
 
 @pytest.fixture(scope="module")
