@@ -11,6 +11,7 @@ layer shapes), forward+backward through autograd, the candidates interleaved and
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -35,14 +36,15 @@ def padded_channels(G: int) -> int:
     return (3 * G * K + 7) // 8 * 8
 
 
-def make_inputs(shape, dtype, device, seed=0):
-    """value (N, H, W, C) ~ randn, offsets 2 * randn, masks randn, padded offset_mask: as the anchors."""
+def make_inputs(shape, dtype, device, seed=0, offset_std=2.0):
+    """value (N, H, W, C) ~ randn, offsets offset_std * randn, masks randn, padded offset_mask: as the anchors
+    with the default offset_std 2 (0: every sampling position on a pixel, as in a fresh layer)."""
     N, H, W, C, G = shape
     gen = torch.Generator(device=device).manual_seed(seed)
     value = torch.randn(N, H, W, C, generator=gen, device=device).to(dtype)
     om = torch.randn(N, H, W, padded_channels(G), generator=gen, device=device)
     om_used = om[..., : 3 * G * K].view(N, H, W, G, 3 * K)
-    om_used[..., : 2 * K] *= 2
+    om_used[..., : 2 * K] *= offset_std
     return value, om.to(dtype)
 
 
@@ -107,7 +109,7 @@ def load_anchors(path: Path) -> dict:
     return {(r["N"], r["H"], r["W"], r["C"], r["G"], r["dtype"]): r for r in doc["rows"]}
 
 
-def run_cuda(dtypes, quick: bool, anchors: dict) -> tuple[dict, list[dict]]:
+def run_cuda(dtypes, quick: bool, anchors: dict, offset_stds=(2.0,)) -> tuple[dict, list[dict]]:
     ops = torch.ops.unet_dcnv4
     gbps = copy_bandwidth_gbps()
     env = {"device": torch.cuda.get_device_name(), "sms": torch.cuda.get_device_properties(0).multi_processor_count,
@@ -115,71 +117,70 @@ def run_cuda(dtypes, quick: bool, anchors: dict) -> tuple[dict, list[dict]]:
     print(f"# {env['device']}: device-to-device copy {gbps:.0f} GB/s", flush=True)
     rows = []
     shapes = ANCHOR_SHAPES[:4] if quick else ANCHOR_SHAPES
-    for shape in shapes:
+    for shape, name, offset_std in itertools.product(shapes, dtypes, offset_stds):
         N, H, W, C, G = shape
-        for name in dtypes:
-            dtype = DTYPES[name]
-            value, om = make_inputs(shape, dtype, "cuda")
-            args = op_args(G)
-            grad_out = torch.randn_like(value)
-            fwd_bytes, bwd_bytes = floor_bytes(shape, dtype)
-            row = {"N": N, "H": H, "W": W, "C": C, "G": G, "dtype": name,
-                   "floor_fwd_ms": fwd_bytes / (gbps * 1e9) * 1e3, "floor_bwd_ms": bwd_bytes / (gbps * 1e9) * 1e3}
-            out = ops.dcnv4_forward(value, om, *args)
-            ref = dcnv4_reference(value.float(), om.float(), 3, 1, 1, 1, G)
-            row["err_fwd"] = rel_err(out, ref)
-            row["fwd_ms"] = bench_cuda(lambda: ops.dcnv4_forward(value, om, *args))
-            row["bwd_ms"] = bench_cuda(lambda: ops.dcnv4_backward(grad_out, value, om, *args))
-            # The tiled backward (the op's cuda_backward="tiled"), same inputs, and how far its gradients
-            # are from the atomic kernel's (float summation order only).
-            grads = ops.dcnv4_backward(grad_out, value, om, *args)
-            row["bwd_tiled_ms"] = bench_cuda(lambda: ops.dcnv4_backward(grad_out, value, om, *args, "tiled"))
-            grads_tiled = ops.dcnv4_backward(grad_out, value, om, *args, "tiled")
-            row["err_bwd_tiled"] = max(rel_err(a, b) for a, b in zip(grads_tiled, grads))
-            del out, ref, grads, grads_tiled
-            if not quick:
-                v_ref = value.detach().requires_grad_()
-                om_ref = om.detach().requires_grad_()
-                row["ref_fwd_ms"] = bench_cuda(lambda: dcnv4_reference(value, om, 3, 1, 1, 1, G), rep_ms=50)
+        dtype = DTYPES[name]
+        value, om = make_inputs(shape, dtype, "cuda", offset_std=offset_std)
+        args = op_args(G)
+        grad_out = torch.randn_like(value)
+        fwd_bytes, bwd_bytes = floor_bytes(shape, dtype)
+        row = {"N": N, "H": H, "W": W, "C": C, "G": G, "dtype": name, "offset_std": offset_std,
+               "floor_fwd_ms": fwd_bytes / (gbps * 1e9) * 1e3, "floor_bwd_ms": bwd_bytes / (gbps * 1e9) * 1e3}
+        out = ops.dcnv4_forward(value, om, *args)
+        ref = dcnv4_reference(value.float(), om.float(), 3, 1, 1, 1, G)
+        row["err_fwd"] = rel_err(out, ref)
+        row["fwd_ms"] = bench_cuda(lambda: ops.dcnv4_forward(value, om, *args))
+        row["bwd_ms"] = bench_cuda(lambda: ops.dcnv4_backward(grad_out, value, om, *args))
+        # The tiled backward (the op's cuda_backward="tiled"), same inputs, and how far its gradients
+        # are from the atomic kernel's (float summation order only).
+        grads = ops.dcnv4_backward(grad_out, value, om, *args)
+        row["bwd_tiled_ms"] = bench_cuda(lambda: ops.dcnv4_backward(grad_out, value, om, *args, "tiled"))
+        grads_tiled = ops.dcnv4_backward(grad_out, value, om, *args, "tiled")
+        row["err_bwd_tiled"] = max(rel_err(a, b) for a, b in zip(grads_tiled, grads))
+        del out, ref, grads, grads_tiled
+        if not quick:
+            v_ref = value.detach().requires_grad_()
+            om_ref = om.detach().requires_grad_()
+            row["ref_fwd_ms"] = bench_cuda(lambda: dcnv4_reference(value, om, 3, 1, 1, 1, G), rep_ms=50)
 
-                def ref_fwd_bwd():
-                    dcnv4_reference(v_ref, om_ref, 3, 1, 1, 1, G).backward(grad_out)
+            def ref_fwd_bwd():
+                dcnv4_reference(v_ref, om_ref, 3, 1, 1, 1, G).backward(grad_out)
 
-                row["ref_fwdbwd_ms"] = bench_cuda(ref_fwd_bwd, rep_ms=50)
-            # cuDNN 3x3 convolutions of the same width on channels-last NCHW views of the same data.
-            x = value.permute(0, 3, 1, 2)
-            dense = torch.nn.Conv2d(C, C, 3, padding=1, bias=False).to("cuda", dtype, memory_format=torch.channels_last)
-            depthwise = torch.nn.Conv2d(C, C, 3, padding=1, groups=C, bias=False).to(
-                "cuda", dtype, memory_format=torch.channels_last)
-            with torch.no_grad():
-                row["conv3x3_fwd_ms"] = bench_cuda(lambda: dense(x))
-                row["dwconv3x3_fwd_ms"] = bench_cuda(lambda: depthwise(x))
-            anchor = anchors.get((N, H, W, C, G, name))
-            if anchor:
-                for d in ("fwd", "bwd"):
-                    if f"best_{d}_x_floor" in anchor:
-                        row[f"anchor_{d}_x_floor"] = anchor[f"best_{d}_x_floor"]
-                        row[f"anchor_{d}_impl"] = anchor[f"best_{d}_impl"]
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            del value, om, grad_out, dense, depthwise, x
+            row["ref_fwdbwd_ms"] = bench_cuda(ref_fwd_bwd, rep_ms=50)
+        # cuDNN 3x3 convolutions of the same width on channels-last NCHW views of the same data.
+        x = value.permute(0, 3, 1, 2)
+        dense = torch.nn.Conv2d(C, C, 3, padding=1, bias=False).to("cuda", dtype, memory_format=torch.channels_last)
+        depthwise = torch.nn.Conv2d(C, C, 3, padding=1, groups=C, bias=False).to(
+            "cuda", dtype, memory_format=torch.channels_last)
+        with torch.no_grad():
+            row["conv3x3_fwd_ms"] = bench_cuda(lambda: dense(x))
+            row["dwconv3x3_fwd_ms"] = bench_cuda(lambda: depthwise(x))
+        anchor = anchors.get((N, H, W, C, G, name)) if offset_std == 2.0 else None  # the anchors' inputs
+        if anchor:
+            for d in ("fwd", "bwd"):
+                if f"best_{d}_x_floor" in anchor:
+                    row[f"anchor_{d}_x_floor"] = anchor[f"best_{d}_x_floor"]
+                    row[f"anchor_{d}_impl"] = anchor[f"best_{d}_impl"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del value, om, grad_out, dense, depthwise, x
         torch.cuda.empty_cache()
     return env, rows
 
 
-def run_cpu(dtypes, quick: bool) -> tuple[dict, list[dict]]:
+def run_cpu(dtypes, quick: bool, offset_stds=(2.0,)) -> tuple[dict, list[dict]]:
     ops = torch.ops.unet_dcnv4
     env = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__}
     rows = []
     shapes = CPU_SHAPES[:1] if quick else CPU_SHAPES
-    for shape in shapes:
+    for shape, offset_std in itertools.product(shapes, offset_stds):
         N, H, W, C, G = shape
         for name in dtypes:
             dtype = DTYPES[name]
-            value, om = make_inputs(shape, dtype, "cpu")
+            value, om = make_inputs(shape, dtype, "cpu", offset_std=offset_std)
             args = op_args(G)
             grad_out = torch.randn_like(value)
-            row = {"N": N, "H": H, "W": W, "C": C, "G": G, "dtype": name}
+            row = {"N": N, "H": H, "W": W, "C": C, "G": G, "dtype": name, "offset_std": offset_std}
             ref64 = dcnv4_reference(value.double(), om.double(), 3, 1, 1, 1, G)
             row["err_fwd"] = rel_err(ops.dcnv4_forward(value, om, *args), ref64)
             row["err_grid_sample"] = rel_err(grid_sample_dcnv4(value, om, G), ref64)
@@ -210,13 +211,19 @@ def fmt(v, spec=".4f"):
     return "-" if v is None else format(v, spec)
 
 
+def shape_text(r: dict) -> str:
+    """N,H,W,C,G, and the offsets' std where it is not the anchors' 2."""
+    std = r.get("offset_std", 2.0)
+    return f"{r['N']},{r['H']},{r['W']},{r['C']},{r['G']}" + ("" if std == 2.0 else f" s{std:g}")
+
+
 def table(device: str, rows: list[dict]) -> str:
     lines = []
     if device == "cuda":
         lines.append(f"{'shape (N,H,W,C,G)':<22}{'dtype':<10}{'dir':<6}{'ms':>9}{'x floor':>9}{'anchor x':>10}"
                      f"{'ref ms':>9}{'conv3x3':>9}{'dw3x3':>9}")
         for r in rows:
-            shape = f"{r['N']},{r['H']},{r['W']},{r['C']},{r['G']}"
+            shape = shape_text(r)
             for d, key, ref_key in (("fwd", "fwd", "ref_fwd_ms"), ("bwd", "bwd", "ref_fwdbwd_ms"),
                                     ("bwd-t", "bwd_tiled", None)):
                 ms = r[f"{key}_ms"]
@@ -232,7 +239,7 @@ def table(device: str, rows: list[dict]) -> str:
         lines.append(f"{'shape (N,H,W,C,G)':<22}{'dtype':<10}{'fwd ms':>9}{'bwd ms':>9}{'f+b ms':>9}"
                      f"{'gs f+b':>9}{'ref f+b':>9}{'speedup':>9}{'vs ref':>9}")
         for r in rows:
-            shape = f"{r['N']},{r['H']},{r['W']},{r['C']},{r['G']}"
+            shape = shape_text(r)
             lines.append(f"{shape:<22}{r['dtype']:<10}{r['fwd_ms']:>9.3f}{r['bwd_ms']:>9.3f}{r['fwdbwd_ms']:>9.3f}"
                          f"{r['gs_fwdbwd_ms']:>9.3f}{r['ref_fwdbwd_ms']:>9.3f}"
                          f"{r['speedup_fwdbwd_vs_grid_sample']:>8.1f}x{r['speedup_fwdbwd_vs_ref']:>8.1f}x")
@@ -250,6 +257,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer shapes, no reference timings on the GPU")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--offset_std", type=float, nargs="+", default=[2.0],
+                        help="std of the random offsets, each a set of rows (default: 2, the anchors'; 0 puts "
+                             "every sampling position on a pixel, as in a fresh layer)")
     parser.add_argument("--anchors", type=Path, default=HERE / "anchors_h100.json",
                         help="best earlier implementations per shape, as multiples of the floor")
     args = parser.parse_args(argv)
@@ -258,6 +268,9 @@ def main(argv=None) -> int:
     unknown = [d for d in dtypes if d not in DTYPES]
     if unknown:
         print(f"bench_op.py: unknown dtype(s) {unknown}; choose from {sorted(DTYPES)}", file=sys.stderr)
+        return 2
+    if any(not s >= 0 for s in args.offset_std):
+        print(f"bench_op.py: --offset_std must be >= 0, got {args.offset_std}", file=sys.stderr)
         return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_op.py: --device cuda needs a CUDA GPU, and none is visible", file=sys.stderr)
@@ -270,9 +283,9 @@ def main(argv=None) -> int:
         return 2
     torch.manual_seed(0)
     if args.device == "cuda":
-        env, rows = run_cuda(dtypes, args.quick, load_anchors(args.anchors))
+        env, rows = run_cuda(dtypes, args.quick, load_anchors(args.anchors), args.offset_std)
     else:
-        env, rows = run_cpu(dtypes, args.quick)
+        env, rows = run_cpu(dtypes, args.quick, args.offset_std)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"env": env, "rows": rows}, indent=1))

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One-call check of the DCNv4 CUDA kernels and the training path on a GPU machine (H100/H200). It builds
 # for sm_90. Then, with the GPU to themselves: the operator benchmark, the layer and U-Net step benchmark,
-# an Nsight Compute profile of the op's kernels (benchmarks/profile_op.py), and a kernel variant against
-# the default (the 16-bit backward's channels a lane). Then side by side: the CUDA op tests, memcheck
+# an Nsight Compute profile of the op's kernels (benchmarks/profile_op.py), and the kernels' build-time
+# variants against the default build (benchmarks/compare_builds.py). Then side by side: the CUDA op tests, memcheck
 # and racecheck on a few cases, and a resume check of bf16 training (benchmarks/resume_check.py). Logs
 # and JSON go to $LOGDIR (benchmarks/out); the tables are printed last. On an H100 the first version of
 # these stages (no profile, no variant) took 9 minutes with the twemoji64 training beside them.
@@ -19,8 +19,8 @@
 # elsewhere. Beside the tests it did not fit: 800 VAE steps took 136 s and 800 DCNv4 U-Net steps 110 s,
 # and the conv U-Net was cut off. With $OUT set (the device tool), the logs come back as
 # $OUT/gpu_check_logs.tar.gz and the samples as tar parts of at most 15 MB. Stage time limits: op,
-# unet and profile 150 s each, variants 150 + 2 x 120 s (the 16-bit backward) and 2 x 120 + 4 x 120 s (the
-# forward's builds), tests 300 s, resume 300 s, twemoji64 TW_LIMIT (340 s), each cut to what BUDGET leaves.
+# unet and profile 150 s each, variants 4 x 120 s (the variant builds' tests) and 5 x 120 s (every build's op
+# times), tests 300 s, resume 300 s, twemoji64 TW_LIMIT (340 s), each cut to what BUDGET leaves.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -85,6 +85,31 @@ if [ "${PIPESTATUS[0]}" -ne 0 ]; then
   exit 1
 fi
 
+# The kernels' build-time variants (csrc/cuda/dcnv4_cuda.cu) against the default build:
+#   before   both directions as they were before the redesign: int64 indices, K a runtime value
+#   unroll9  the forward's whole point loop unrolled; the 16-bit backward at 4 channels a lane (8-byte words)
+#   wide     two 16-byte words a corner: 8 fp32 channels a lane in both directions, 16 half ones in the forward
+#   skip0    the backward sends no atomic for a corner of weight zero (3 of 4 at zero offsets)
+# Each compiles in a build folder of its own, in the background from the script's start (4 jobs each), so
+# that the GPU does not wait for them. Then each one's GPU tests (the op's cases, forward and both backward
+# kernels, every dtype), then every build's op times one after the other on the quiet GPU.
+declare -A BUILD_FLAGS=(
+  [default]=""
+  [before]="-DDCNV4_FWD_INDEX64 -DDCNV4_FWD_K_RUNTIME -DDCNV4_BWD_INDEX64 -DDCNV4_BWD_K_RUNTIME"
+  [unroll9]="-DDCNV4_FWD_K9_UNROLL=9 -DDCNV4_BWD16_V=4"
+  [wide]="-DDCNV4_FWD32_V=8 -DDCNV4_FWD16_V=16 -DDCNV4_BWD32_V=8"
+  [skip0]="-DDCNV4_BWD_SKIP_ZERO"
+)
+VARIANT_BUILDS="before unroll9 wide skip0"
+if wants variants; then
+  step "building the kernel variants in the background: $VARIANT_BUILDS"
+  for b in $VARIANT_BUILDS; do
+    ( UNET_DCNV4_NVCC_FLAGS="${BUILD_FLAGS[$b]}" MAX_JOBS=4 timeout 600 "$PY" -c \
+        "from unet_dcnv4.ops import load_extension; load_extension()" >"$OUTDIR/build_$b.log" 2>&1
+      echo $? >"$OUTDIR/build_$b.rc" ) &
+  done
+fi
+
 if wants op; then
   step "operator benchmark"
   timeout "$(limit 150)" "$PY" benchmarks/bench_op.py --device cuda --out "$OUTDIR/bench_op.json" >"$OUTDIR/bench.log" 2>&1
@@ -132,75 +157,37 @@ for (i, kernel), m in sorted(rows.items()):
 EOF2
 fi
 
-# bench_build NAME FLAGS DTYPES: bench_op.py --quick with the kernels built with the nvcc FLAGS
-# (UNET_DCNV4_NVCC_FLAGS, a build folder of their own), into $OUTDIR/bench_NAME.json and .log.
+# bench_build NAME FLAGS DTYPES: bench_op.py --quick at offsets of std 2 and 0 with the kernels built with the
+# nvcc FLAGS (UNET_DCNV4_NVCC_FLAGS, a build folder of their own), into $OUTDIR/bench_NAME.json and .log.
 bench_build() {
   UNET_DCNV4_NVCC_FLAGS="$2" timeout "$(limit 120)" "$PY" benchmarks/bench_op.py --device cuda --quick \
-    --dtypes "$3" --out "$OUTDIR/bench_$1.json" >"$OUTDIR/bench_$1.log" 2>&1 ||
+    --dtypes "$3" --offset_std 2 0 --out "$OUTDIR/bench_$1.json" >"$OUTDIR/bench_$1.log" 2>&1 ||
     echo "bench_op.py with the $1 build failed; see $OUTDIR/bench_$1.log"
 }
 
-# A kernel variant built beside the default (UNET_DCNV4_NVCC_FLAGS): the 16-bit backward with 4
-# channels a lane instead of 8 (DCNV4_BWD16_V in csrc/cuda/dcnv4_cuda.cu). Its GPU tests, then both
-# builds' 16-bit backward at the first four anchor shapes, one after the other on the quiet GPU.
+# wait_build NAME: waits for the background build NAME; false (and a line saying so) if it failed.
+wait_build() {
+  local waited=0
+  while [ ! -f "$OUTDIR/build_$1.rc" ] && [ "$waited" -lt "$(limit 300)" ]; do sleep 2; waited=$((waited + 2)); done
+  [ "$(cat "$OUTDIR/build_$1.rc" 2>/dev/null)" = 0 ] && return 0
+  echo "the $1 build failed or did not finish; see $OUTDIR/build_$1.log"
+  status=1
+  return 1
+}
 if wants variants; then
-  step "variant DCNV4_BWD16_V=4: its 16-bit backward tests and both builds' timings"
-  UNET_DCNV4_NVCC_FLAGS="-DDCNV4_BWD16_V=4" timeout "$(limit 150)" "$PY" -m pytest tests/test_cuda.py -q \
-    -p no:cacheprovider -k "backward_matches and (float16 or bfloat16)" >"$OUTDIR/variant_tests.log" 2>&1
-  variant_tests_rc=$?
-  grep -v "^DEBUG" "$OUTDIR/variant_tests.log" | tail -n 3
-  [ "$variant_tests_rc" -eq 0 ] || status=1
-  bench_build bwd16_v8 "" float16,bfloat16
-  bench_build bwd16_v4 "-DDCNV4_BWD16_V=4" float16,bfloat16
-  "$PY" - "$OUTDIR" <<'EOF3' | tee "$OUTDIR/bench_bwd16.txt"
-import json, sys
-from pathlib import Path
-runs = {}
-for v in (8, 4):
-    path = Path(sys.argv[1]) / f"bench_bwd16_v{v}.json"
-    if path.exists():
-        runs[v] = {(r["N"], r["H"], r["W"], r["C"], r["G"], r["dtype"]): r for r in json.loads(path.read_text())["rows"]}
-print("shape dtype | bwd ms V=8 | bwd ms V=4 | V=8 / V=4 | tiled V=8 / V=4")
-for key in runs.get(8, {}):
-    a, b = runs[8][key], runs.get(4, {}).get(key)
-    if b:
-        print(f"{key} | {a['bwd_ms']:.4f} | {b['bwd_ms']:.4f} | {a['bwd_ms'] / b['bwd_ms']:.2f} | "
-              f"{a['bwd_tiled_ms'] / b['bwd_tiled_ms']:.2f}")
-EOF3
-fi
-
-# The forward's builds (csrc/cuda/dcnv4_cuda.cu): "before" is the forward as it was (int64 indices, K a
-# runtime value), "default" takes int32 indices and a compile-time K = 9 for 3x3 kernels with three points
-# an iteration, "unroll9" the whole point loop, "wide" two 16-byte words a corner (8 fp32 or 16 half
-# channels a lane). The GPU forward tests of the last two, then the four builds' forward times at the anchor
-# shapes in fp32 and bf16, one after the other on the quiet GPU.
-if wants variants; then
-  step "forward builds: before / default / unroll9 / wide, tests and timings"
-  for flags in "-DDCNV4_FWD_K9_UNROLL=9" "-DDCNV4_FWD32_V=8 -DDCNV4_FWD16_V=16"; do
-    UNET_DCNV4_NVCC_FLAGS="$flags" timeout "$(limit 120)" "$PY" -m pytest tests/test_cuda.py -q \
-      -p no:cacheprovider -k "forward" >>"$OUTDIR/fwd_variant_tests.log" 2>&1 || status=1
+  step "kernel builds: tests of the variant builds, then every build's op times"
+  for b in $VARIANT_BUILDS; do
+    wait_build "$b" || continue
+    UNET_DCNV4_NVCC_FLAGS="${BUILD_FLAGS[$b]}" timeout "$(limit 120)" "$PY" -m pytest tests/test_ops.py \
+      tests/test_cuda.py -q -p no:cacheprovider -k "(kernel_forward_backward and cuda) or backward_matches_autograd" \
+      >"$OUTDIR/variant_tests_$b.log" 2>&1 || { status=1; echo "the $b build's GPU tests failed"; }
+    echo "$b: $(grep -v "^DEBUG" "$OUTDIR/variant_tests_$b.log" | tail -n 1)"
   done
-  grep -v "^DEBUG" "$OUTDIR/fwd_variant_tests.log" | tail -n 2
-  bench_build fwd_before "-DDCNV4_FWD_INDEX64 -DDCNV4_FWD_K_RUNTIME" float32,bfloat16
-  bench_build fwd_default "" float32,bfloat16
-  bench_build fwd_unroll9 "-DDCNV4_FWD_K9_UNROLL=9" float32,bfloat16
-  bench_build fwd_wide "-DDCNV4_FWD32_V=8 -DDCNV4_FWD16_V=16" float32,bfloat16
-  "$PY" - "$OUTDIR" <<'EOF4' | tee "$OUTDIR/bench_fwd_builds.txt"
-import json, sys
-from pathlib import Path
-runs = {}
-for build in ("before", "default", "unroll9", "wide"):
-    path = Path(sys.argv[1]) / f"bench_fwd_{build}.json"
-    if path.exists():
-        runs[build] = {(r["N"], r["H"], r["W"], r["C"], r["G"], r["dtype"]): r for r in json.loads(path.read_text())["rows"]}
-print("shape dtype | fwd ms before | default | unroll9 | wide | before / default | default / floor")
-for key, a in runs.get("before", {}).items():
-    d = runs.get("default", {}).get(key)
-    if d:
-        other = [runs.get(b, {}).get(key, {}).get("fwd_ms", float("nan")) for b in ("unroll9", "wide")]
-        print(f"{key} | {a['fwd_ms']:.4f} | {d['fwd_ms']:.4f} | {other[0]:.4f} | {other[1]:.4f} | "
-              f"{a['fwd_ms'] / d['fwd_ms']:.2f} | {d['fwd_ms'] / d['floor_fwd_ms']:.2f}")
-EOF4
+  for b in default $VARIANT_BUILDS; do
+    [ "$b" = default ] || [ "$(cat "$OUTDIR/build_$b.rc" 2>/dev/null)" = 0 ] || continue
+    bench_build "$b" "${BUILD_FLAGS[$b]}" float32,bfloat16
+  done
+  "$PY" benchmarks/compare_builds.py "$OUTDIR" default $VARIANT_BUILDS | tee "$OUTDIR/bench_builds.txt"
 fi
 
 # Side by side: the GPU is shared from here on, so nothing below is timed for a table.

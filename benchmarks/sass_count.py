@@ -42,11 +42,12 @@ REPO = Path(__file__).resolve().parents[1]
 SOURCE = REPO / "csrc" / "cuda" / "dcnv4_cuda.cu"
 DEFAULT_VARIANTS = ["default=", "bwd16_v4=-DDCNV4_BWD16_V=4"]
 KERNELS = ("forward_kernel", "backward_kernel", "backward_tiled_kernel")
-# Mangled template arguments <scalar_t, V> of the kernels, e.g. ...14forward_kernelI13__nv_bfloat16Li8EE...,
-# and the forward's <scalar_t, V, index_t, KC>, e.g. ...14forward_kernelIfLi4EiLi9EEE... (int32_t, K = 9).
+# Mangled template arguments <scalar_t, V, index_t, KC> of the forward and atomic backward kernels, e.g.
+# ...14forward_kernelIfLi4EiLi9EEE... (int32_t, K = 9), <scalar_t, V, KC> of the tiled backward (int64
+# indices), e.g. ...21backward_tiled_kernelIfLi4ELi0EEE..., and <scalar_t, V> as the kernels were before.
 DTYPES = {"f": "fp32", "d": "fp64", "6__half": "fp16", "13__nv_bfloat16": "bf16"}
 INDEX_TYPES = {"i": "int32", "l": "int64"}
-KERNEL_RE = re.compile(r"\d+(" + "|".join(KERNELS) + r")I(" + "|".join(DTYPES) + r")Li(\d+)E(?:([il])Li(\d+)E)?E")
+KERNEL_RE = re.compile(r"\d+(" + "|".join(KERNELS) + r")I(" + "|".join(DTYPES) + r")Li(\d+)E(?:([il])?Li(\d+)E)?E")
 LOADS_PER_POINT = 7  # two offsets, one mask, four corners, all read-only loads
 ITEM_BYTES = {"fp32": 4, "fp64": 8, "fp16": 2, "bf16": 2}
 
@@ -162,12 +163,13 @@ def class_counts(instrs: list[Instr]) -> dict[str, int]:
 
 def kernel_id(mangled: str) -> tuple[str, str, int, str] | None:
     """(kernel, dtype, V, build) of a mangled instantiation name, None for other functions. build names the
-    forward's index type and K ("int32 K=9", "int64 K any"), "" for the kernels without them."""
+    index type and K ("int32 K=9", "int64 K any"; int64 where K is the only other argument), "" for
+    instantiations of <scalar_t, V> alone."""
     m = KERNEL_RE.search(mangled)
     if m is None:
         return None
-    build = "" if m.group(4) is None else \
-        f"{INDEX_TYPES[m.group(4)]} K={m.group(5)}" if int(m.group(5)) else f"{INDEX_TYPES[m.group(4)]} K any"
+    index = INDEX_TYPES[m.group(4) or "l"]
+    build = "" if m.group(5) is None else f"{index} K={m.group(5)}" if int(m.group(5)) else f"{index} K any"
     return m.group(1), DTYPES[m.group(2)], int(m.group(3)), build
 
 

@@ -32,6 +32,46 @@ def test_bench_op_on_cpu_writes_json_and_table(tmp_path, capsys):
     assert "speedup" in capsys.readouterr().out
 
 
+def test_bench_op_offset_std_sets_the_offsets_and_names_its_rows(tmp_path, capsys):
+    value, om = bench_op.make_inputs((1, 4, 5, 8, 2), torch.float32, "cpu", offset_std=0.0)
+    used = om[..., : 3 * 2 * 9].view(1, 4, 5, 2, 27)
+    assert (used[..., :18] == 0).all() and (used[..., 18:] != 0).all()  # offsets zero, masks kept
+    _, om2 = bench_op.make_inputs((1, 4, 5, 8, 2), torch.float32, "cpu", offset_std=2.0)
+    assert 1.5 < om2[..., :54].view(1, 4, 5, 2, 27)[..., :18].std() < 2.5
+    out = tmp_path / "op.json"
+    assert bench_op.main(["--device", "cpu", "--quick", "--offset_std", "0", "2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["offset_std"] for r in rows] == [0.0, 2.0]
+    printed = capsys.readouterr().out
+    assert " s0 " in printed and printed.count(" s0 ") == 1
+    assert bench_op.main(["--device", "cpu", "--quick", "--offset_std", "-1"]) == 2
+    assert "--offset_std must be >= 0" in capsys.readouterr().err
+
+
+def test_compare_builds_puts_each_builds_times_side_by_side(tmp_path, capsys):
+    compare_builds = _load("compare_builds")
+
+    def row(std, fwd, bwd, dtype="float32"):
+        return {"N": 64, "H": 32, "W": 32, "C": 256, "G": 16, "dtype": dtype, "offset_std": std, "err_fwd": 1e-7,
+                "fwd_ms": fwd, "bwd_ms": bwd, "bwd_tiled_ms": 2 * bwd, "floor_fwd_ms": 0.05, "floor_bwd_ms": 0.1}
+
+    for build, rows in {"default": [row(2.0, 0.10, 0.40), row(0.0, 0.09, 0.30)],
+                        "before": [row(2.0, 0.20, 0.50), row(0.0, 0.18, 0.45), row(2.0, 0.3, 0.6, "bfloat16")],
+                        "skip0": [row(2.0, 0.11, 0.41), row(0.0, 0.10, 0.15)]}.items():
+        (tmp_path / f"bench_{build}.json").write_text(json.dumps({"env": {}, "rows": rows}))
+    assert compare_builds.main([str(tmp_path), "default", "before", "skip0", "wide"]) == 0
+    captured = capsys.readouterr()
+    assert "no bench_<build>.json for ['wide']" in captured.err
+    lines = captured.out.splitlines()
+    forward = lines[lines.index("forward, ms") + 2: lines.index("forward, ms") + 4]
+    assert forward[0].split(" | ") == ["64,32,32,256,16", "float32", "2", "0.1000", "0.2000", "0.1100", "default",
+                                       "0.50", "2.00"]
+    backward = lines[lines.index("backward (atomic kernel), ms") + 3].split(" | ")
+    assert backward[2] == "0" and backward[-3:] == ["skip0", "0.67", "3.00"]
+    assert "left out: 1 rows not measured by every build" in captured.out  # bf16: the before build only
+    assert compare_builds.main([str(tmp_path / "absent"), "default"]) == 2
+
+
 def test_bench_op_cuda_table_lists_both_backward_kernels():
     row = {"N": 64, "H": 56, "W": 56, "C": 64, "G": 4, "dtype": "float32", "floor_fwd_ms": 0.064,
            "floor_bwd_ms": 0.111, "fwd_ms": 0.096, "bwd_ms": 0.444, "bwd_tiled_ms": 0.222, "conv3x3_fwd_ms": 0.2,

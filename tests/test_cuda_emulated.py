@@ -65,17 +65,19 @@ def emu_bwd16_v4(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def emu_index64(tmp_path_factory):
-    """The kernels built with DCNV4_FWD_INDEX64: the forward takes int64 indices at every size (the default
-    build takes int32 where every index fits, as at every shape here)."""
-    return build_emulator(tmp_path_factory, "dcnv4_emulator_index64", ("-DDCNV4_FWD_INDEX64",))
+    """The kernels built with DCNV4_FWD_INDEX64 and DCNV4_BWD_INDEX64: both directions take int64 indices at
+    every size (the default build takes int32 where every index fits, as at every shape here)."""
+    return build_emulator(tmp_path_factory, "dcnv4_emulator_index64", ("-DDCNV4_FWD_INDEX64", "-DDCNV4_BWD_INDEX64"))
 
 
 @pytest.fixture(scope="module")
-def emu_wide_forward(tmp_path_factory):
-    """The kernels built with DCNV4_FWD32_V=8 and DCNV4_FWD16_V=16: the forward takes two 16-byte words a
-    corner, 8 fp32 channels a lane for groups of a multiple of 8, 16 half-precision ones for multiples of 16."""
-    return build_emulator(tmp_path_factory, "dcnv4_emulator_wide_forward",
-                          ("-DDCNV4_FWD32_V=8", "-DDCNV4_FWD16_V=16"))
+def emu_variants(tmp_path_factory):
+    """The kernels built with the build-time variants a GPU run is to time, in one build: DCNV4_FWD32_V=8 and
+    DCNV4_FWD16_V=16 (the forward takes two 16-byte words a corner, 8 fp32 channels a lane for groups of a
+    multiple of 8, 16 half-precision ones for multiples of 16), DCNV4_BWD32_V=8 (the fp32 backward likewise,
+    8 channels a lane) and DCNV4_BWD_SKIP_ZERO (the backward sends no atomic for a corner of weight zero)."""
+    return build_emulator(tmp_path_factory, "dcnv4_emulator_variants",
+                          ("-DDCNV4_FWD32_V=8", "-DDCNV4_FWD16_V=16", "-DDCNV4_BWD32_V=8", "-DDCNV4_BWD_SKIP_ZERO"))
 
 
 def guarded(shape, dtype, fill):
@@ -169,12 +171,60 @@ def test_emulated_forward_with_int64_indices(emu_index64, case, dtype):
     check_forward(emu_index64, EMULATED[case], dtype, seed=70 + list(EMULATED).index(case))
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=lambda t: str(t).split(".")[-1])
+@pytest.mark.parametrize("case", ["13x9", "k5_D32", "remove_center", "far_offsets", "D36_scalar_half"], ids=str)
+def test_emulated_backward_with_int64_indices(emu_index64, case, dtype, variant):
+    """The atomic backward's int64 builds (K = 9 and any K); the tiled kernel is int64 in every build."""
+    check_backward(emu_index64, EMULATED[case], dtype, seed=80 + list(EMULATED).index(case), variant=variant)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
 @pytest.mark.parametrize("case", ["13x9", "k5_D32", "D64", "remove_center", "far_offsets", "stride2", "7x7_D4",
                                   "D36_scalar_half", "padded_P"], ids=str)
-def test_emulated_forward_with_two_words_a_corner(emu_wide_forward, case, dtype):
+def test_emulated_forward_with_two_words_a_corner(emu_variants, case, dtype):
     """The forward built with DCNV4_FWD32_V=8 and DCNV4_FWD16_V=16 (the other groups keep one word a corner)."""
-    check_forward(emu_wide_forward, EMULATED[case], dtype, seed=90 + list(EMULATED).index(case))
+    check_forward(emu_variants, EMULATED[case], dtype, seed=90 + list(EMULATED).index(case))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda t: str(t).split(".")[-1])
+@pytest.mark.parametrize("case", ["13x9", "k5_D32", "D64", "far_offsets", "7x7_D4", "D36_scalar_half", "padded_P"],
+                         ids=str)
+def test_emulated_backward_variants(emu_variants, case, dtype, variant):
+    """The backward built with DCNV4_BWD32_V=8 (fp32 groups of a multiple of 8 take two words a corner) and
+    DCNV4_BWD_SKIP_ZERO."""
+    check_backward(emu_variants, EMULATED[case], dtype, seed=110 + list(EMULATED).index(case), variant=variant)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_backward_skips_the_corners_of_weight_zero(emu, emu_variants, variant):
+    """At zero offsets every sampling position is a pixel: three corners of four have weight zero, and the
+    DCNV4_BWD_SKIP_ZERO build sends grad_value only the fourth (the pixel itself), with the same result."""
+    value, om, kwargs = make_case(N=2, H=7, W=6, G=2, D=16, seed=5)
+    value, om = value.float(), om.float()
+    om.view(2, 7, 6, 2, 27)[..., :18] = 0  # both groups' offsets; the masks kept
+    grad_out = torch.randn(2, 7, 6, 32, generator=torch.Generator().manual_seed(6))
+    gv, gom = emulated_backward(emu, grad_out, value, om, kwargs, variant)
+    every = emu.counters()
+    gv_s, gom_s = emulated_backward(emu_variants, grad_out, value, om, kwargs, variant)
+    skipped = emu_variants.counters()
+
+    def sent(c):
+        return c["atomics16"] + c["atomics_shared"] + c["atomics_scalar"]
+
+    if variant == "atomic":
+        # A corner inside the 7x6 image costs 4 float4 atomics a task in both builds (4 lanes x 4 channels,
+        # or 2 lanes x 8), 2 tasks (groups) a pixel; 3x3 taps with padding 1.
+        points = sum(1 for ho in range(7) for wo in range(6) for i in (-1, 0, 1) for j in (-1, 0, 1)
+                     if 0 <= ho + j < 7 and 0 <= wo + i < 6)
+        corners = sum(1 for ho in range(7) for wo in range(6) for i in (-1, 0, 1) for j in (-1, 0, 1) for c in range(4)
+                      if 0 <= ho + j + (c >> 1) < 7 and 0 <= wo + i + (c & 1) < 6)
+        assert sent(every) == 2 * 2 * 4 * corners, every  # 2 images x 2 groups
+        assert sent(skipped) == 2 * 2 * 4 * points, skipped
+    assert sent(skipped) < sent(every) / 2, (every, skipped)
+    torch.testing.assert_close(gv_s, gv, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gom_s, gom, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

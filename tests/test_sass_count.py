@@ -139,7 +139,11 @@ def test_rows_on_snippet():
      ("forward_kernel", "bf16", 8, "int64 K any")),
     ("14forward_kernelIfLi4EEEvNS_6ParamsEPKT_S5_PS3_iil", ("forward_kernel", "fp32", 4, "")),  # before the builds
     ("15backward_kernelI6__halfLi1EEEvNS_6ParamsEPKT_S6_S6_PNS0_3AccIS4_E4typeEPS4_iil",
-     ("backward_kernel", "fp16", 1, "")),
+     ("backward_kernel", "fp16", 1, "")),  # before the builds
+    ("15backward_kernelI6__halfLi8EiLi9EEEvNS_6ParamsEPKT_S6_S6_PNS0_3AccIS4_E4typeEPS4_iiT1_",
+     ("backward_kernel", "fp16", 8, "int32 K=9")),
+    ("21backward_tiled_kernelIfLi4ELi0EEEvNS_6ParamsEPKT_S5_S5_PNS0_3AccIS3_E4typeEPS3_iiNS0_6TilingE",
+     ("backward_tiled_kernel", "fp32", 4, "int64 K any")),
     ("21backward_tiled_kernelIdLi1EEEvNS_6ParamsEPKT_S5_S5_PNS0_3AccIS3_E4typeEPS3_iiNS0_6TilingE",
      ("backward_tiled_kernel", "fp64", 1, "")),
 ])
@@ -182,15 +186,15 @@ def real_rows(tmp_path_factory):
     return json.loads((folder / "rows.json").read_text())
 
 
-FORWARD_BUILDS = ("int32 K=9", "int32 K any", "int64 K=9", "int64 K any")
+BUILDS = ("int32 K=9", "int32 K any", "int64 K=9", "int64 K any")
 
 
 def _expected(bwd16_v: int) -> set[tuple[str, str, int, str]]:
     widths = {"fp32": (4, 1), "bf16": (8, 1), "fp16": (8, 1), "fp64": (1,)}
-    out = {("forward_kernel", d, v, b) for d, vs in widths.items() for v in vs for b in FORWARD_BUILDS}
+    out = {("forward_kernel", d, v, b) for d, vs in widths.items() for v in vs for b in BUILDS}
     widths["bf16"] = widths["fp16"] = (bwd16_v, 1)
-    return out | {(k, d, v, "") for k in ("backward_kernel", "backward_tiled_kernel") for d, vs in widths.items()
-                  for v in vs}
+    out |= {("backward_kernel", d, v, b) for d, vs in widths.items() for v in vs for b in BUILDS}
+    return out | {("backward_tiled_kernel", d, v, b) for d, vs in widths.items() for v in vs for b in BUILDS[2:]}
 
 
 def test_real_kernels(real_rows):
@@ -211,5 +215,5 @@ def test_real_kernels(real_rows):
             assert all(row[c] == v4[key][c] for c in counts), key
     for kernel in ("backward_kernel", "backward_tiled_kernel"):
         for dtype in ("bf16", "fp16"):
-            assert default[(kernel, dtype, 8, "")]["loop"] != v4[(kernel, dtype, 4, "")]["loop"]
-            assert default[(kernel, dtype, 8, "")]["total"] != v4[(kernel, dtype, 4, "")]["total"]
+            assert default[(kernel, dtype, 8, "int64 K=9")]["loop"] != v4[(kernel, dtype, 4, "int64 K=9")]["loop"]
+            assert default[(kernel, dtype, 8, "int64 K=9")]["total"] != v4[(kernel, dtype, 4, "int64 K=9")]["total"]

@@ -347,14 +347,24 @@ __device__ __forceinline__ acc_t lane_sum(acc_t v, int lanes) {
 
 // Where a task's grad_value contributions go: `add` (mask * weight * grad_out over the V channels of
 // chunk c) for corner `corner` of footprint b.
-template <typename acc_t, int V>
+template <typename acc_t, int V, typename index_t = int64_t>
 struct GlobalScatter {  // the atomic kernel: straight to global memory
   acc_t* gimg;          // grad_value at the task's image and group
-  int64_t C;
-  __device__ __forceinline__ void operator()(const Bilinear<acc_t>& b, int corner, int c, const acc_t (&add)[V]) const {
+  index_t C;
+  __device__ __forceinline__ void operator()(const Bilinear<acc_t, index_t>& b, int corner, int c,
+                                             const acc_t (&add)[V]) const {
     atomic_add_vec<V>(gimg + b.idx[corner] * C + c * V, add);
   }
 };
+
+// Corners whose weight is exactly zero (mask zero, or a sampling position on a pixel row or column: at zero
+// offsets, a fresh layer, three corners of four) send nothing to grad_value when built with
+// -DDCNV4_BWD_SKIP_ZERO: an atomic saved for a comparison. Their values still enter the offsets' gradients.
+#ifdef DCNV4_BWD_SKIP_ZERO
+constexpr bool kSkipZeroWeight = true;
+#else
+constexpr bool kSkipZeroWeight = false;
+#endif
 
 // Backward of one task. Per point: grad_value at the four corners gets mask * weight * grad_out
 // (handed to `scatter`: points of neighbouring tasks hit the same pixels); the mask's gradient is
@@ -362,22 +372,24 @@ struct GlobalScatter {  // the atomic kernel: straight to global memory
 // dot products over D that each lane computes for its chunks and the task's lanes then sum with
 // shuffles, so grad_offset_mask is written once, without atomics, by the task's first lane. Every
 // lane of the warp must call this (the shuffles); lanes with `active` false compute on a valid task
-// and write nothing.
-template <typename scalar_t, int V, typename Scatter>
-__device__ __forceinline__ void backward_task(const Params& p, const Task& t, int lane, int log2_lanes, int chunks,
-                                              bool active, const scalar_t* __restrict__ grad_output,
+// and write nothing. index_t and KC as in the forward (TaskT, sample_point).
+template <typename scalar_t, int V, int KC, typename index_t, typename Scatter>
+__device__ __forceinline__ void backward_task(const Params& p, const TaskT<index_t>& t, int lane, int log2_lanes,
+                                              int chunks, bool active, const scalar_t* __restrict__ grad_output,
                                               const scalar_t* __restrict__ value,
                                               const scalar_t* __restrict__ offset_mask,
                                               scalar_t* __restrict__ grad_offset_mask, const Scatter& scatter) {
   using acc_t = typename Acc<scalar_t>::type;
   const int lanes = 1 << log2_lanes;
   const int per_lane = (chunks + lanes - 1) >> log2_lanes;
-  const int64_t C = p.G * p.D;
+  const int K = KC > 0 ? KC : p.K;
+  const index_t C = static_cast<index_t>(p.G * p.D), D = static_cast<index_t>(p.D);
+  const index_t P = static_cast<index_t>(p.P), HW = static_cast<index_t>(p.H * p.W);
   const acc_t s = static_cast<acc_t>(p.offset_scale);
-  const scalar_t* om = offset_mask + t.pix * p.P + t.g * 3 * p.K;
-  scalar_t* gom = grad_offset_mask + t.pix * p.P + t.g * 3 * p.K;
-  const scalar_t* img = value + t.n * p.H * p.W * C + t.g * p.D;
-  const scalar_t* gout = grad_output + t.pix * C + t.g * p.D;
+  const scalar_t* om = offset_mask + t.pix * P + t.g * 3 * K;
+  scalar_t* gom = grad_offset_mask + t.pix * P + t.g * 3 * K;
+  const scalar_t* img = value + t.n * HW * C + t.g * D;
+  const scalar_t* gout = grad_output + t.pix * C + t.g * D;
   for (int r = 0; r < per_lane; ++r) {
     const int c = lane + (r << log2_lanes);
     const bool has = c < chunks;
@@ -388,9 +400,10 @@ __device__ __forceinline__ void backward_task(const Params& p, const Task& t, in
 #pragma unroll
       for (int i = 0; i < V; ++i) go[i] = 0;
     }
-    for (int k = 0; k < p.K; ++k) {
+#pragma unroll 1
+    for (int k = 0; k < K; ++k) {
       acc_t m;
-      const Bilinear<acc_t> b = sample_point(p, t, om, k, m);
+      const Bilinear<acc_t, index_t> b = sample_point<KC>(p, t, om, k, m);
       acc_t gm = 0, gx = 0, gy = 0;
       if (has) {
         acc_t v[4][V];
@@ -418,6 +431,7 @@ __device__ __forceinline__ void backward_task(const Params& p, const Task& t, in
           for (int corner = 0; corner < 4; ++corner) {
             if (!b.inside[corner]) continue;
             const acc_t w = m * b.w[corner];
+            if (kSkipZeroWeight && w == 0) continue;
             acc_t add[V];
 #pragma unroll
             for (int i = 0; i < V; ++i) add[i] = w * go[i];
@@ -434,11 +448,11 @@ __device__ __forceinline__ void backward_task(const Params& p, const Task& t, in
         if (r > 0) {
           gdx += to_acc(gom[2 * k]);
           gdy += to_acc(gom[2 * k + 1]);
-          gm += to_acc(gom[2 * p.K + k]);
+          gm += to_acc(gom[2 * K + k]);
         }
         gom[2 * k] = narrow<scalar_t>(gdx);
         gom[2 * k + 1] = narrow<scalar_t>(gdy);
-        gom[2 * p.K + k] = narrow<scalar_t>(gm);
+        gom[2 * K + k] = narrow<scalar_t>(gm);
       }
     }
   }
@@ -446,25 +460,26 @@ __device__ __forceinline__ void backward_task(const Params& p, const Task& t, in
 
 // The atomic backward: tasks numbered globally as in the forward. Warps walk the grid together (the
 // loop bound is the warp's first thread) so that every lane reaches every shuffle; lanes past the end
-// compute on task 0 and write nothing.
-template <typename scalar_t, int V>
+// compute on task 0 and write nothing. Indices are index_t and K is KC as in the forward.
+template <typename scalar_t, int V, typename index_t, int KC>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const Params p, const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ value,
                     const scalar_t* __restrict__ offset_mask, typename Acc<scalar_t>::type* __restrict__ grad_value,
-                    scalar_t* __restrict__ grad_offset_mask, int log2_lanes, int chunks, int64_t tasks) {
+                    scalar_t* __restrict__ grad_offset_mask, int log2_lanes, int chunks, index_t tasks) {
   using acc_t = typename Acc<scalar_t>::type;
-  const int64_t C = p.G * p.D;
-  const int64_t total = tasks << log2_lanes;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t warp0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + (threadIdx.x & ~31); warp0 < total;
-       warp0 += step) {
-    const int64_t tid = warp0 + (threadIdx.x & 31);
+  const index_t C = static_cast<index_t>(p.G * p.D), HW = static_cast<index_t>(p.H * p.W);
+  const index_t total = tasks << log2_lanes;
+  const index_t step = static_cast<index_t>(gridDim.x) * static_cast<index_t>(blockDim.x);
+  for (index_t warp0 = static_cast<index_t>(blockIdx.x) * static_cast<index_t>(blockDim.x) +
+                       static_cast<index_t>(threadIdx.x & ~31u);
+       warp0 < total; warp0 += step) {
+    const index_t tid = warp0 + static_cast<index_t>(threadIdx.x & 31);
     const bool active = tid < total;
-    const Task t = task_of(p, active ? tid >> log2_lanes : 0);
+    const TaskT<index_t> t = task_of(p, active ? tid >> log2_lanes : index_t{0});
     const int lane = static_cast<int>(tid & ((1 << log2_lanes) - 1));
-    const GlobalScatter<acc_t, V> scatter{grad_value + t.n * p.H * p.W * C + t.g * p.D, C};
-    backward_task<scalar_t, V>(p, t, lane, log2_lanes, chunks, active, grad_output, value, offset_mask,
-                               grad_offset_mask, scatter);
+    const GlobalScatter<acc_t, V, index_t> scatter{grad_value + t.n * HW * C + t.g * static_cast<index_t>(p.D), C};
+    backward_task<scalar_t, V, KC>(p, t, lane, log2_lanes, chunks, active, grad_output, value, offset_mask,
+                                   grad_offset_mask, scatter);
   }
 }
 
@@ -523,7 +538,8 @@ struct RegionScatter {
   int rw, rh;
   int64_t D;
   GlobalScatter<acc_t, V> global;
-  __device__ __forceinline__ void operator()(const Bilinear<acc_t>& b, int corner, int c, const acc_t (&add)[V]) const {
+  __device__ __forceinline__ void operator()(const Bilinear<acc_t>& b, int corner, int c,
+                                             const acc_t (&add)[V]) const {
     const int64_t ry = b.y0 + (corner >> 1) - ry0, rx = b.x0 + (corner & 1) - rx0;
     if (ry >= 0 && ry < rh && rx >= 0 && rx < rw) {
       acc_t* dst = region + (ry * rw + rx) * D + c * V;
@@ -535,7 +551,7 @@ struct RegionScatter {
   }
 };
 
-template <typename scalar_t, int V>
+template <typename scalar_t, int V, int KC>
 __global__ void __launch_bounds__(kThreads, 3)
     backward_tiled_kernel(const Params p, const scalar_t* __restrict__ grad_output,
                           const scalar_t* __restrict__ value, const scalar_t* __restrict__ offset_mask,
@@ -575,8 +591,8 @@ __global__ void __launch_bounds__(kThreads, 3)
   t.pix = (n * p.Ho + t.ho) * p.Wo + t.wo;
   acc_t* gimg = grad_value + n * p.H * p.W * C + g * p.D;
   const RegionScatter<acc_t, V> scatter{region, rx0, ry0, rw, rh, p.D, GlobalScatter<acc_t, V>{gimg, C}};
-  backward_task<scalar_t, V>(p, t, lane, log2_lanes, chunks, active, grad_output, value, offset_mask,
-                             grad_offset_mask, scatter);
+  backward_task<scalar_t, V, KC>(p, t, lane, log2_lanes, chunks, active, grad_output, value, offset_mask,
+                                 grad_offset_mask, scatter);
   __syncthreads();
 
   // The region into grad_value: one vector atomic per pixel and chunk that received something.
@@ -627,20 +643,42 @@ Launch plan(const Params& p, int V) {
   return l;
 }
 
-// Whether every index of the forward fits int32_t with room for the grid-stride loop's last step: the
-// elements of value, offset_mask and output, and the threads over tasks x lanes, each under 2^30.
-// -DDCNV4_FWD_INDEX64 builds the forward with int64_t indices always (the emulator tests that path), and
-// with -DDCNV4_FWD_K_RUNTIME too it is the forward as it was before both (benchmarks/gpu_check.sh times it).
+// Whether every index of a kernel fits int32_t with room for the grid-stride loop's last step: the
+// elements of value (and grad_value), offset_mask (and its gradient) and output (and its gradient), and
+// the threads over tasks x lanes, each under 2^30. -DDCNV4_FWD_INDEX64 builds the forward with int64_t
+// indices always and -DDCNV4_BWD_INDEX64 the backward (the emulator tests those paths); with
+// -DDCNV4_FWD_K_RUNTIME and -DDCNV4_BWD_K_RUNTIME too they are the kernels as they were before both
+// (benchmarks/gpu_check.sh times them).
 bool fits_int32(const Params& p, const Launch& l) {
-#ifdef DCNV4_FWD_INDEX64
-  return false;
-#else
   const int64_t limit = int64_t{1} << 30;
   const int64_t C = p.G * p.D;
   return p.N * p.H * p.W * C < limit && p.N * p.Ho * p.Wo * p.P < limit && p.N * p.Ho * p.Wo * C < limit &&
          (l.tasks << l.log2_lanes) + kThreads < limit;
-#endif
 }
+
+// Whether K is 9, taps of a 3x3 kernel without remove_center, which both directions take at compile time.
+bool is_k9(const Params& p) { return p.kh == 3 && p.kw == 3 && !p.remove_center; }
+
+#ifdef DCNV4_FWD_INDEX64
+constexpr bool kForwardInt32 = false;
+#else
+constexpr bool kForwardInt32 = true;
+#endif
+#ifdef DCNV4_FWD_K_RUNTIME
+constexpr bool kForwardK9 = false;
+#else
+constexpr bool kForwardK9 = true;
+#endif
+#ifdef DCNV4_BWD_INDEX64
+constexpr bool kBackwardInt32 = false;
+#else
+constexpr bool kBackwardInt32 = true;
+#endif
+#ifdef DCNV4_BWD_K_RUNTIME
+constexpr bool kBackwardK9 = false;
+#else
+constexpr bool kBackwardK9 = true;
+#endif
 
 template <typename scalar_t, int V, typename index_t, int KC>
 cudaError_t launch_forward_as(const Params& p, const Launch& l, const void* value, const void* offset_mask,
@@ -656,12 +694,8 @@ template <typename scalar_t, int V>
 cudaError_t launch_forward(const Params& p, const void* value, const void* offset_mask, void* output,
                            cudaStream_t stream) {
   const Launch l = plan(p, V);
-#ifdef DCNV4_FWD_K_RUNTIME
-  const bool k9 = false;
-#else
-  const bool k9 = p.kh == 3 && p.kw == 3 && !p.remove_center;
-#endif
-  if (fits_int32(p, l)) {
+  const bool k9 = kForwardK9 && is_k9(p);
+  if (kForwardInt32 && fits_int32(p, l)) {
     return k9 ? launch_forward_as<scalar_t, V, int32_t, 9>(p, l, value, offset_mask, output, stream)
               : launch_forward_as<scalar_t, V, int32_t, 0>(p, l, value, offset_mask, output, stream);
   }
@@ -669,16 +703,34 @@ cudaError_t launch_forward(const Params& p, const void* value, const void* offse
             : launch_forward_as<scalar_t, V, int64_t, 0>(p, l, value, offset_mask, output, stream);
 }
 
+template <typename scalar_t, int V, typename index_t, int KC>
+cudaError_t launch_backward_as(const Params& p, const Launch& l, const void* grad_output, const void* value,
+                               const void* offset_mask, void* grad_value_acc, void* grad_offset_mask,
+                               cudaStream_t stream) {
+  using acc_t = typename Acc<scalar_t>::type;
+  DCNV4_LAUNCH(l.blocks, kThreads, 0, stream, backward_kernel<scalar_t, V, index_t, KC>)(
+      p, static_cast<const scalar_t*>(grad_output), static_cast<const scalar_t*>(value),
+      static_cast<const scalar_t*>(offset_mask), static_cast<acc_t*>(grad_value_acc),
+      static_cast<scalar_t*>(grad_offset_mask), l.log2_lanes, l.chunks, static_cast<index_t>(l.tasks));
+  return cudaGetLastError();
+}
+
+// The atomic backward's four builds, chosen as the forward's.
 template <typename scalar_t, int V>
 cudaError_t launch_backward(const Params& p, const void* grad_output, const void* value, const void* offset_mask,
                             void* grad_value_acc, void* grad_offset_mask, cudaStream_t stream) {
-  using acc_t = typename Acc<scalar_t>::type;
   const Launch l = plan(p, V);
-  DCNV4_LAUNCH(l.blocks, kThreads, 0, stream, backward_kernel<scalar_t, V>)(
-      p, static_cast<const scalar_t*>(grad_output), static_cast<const scalar_t*>(value),
-      static_cast<const scalar_t*>(offset_mask), static_cast<acc_t*>(grad_value_acc),
-      static_cast<scalar_t*>(grad_offset_mask), l.log2_lanes, l.chunks, l.tasks);
-  return cudaGetLastError();
+  const bool k9 = kBackwardK9 && is_k9(p);
+  if (kBackwardInt32 && fits_int32(p, l)) {
+    return k9 ? launch_backward_as<scalar_t, V, int32_t, 9>(p, l, grad_output, value, offset_mask, grad_value_acc,
+                                                            grad_offset_mask, stream)
+              : launch_backward_as<scalar_t, V, int32_t, 0>(p, l, grad_output, value, offset_mask, grad_value_acc,
+                                                            grad_offset_mask, stream);
+  }
+  return k9 ? launch_backward_as<scalar_t, V, int64_t, 9>(p, l, grad_output, value, offset_mask, grad_value_acc,
+                                                          grad_offset_mask, stream)
+            : launch_backward_as<scalar_t, V, int64_t, 0>(p, l, grad_output, value, offset_mask, grad_value_acc,
+                                                          grad_offset_mask, stream);
 }
 
 // The tiled backward's launch: tiles of kThreads / lanes output pixels, as square as powers of two
@@ -722,7 +774,9 @@ cudaError_t launch_backward_variant(BackwardVariant variant, const Params& p, co
   size_t shared_bytes;
   if (variant == BackwardVariant::kTiled &&
       plan_tiles(p, V, static_cast<int>(sizeof(acc_t)), l, tl, blocks, shared_bytes)) {
-    DCNV4_LAUNCH(blocks, kThreads, shared_bytes, stream, backward_tiled_kernel<scalar_t, V>)(
+    const auto tiled = kBackwardK9 && is_k9(p) ? backward_tiled_kernel<scalar_t, V, 9>
+                                                : backward_tiled_kernel<scalar_t, V, 0>;
+    DCNV4_LAUNCH(blocks, kThreads, shared_bytes, stream, tiled)(
         p, static_cast<const scalar_t*>(grad_output), static_cast<const scalar_t*>(value),
         static_cast<const scalar_t*>(offset_mask), static_cast<acc_t*>(grad_value_acc),
         static_cast<scalar_t*>(grad_offset_mask), l.log2_lanes, l.chunks, tl);
@@ -807,6 +861,13 @@ cudaError_t forward_cuda(const Params& p, DType dtype, const void* value, const 
 #define DCNV4_BWD16_V 8
 #endif
 static_assert(DCNV4_BWD16_V == 4 || DCNV4_BWD16_V == 8, "DCNV4_BWD16_V must be 4 or 8");
+// Channels per lane of the fp32 backward: 4 (one 16-byte load a corner, one float4 atomic) unless built with
+// DCNV4_BWD32_V=8 (two of each, for groups of a multiple of 8 channels): a lane's point geometry then serves
+// 8 channels, as the forward's DCNV4_FWD32_V=8.
+#ifndef DCNV4_BWD32_V
+#define DCNV4_BWD32_V 4
+#endif
+static_assert(DCNV4_BWD32_V == 4 || DCNV4_BWD32_V == 8, "DCNV4_BWD32_V must be 4 or 8");
 
 cudaError_t backward_cuda(const Params& p, DType dtype, const void* grad_output, const void* value,
                           const void* offset_mask, void* grad_value_acc, void* grad_offset_mask,
@@ -814,6 +875,11 @@ cudaError_t backward_cuda(const Params& p, DType dtype, const void* grad_output,
   if (p.N * p.Ho * p.Wo * p.G * p.D == 0) return cudaSuccess;
   switch (dtype) {
     case DType::kFloat32:
+      if (DCNV4_BWD32_V == 8 && p.D % 8 == 0 && aligned16(grad_output) && aligned16(value) &&
+          aligned16(grad_value_acc)) {
+        return launch_backward_variant<float, DCNV4_BWD32_V>(variant, p, grad_output, value, offset_mask,
+                                                             grad_value_acc, grad_offset_mask, stream);
+      }
       return backward_typed<float, 4>(variant, p, grad_output, value, offset_mask, grad_value_acc, grad_offset_mask,
                                       stream);
     case DType::kFloat16:
