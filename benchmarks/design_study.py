@@ -344,9 +344,15 @@ def table(study: dict, summaries: dict, speed: dict) -> tuple[list[dict], str]:
         r["verdict_holm"] = r["verdict"] if adjusted < 1 - LEVEL else verdict(["", ""], (-1.0, 1.0))
     if summaries:
         rows.append(entry(BASELINE, next(iter(summaries.values()))["arms"][1], None, (1.0, 1.0)))
+    return rows, rows_markdown(rows)
+
+
+def rows_markdown(rows: list[dict]) -> str:
+    """study.md's table from study.json's rows (the compared rows, then the baseline's)."""
+    compared = sum(r["fid_difference"] is not None for r in rows)
     lines = ["| row | changes from the base | widths | params ratio | GFLOPs ratio | train img/s (x conv) | "
              "U-Net eval img/s (x conv) | runs | FID | KID (x1000) | FID - conv, 95% interval | df | p | "
-             f"p (Holm, {len(summaries)} rows) | verdict | verdict after Holm |",
+             f"p (Holm, {compared} rows) | verdict | verdict after Holm |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- | --- |"]
     for r in rows:
         speed_cells = [f"{_cell(r.get(f'{k}_images_per_s'), '.0f')} ({_cell(r.get(f'{k}_images_ratio'), '.2f')})"
@@ -361,9 +367,9 @@ def table(study: dict, summaries: dict, speed: dict) -> tuple[list[dict], str]:
                      f"{r['verdict'] or '-'} | {r.get('verdict_holm') or '-'} |")
     methods = sorted({r["method"] for r in rows if r["method"]})
     if methods:
-        lines += ["", "Intervals: " + "; ".join(methods) + f". Holm's correction across the {len(summaries)} "
+        lines += ["", "Intervals: " + "; ".join(methods) + f". Holm's correction across the {compared} "
                   "compared rows controls the chance of any false verdict among them at 5%."]
-    return rows, "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
