@@ -149,7 +149,7 @@ def test_dcnv4_unet_round_trips_through_the_pipeline_folder(tmp_path):
 
 
 def test_saved_folders_load_in_a_fresh_process(tmp_path):
-    """The README's loading line works without importing unet_dcnv4 first, for a DCNv4 and a conv U-Net."""
+    """The loading line of docs/training.md works without importing unet_dcnv4 first, for a DCNv4 and a conv U-Net."""
     from unet_dcnv4.unet import build_unet
 
     save_for_fresh_load(tiny_pipeline(num_class_embeds=None), tmp_path / "conv")
