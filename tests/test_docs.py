@@ -81,3 +81,17 @@ def test_study_and_comparison_tables_render_from_their_json(tmp_path):
             "p_value": None, "method": None, "verdict": None, "p_holm": None, "verdict_holm": None}
     text = tables.render_study({"rows": [row, base]})
     assert "| r1 | x=1 | (32, 96) |" in text and "-3.50 [-6.00, -1.00]" in text and "p (Holm, 1 rows)" in text
+
+
+def test_add_copies_a_result_with_portable_paths(tmp_path):
+    root = Path("/repo/checkout")
+    data = {"run_dir": "/repo/checkout/outputs/runs/seed0", "weights": "/usr/lib/python3/site-packages/pkg/w.pt",
+            "runs": [{"reference": "/repo/checkout/.data/images at 32px"}], "fid": 1.5}
+    assert tables.portable(data, root) == {"run_dir": "outputs/runs/seed0", "weights": "pkg/w.pt",
+                                           "runs": [{"reference": ".data/images at 32px"}], "fid": 1.5}
+    source = tmp_path / "comparison.json"
+    source.write_text(json.dumps({"x": str(tables.ROOT.resolve() / "outputs" / "a")}))
+    dest = tmp_path / "data" / "copy.json"
+    assert tables.main(["--add", str(source), str(dest)]) == 0
+    assert json.loads(dest.read_text()) == {"x": "outputs/a"}
+    assert tables.main(["--add", str(tmp_path / "absent.json"), str(dest)]) == 2
