@@ -104,6 +104,7 @@ VARIANT_BUILDS="before unroll9 wide skip0"
 if wants variants; then
   step "building the kernel variants in the background: $VARIANT_BUILDS"
   for b in $VARIANT_BUILDS; do
+    rm -f "$OUTDIR/build_$b.rc"  # an earlier call's result must not stand for this build
     ( UNET_DCNV4_NVCC_FLAGS="${BUILD_FLAGS[$b]}" MAX_JOBS=4 timeout 600 "$PY" -c \
         "from unet_dcnv4.ops import load_extension; load_extension()" >"$OUTDIR/build_$b.log" 2>&1
       echo $? >"$OUTDIR/build_$b.rc" ) &
