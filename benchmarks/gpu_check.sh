@@ -19,7 +19,7 @@
 # elsewhere. Beside the tests it did not fit: 800 VAE steps took 136 s and 800 DCNv4 U-Net steps 110 s,
 # and the conv U-Net was cut off. With $OUT set (the device tool), the logs come back as
 # $OUT/gpu_check_logs.tar.gz and the samples as tar parts of at most 15 MB. Stage time limits: op,
-# unet and profile 150 s each, variants 4 x 120 s (the variant builds' tests) and 5 x 120 s (every build's op
+# unet and profile 150 s each, variants 5 x 120 s (the variant builds' tests) and 6 x 120 s (every build's op
 # times), tests 300 s, resume 300 s, twemoji64 TW_LIMIT (340 s), each cut to what BUDGET leaves.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -89,6 +89,7 @@ fi
 #   before   both directions as they were before the redesign: int64 indices, K a runtime value
 #   unroll9  the forward's whole point loop unrolled; the 16-bit backward at 4 channels a lane (8-byte words)
 #   wide     two 16-byte words a corner: 8 fp32 channels a lane in both directions, 16 half ones in the forward
+#   wide9    wide with the forward's whole point loop unrolled (the fewest instructions a point-channel)
 #   skip0    the backward sends no atomic for a corner of weight zero (3 of 4 at zero offsets)
 # Each compiles in a build folder of its own, in the background from the script's start (4 jobs each), so
 # that the GPU does not wait for them. Then each one's GPU tests (the op's cases, forward and both backward
@@ -98,9 +99,10 @@ declare -A BUILD_FLAGS=(
   [before]="-DDCNV4_FWD_INDEX64 -DDCNV4_FWD_K_RUNTIME -DDCNV4_BWD_INDEX64 -DDCNV4_BWD_K_RUNTIME"
   [unroll9]="-DDCNV4_FWD_K9_UNROLL=9 -DDCNV4_BWD16_V=4"
   [wide]="-DDCNV4_FWD32_V=8 -DDCNV4_FWD16_V=16 -DDCNV4_BWD32_V=8"
+  [wide9]="-DDCNV4_FWD32_V=8 -DDCNV4_FWD16_V=16 -DDCNV4_BWD32_V=8 -DDCNV4_FWD_K9_UNROLL=9"
   [skip0]="-DDCNV4_BWD_SKIP_ZERO"
 )
-VARIANT_BUILDS="before unroll9 wide skip0"
+VARIANT_BUILDS="before unroll9 wide wide9 skip0"
 if wants variants; then
   step "building the kernel variants in the background: $VARIANT_BUILDS"
   for b in $VARIANT_BUILDS; do

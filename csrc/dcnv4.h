@@ -60,9 +60,10 @@ struct Bilinear {
   index_t x0, y0;  // the top-left corner (clamped to within H + W + 2 of the image)
 };
 
-// index_t: int64_t, or int32_t where the caller knows that H * W and H + W + 2 fit it.
+// index_t: int64_t, or int32_t where the caller knows that H * W and H + W + 2 fit it. `scale` multiplies
+// every weight (a point's mask, folded into the two row weights: two multiplies instead of four).
 template <typename acc_t, typename index_t = int64_t>
-DCNV4_HD Bilinear<acc_t, index_t> bilinear(acc_t x, acc_t y, index_t H, index_t W) {
+DCNV4_HD Bilinear<acc_t, index_t> bilinear(acc_t x, acc_t y, index_t H, index_t W, acc_t scale = 1) {
   Bilinear<acc_t, index_t> b;
   const acc_t xf = floor_acc(x), yf = floor_acc(y);
   b.lx = x - xf;
@@ -75,7 +76,7 @@ DCNV4_HD Bilinear<acc_t, index_t> bilinear(acc_t x, acc_t y, index_t H, index_t 
   b.x0 = x0;
   b.y0 = y0;
   const acc_t wx[2] = {1 - b.lx, b.lx};
-  const acc_t wy[2] = {1 - b.ly, b.ly};
+  const acc_t wy[2] = {scale * (1 - b.ly), scale * b.ly};
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
     const index_t cy = y0 + (c >> 1), cx = x0 + (c & 1);

@@ -129,7 +129,17 @@ struct Pair16<__half> {
 template <>
 struct Pair16<__nv_bfloat16> {
   using type = __nv_bfloat162;
-  static __device__ __forceinline__ float2 to_float2(type h) { return __bfloat1622float2(h); }
+  // A bfloat16 is the top half of the float it widens to: one shift or one mask a value (the library's
+  // conversion spends a byte permute and a multiply on each).
+  static __device__ __forceinline__ float2 to_float2(type h) {
+    unsigned int w;
+    memcpy(&w, &h, sizeof(w));
+    const unsigned int lo = w << 16, hi = w & 0xffff0000u;
+    float2 f;
+    memcpy(&f.x, &lo, sizeof(lo));
+    memcpy(&f.y, &hi, sizeof(hi));
+    return f;
+  }
   static __device__ __forceinline__ type from_floats(float a, float b) { return __floats2bfloat162_rn(a, b); }
 };
 
@@ -266,8 +276,9 @@ __device__ __forceinline__ void point_base_fixed(const Params& p, index_t ho, in
 }
 
 // Sampling position and mask of point k of a task; `om` points at the task's 3K channels. KC: K known at
-// compile time (9: a 3x3 kernel without remove_center), or 0 for any kernel.
-template <int KC = 0, typename scalar_t, typename acc_t, typename index_t>
+// compile time (9: a 3x3 kernel without remove_center), or 0 for any kernel. kMasked: the footprint's weights
+// include the mask (what the forward needs; the backward needs them without).
+template <int KC = 0, bool kMasked = false, typename scalar_t, typename acc_t, typename index_t>
 __device__ __forceinline__ Bilinear<acc_t, index_t> sample_point(const Params& p, const TaskT<index_t>& t,
                                                                  const scalar_t* om, int k, acc_t& mask) {
   static_assert(KC == 0 || KC == 9, "K is a compile-time 9 (3x3) or a runtime value");
@@ -281,7 +292,8 @@ __device__ __forceinline__ Bilinear<acc_t, index_t> sample_point(const Params& p
   x += s * load1(om + 2 * k);
   y += s * load1(om + 2 * k + 1);
   mask = load1(om + 2 * (KC > 0 ? KC : p.K) + k);
-  return bilinear<acc_t, index_t>(x, y, static_cast<index_t>(p.H), static_cast<index_t>(p.W));
+  return bilinear<acc_t, index_t>(x, y, static_cast<index_t>(p.H), static_cast<index_t>(p.W),
+                                  kMasked ? mask : static_cast<acc_t>(1));
 }
 
 // Points per iteration of the forward's point loop when K is a compile-time 9: 3 (a row of taps: each
@@ -322,13 +334,13 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p, const
 #pragma unroll kUnroll
       for (int k = 0; k < K; ++k) {
         acc_t m;
-        const Bilinear<acc_t, index_t> b = sample_point<KC>(p, t, om, k, m);
+        const Bilinear<acc_t, index_t> b = sample_point<KC, true>(p, t, om, k, m);
 #pragma unroll
         for (int corner = 0; corner < 4; ++corner) {
           if (!b.inside[corner]) continue;
           acc_t v[V];
           VecIO<scalar_t, V>::load(img + b.idx[corner] * C + c * V, v);
-          const acc_t w = m * b.w[corner];
+          const acc_t w = b.w[corner];  // mask x bilinear weight
 #pragma unroll
           for (int i = 0; i < V; ++i) acc[i] += w * v[i];
         }
