@@ -19,7 +19,7 @@
 # elsewhere. Beside the tests it did not fit: 800 VAE steps took 136 s and 800 DCNv4 U-Net steps 110 s,
 # and the conv U-Net was cut off. With $OUT set (the device tool), the logs come back as
 # $OUT/gpu_check_logs.tar.gz and the samples as tar parts of at most 15 MB. Stage time limits: op,
-# unet and profile 150 s each, variants 5 x 120 s (the variant builds' tests) and 6 x 120 s (every build's op
+# unet and profile 150 s each, variants 6 x 120 s (the variant builds' tests) and 7 x 120 s (every build's op
 # times), tests 300 s, resume 300 s, twemoji64 TW_LIMIT (340 s), each cut to what BUDGET leaves.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -91,6 +91,7 @@ fi
 #   wide     two 16-byte words a corner: 8 fp32 channels a lane in both directions, 16 half ones in the forward
 #   wide9    wide with the forward's whole point loop unrolled (the fewest instructions a point-channel)
 #   skip0    the backward sends no atomic for a corner of weight zero (3 of 4 at zero offsets)
+#   acc16    the 16-bit backward accumulates grad_value in its own type (16-byte bf16x8/f16x8 reductions)
 # Each compiles in a build folder of its own, in the background from the script's start (4 jobs each), so
 # that the GPU does not wait for them. Then each one's GPU tests (the op's cases, forward and both backward
 # kernels, every dtype), then every build's op times one after the other on the quiet GPU.
@@ -101,8 +102,9 @@ declare -A BUILD_FLAGS=(
   [wide]="-DDCNV4_FWD32_V=8 -DDCNV4_FWD16_V=16 -DDCNV4_BWD32_V=8"
   [wide9]="-DDCNV4_FWD32_V=8 -DDCNV4_FWD16_V=16 -DDCNV4_BWD32_V=8 -DDCNV4_FWD_K9_UNROLL=9"
   [skip0]="-DDCNV4_BWD_SKIP_ZERO"
+  [acc16]="-DDCNV4_BWD16_ACC16"
 )
-VARIANT_BUILDS="before unroll9 wide wide9 skip0"
+VARIANT_BUILDS="before unroll9 wide wide9 skip0 acc16"
 if wants variants; then
   step "building the kernel variants in the background: $VARIANT_BUILDS"
   for b in $VARIANT_BUILDS; do

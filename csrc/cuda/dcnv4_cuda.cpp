@@ -52,7 +52,8 @@ at::Tensor dcnv4_forward_cuda(const at::Tensor& value_in, const at::Tensor& offs
 }
 
 // grad_value is accumulated with float atomics (double for float64) in a buffer of that type and
-// converted to value's dtype afterwards, so half-precision gradients are summed in float32. The
+// converted to value's dtype afterwards, so half-precision gradients are summed in float32 (in their own
+// type in a build with -DDCNV4_BWD16_ACC16: backward16_accumulates_in_16bit()). The
 // atomics make the order of additions, hence the last bits of grad_value, vary from run to run;
 // grad_offset_mask has no atomics and is deterministic. cuda_backward picks the kernel: "atomic" (the
 // default) or "tiled" (see dcnv4_cuda.h).
@@ -74,7 +75,10 @@ std::tuple<at::Tensor, at::Tensor> dcnv4_backward_cuda(const at::Tensor& grad_ou
   check_grad_output(grad_output, value, p);
   const DType dtype = dtype_of(value);
   const c10::cuda::CUDAGuard guard(value.device());
-  const auto acc_type = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const bool half = value.scalar_type() == at::kHalf || value.scalar_type() == at::kBFloat16;
+  const auto acc_type = value.scalar_type() == at::kDouble                 ? at::kDouble
+                        : half && backward16_accumulates_in_16bit() ? value.scalar_type()
+                                                                           : at::kFloat;
   at::Tensor grad_value_acc = at::zeros(value.sizes(), value.options().dtype(acc_type));
   at::Tensor grad_offset_mask = at::empty_like(offset_mask);
   const int64_t used = 3 * p.G * p.K;

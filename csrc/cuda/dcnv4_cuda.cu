@@ -239,6 +239,72 @@ __device__ __forceinline__ void atomic_add_vec(double* p, const double (&v)[V]) 
   for (int i = 0; i < V; ++i) atomicAdd(p + i, v[i]);
 }
 
+// Where the 16-bit backward accumulates grad_value: in float (the default), or, built with
+// -DDCNV4_BWD16_ACC16, in the 16-bit type itself (half the bytes of every atomic, each contribution rounded to
+// 16 bits and summed in 16 bits: less precise, see benchmarks/NOTES.md). GradAcc<scalar_t>::type is the
+// global accumulator's type.
+#ifdef DCNV4_BWD16_ACC16
+constexpr bool kAcc16 = true;
+#else
+constexpr bool kAcc16 = false;
+#endif
+template <typename scalar_t>
+struct GradAcc {
+  using type = typename Acc<scalar_t>::type;
+};
+template <>
+struct GradAcc<__half> {
+  using type = std::conditional_t<kAcc16, __half, float>;
+};
+template <>
+struct GradAcc<__nv_bfloat16> {
+  using type = std::conditional_t<kAcc16, __nv_bfloat16, float>;
+};
+
+// p[0..N) += v as 16-bit pair reductions: on Hopper one vector reduction (red.global.add.noftz.v4 or v2 on
+// f16x2 / bf16x2) for 4 or 2 pairs, elsewhere (and under tests/emulator) one pair atomic each.
+template <typename pair_t, int N>
+__device__ __forceinline__ void red_add_pairs(pair_t* p, const pair_t (&v)[N]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(DCNV4_EMULATED)
+  unsigned int w[N];
+  memcpy(w, v, sizeof(w));
+  if constexpr (N == 4 && std::is_same_v<pair_t, __nv_bfloat162>) {
+    asm volatile("red.global.add.noftz.v4.bf16x2 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]),
+                 "r"(w[2]), "r"(w[3]) : "memory");
+  } else if constexpr (N == 4) {
+    asm volatile("red.global.add.noftz.v4.f16x2 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]),
+                 "r"(w[2]), "r"(w[3]) : "memory");
+  } else if constexpr (N == 2 && std::is_same_v<pair_t, __nv_bfloat162>) {
+    asm volatile("red.global.add.noftz.v2.bf16x2 [%0], {%1, %2};" ::"l"(p), "r"(w[0]), "r"(w[1]) : "memory");
+  } else if constexpr (N == 2) {
+    asm volatile("red.global.add.noftz.v2.f16x2 [%0], {%1, %2};" ::"l"(p), "r"(w[0]), "r"(w[1]) : "memory");
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) atomicAdd(p + i, v[i]);
+  }
+#else
+#pragma unroll
+  for (int i = 0; i < N; ++i) atomicAdd(p + i, v[i]);
+#endif
+}
+
+// grad_value += v into a 16-bit accumulator (DCNV4_BWD16_ACC16): pairs of channels rounded to the type and
+// reduced together; one channel at a time on the scalar path (V = 1).
+template <int V, typename T>
+__device__ __forceinline__ std::enable_if_t<std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>>
+atomic_add_vec(T* p, const float (&v)[V]) {
+  using pair_t = typename Pair16<T>::type;
+  if constexpr (V % 2 == 0) {
+    pair_t pairs[V / 2];
+#pragma unroll
+    for (int i = 0; i < V / 2; ++i) pairs[i] = Pair16<T>::from_floats(v[2 * i], v[2 * i + 1]);
+    red_add_pairs(reinterpret_cast<pair_t*>(p), pairs);
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) atomicAdd(p + i, narrow<T>(v[i]));
+  }
+}
+
 // Where one task's data lives: the task's offset/mask triplets, its image in value (already moved
 // to the group's first channel) and its output pixel. index_t is int64_t, or int32_t in a forward whose
 // every index fits it (`fits_int32`).
@@ -359,9 +425,9 @@ __device__ __forceinline__ acc_t lane_sum(acc_t v, int lanes) {
 
 // Where a task's grad_value contributions go: `add` (mask * weight * grad_out over the V channels of
 // chunk c) for corner `corner` of footprint b.
-template <typename acc_t, int V, typename index_t = int64_t>
+template <typename G, typename acc_t, int V, typename index_t = int64_t>
 struct GlobalScatter {  // the atomic kernel: straight to global memory
-  acc_t* gimg;          // grad_value at the task's image and group
+  G* gimg;              // grad_value at the task's image and group (G: GradAcc's type)
   index_t C;
   __device__ __forceinline__ void operator()(const Bilinear<acc_t, index_t>& b, int corner, int c,
                                              const acc_t (&add)[V]) const {
@@ -476,8 +542,9 @@ __device__ __forceinline__ void backward_task(const Params& p, const TaskT<index
 template <typename scalar_t, int V, typename index_t, int KC>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const Params p, const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ value,
-                    const scalar_t* __restrict__ offset_mask, typename Acc<scalar_t>::type* __restrict__ grad_value,
-                    scalar_t* __restrict__ grad_offset_mask, int log2_lanes, int chunks, index_t tasks) {
+                    const scalar_t* __restrict__ offset_mask,
+                    typename GradAcc<scalar_t>::type* __restrict__ grad_value, scalar_t* __restrict__ grad_offset_mask,
+                    int log2_lanes, int chunks, index_t tasks) {
   using acc_t = typename Acc<scalar_t>::type;
   const index_t C = static_cast<index_t>(p.G * p.D), HW = static_cast<index_t>(p.H * p.W);
   const index_t total = tasks << log2_lanes;
@@ -489,7 +556,8 @@ __global__ void __launch_bounds__(kThreads)
     const bool active = tid < total;
     const TaskT<index_t> t = task_of(p, active ? tid >> log2_lanes : index_t{0});
     const int lane = static_cast<int>(tid & ((1 << log2_lanes) - 1));
-    const GlobalScatter<acc_t, V, index_t> scatter{grad_value + t.n * HW * C + t.g * static_cast<index_t>(p.D), C};
+    const GlobalScatter<typename GradAcc<scalar_t>::type, acc_t, V, index_t> scatter{
+        grad_value + t.n * HW * C + t.g * static_cast<index_t>(p.D), C};
     backward_task<scalar_t, V, KC>(p, t, lane, log2_lanes, chunks, active, grad_output, value, offset_mask,
                                    grad_offset_mask, scatter);
   }
@@ -543,13 +611,13 @@ __device__ __forceinline__ void tile_region(const Params& p, const Tiling& tl, i
 
 // The tiled kernel's scatter: corners inside the block's region go to shared memory, the others to
 // global memory.
-template <typename acc_t, int V>
+template <typename G, typename acc_t, int V>
 struct RegionScatter {
   acc_t* region;  // (rh, rw, D) in shared memory
   int64_t rx0, ry0;
   int rw, rh;
   int64_t D;
-  GlobalScatter<acc_t, V> global;
+  GlobalScatter<G, acc_t, V> global;
   __device__ __forceinline__ void operator()(const Bilinear<acc_t>& b, int corner, int c,
                                              const acc_t (&add)[V]) const {
     const int64_t ry = b.y0 + (corner >> 1) - ry0, rx = b.x0 + (corner & 1) - rx0;
@@ -567,7 +635,7 @@ template <typename scalar_t, int V, int KC>
 __global__ void __launch_bounds__(kThreads, 3)
     backward_tiled_kernel(const Params p, const scalar_t* __restrict__ grad_output,
                           const scalar_t* __restrict__ value, const scalar_t* __restrict__ offset_mask,
-                          typename Acc<scalar_t>::type* __restrict__ grad_value,
+                          typename GradAcc<scalar_t>::type* __restrict__ grad_value,
                           scalar_t* __restrict__ grad_offset_mask, int log2_lanes, int chunks, const Tiling tl) {
   using acc_t = typename Acc<scalar_t>::type;
   DCNV4_SHARED_ARRAY(acc_t, region);
@@ -601,8 +669,9 @@ __global__ void __launch_bounds__(kThreads, 3)
   t.ho = active ? ho_own : ho0;
   t.wo = active ? wo_own : wo0;
   t.pix = (n * p.Ho + t.ho) * p.Wo + t.wo;
-  acc_t* gimg = grad_value + n * p.H * p.W * C + g * p.D;
-  const RegionScatter<acc_t, V> scatter{region, rx0, ry0, rw, rh, p.D, GlobalScatter<acc_t, V>{gimg, C}};
+  using G = typename GradAcc<scalar_t>::type;
+  G* gimg = grad_value + n * p.H * p.W * C + g * p.D;
+  const RegionScatter<G, acc_t, V> scatter{region, rx0, ry0, rw, rh, p.D, GlobalScatter<G, acc_t, V>{gimg, C}};
   backward_task<scalar_t, V, KC>(p, t, lane, log2_lanes, chunks, active, grad_output, value, offset_mask,
                                  grad_offset_mask, scatter);
   __syncthreads();
@@ -722,7 +791,7 @@ cudaError_t launch_backward_as(const Params& p, const Launch& l, const void* gra
   using acc_t = typename Acc<scalar_t>::type;
   DCNV4_LAUNCH(l.blocks, kThreads, 0, stream, backward_kernel<scalar_t, V, index_t, KC>)(
       p, static_cast<const scalar_t*>(grad_output), static_cast<const scalar_t*>(value),
-      static_cast<const scalar_t*>(offset_mask), static_cast<acc_t*>(grad_value_acc),
+      static_cast<const scalar_t*>(offset_mask), static_cast<typename GradAcc<scalar_t>::type*>(grad_value_acc),
       static_cast<scalar_t*>(grad_offset_mask), l.log2_lanes, l.chunks, static_cast<index_t>(l.tasks));
   return cudaGetLastError();
 }
@@ -790,7 +859,7 @@ cudaError_t launch_backward_variant(BackwardVariant variant, const Params& p, co
                                                 : backward_tiled_kernel<scalar_t, V, 0>;
     DCNV4_LAUNCH(blocks, kThreads, shared_bytes, stream, tiled)(
         p, static_cast<const scalar_t*>(grad_output), static_cast<const scalar_t*>(value),
-        static_cast<const scalar_t*>(offset_mask), static_cast<acc_t*>(grad_value_acc),
+        static_cast<const scalar_t*>(offset_mask), static_cast<typename GradAcc<scalar_t>::type*>(grad_value_acc),
         static_cast<scalar_t*>(grad_offset_mask), l.log2_lanes, l.chunks, tl);
     return cudaGetLastError();
   }
@@ -880,6 +949,8 @@ static_assert(DCNV4_BWD16_V == 4 || DCNV4_BWD16_V == 8, "DCNV4_BWD16_V must be 4
 #define DCNV4_BWD32_V 4
 #endif
 static_assert(DCNV4_BWD32_V == 4 || DCNV4_BWD32_V == 8, "DCNV4_BWD32_V must be 4 or 8");
+
+bool backward16_accumulates_in_16bit() { return kAcc16; }
 
 cudaError_t backward_cuda(const Params& p, DType dtype, const void* grad_output, const void* value,
                           const void* offset_mask, void* grad_value_acc, void* grad_offset_mask,

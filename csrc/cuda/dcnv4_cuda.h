@@ -21,9 +21,14 @@ cudaError_t forward_cuda(const Params& p, DType dtype, const void* value, const 
 // Both give the same gradients up to the order of float additions.
 enum class BackwardVariant : int { kAtomic = 0, kTiled = 1 };
 
+// Whether this build accumulates the 16-bit types' grad_value in their own type (built with
+// -DDCNV4_BWD16_ACC16) rather than in float.
+bool backward16_accumulates_in_16bit();
+
 // Gradients of dcnv4 given grad_output (N, Ho, Wo, C):
 // - grad_value_acc (N, H, W, C) is ACCUMULATED into with atomics, so it must be zero-filled; it is
-//   double for kFloat64 and float for every other dtype (half types convert it afterwards);
+//   double for kFloat64, float for kFloat32, and float for the 16-bit types (converted afterwards) unless
+//   backward16_accumulates_in_16bit(), when it is of `dtype`;
 // - grad_offset_mask (N, Ho, Wo, P), of `dtype`: channels [0, 3GK) of each pixel are written, the
 //   padding channels [3GK, P) are left to the caller.
 // Returns the launch's error code.

@@ -292,6 +292,46 @@ inline float4 atomicAdd(float4* p, float4 v) {
   return old;
 }
 
+// 16-bit atomics (a 16-bit grad_value accumulator, -DDCNV4_BWD16_ACC16): the sum in float, rounded to the type
+// to nearest, as the hardware's 16-bit reductions round; a compare-and-swap on the word's bits.
+template <typename T, typename Word, typename Add>
+inline T atomic_add_bits(T* p, T v, Add add) {
+  ::emu::check_access(p, sizeof(T), ::emu::atomic_writable, "atomicAdd(16-bit)");
+  ::emu::counters.atomics_scalar++;
+  std::atomic_ref<Word> word(*reinterpret_cast<Word*>(p));
+  Word old_bits = word.load();
+  for (;;) {
+    T old;
+    std::memcpy(&old, &old_bits, sizeof(T));
+    const T sum = add(old, v);
+    Word new_bits;
+    std::memcpy(&new_bits, &sum, sizeof(T));
+    if (word.compare_exchange_weak(old_bits, new_bits)) return old;
+  }
+}
+inline __half atomicAdd(__half* p, __half v) {
+  return atomic_add_bits<__half, uint16_t>(p, v, [](__half a, __half b) {
+    return __float2half_rn(__half2float(a) + __half2float(b));
+  });
+}
+inline __nv_bfloat16 atomicAdd(__nv_bfloat16* p, __nv_bfloat16 v) {
+  return atomic_add_bits<__nv_bfloat16, uint16_t>(p, v, [](__nv_bfloat16 a, __nv_bfloat16 b) {
+    return __float2bfloat16_rn(__bfloat162float(a) + __bfloat162float(b));
+  });
+}
+inline __half2 atomicAdd(__half2* p, __half2 v) {
+  return atomic_add_bits<__half2, uint32_t>(p, v, [](__half2 a, __half2 b) {
+    return __halves2half2(__float2half_rn(__low2float(a) + __low2float(b)),
+                          __float2half_rn(__high2float(a) + __high2float(b)));
+  });
+}
+inline __nv_bfloat162 atomicAdd(__nv_bfloat162* p, __nv_bfloat162 v) {
+  return atomic_add_bits<__nv_bfloat162, uint32_t>(p, v, [](__nv_bfloat162 a, __nv_bfloat162 b) {
+    return __halves2bfloat162(__float2bfloat16_rn(__low2float(a) + __low2float(b)),
+                              __float2bfloat16_rn(__high2float(a) + __high2float(b)));
+  });
+}
+
 // Host versions of the device min/max the kernels call unqualified.
 using std::max;
 using std::min;

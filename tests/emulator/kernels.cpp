@@ -9,6 +9,7 @@
 // Compile the kernels as for a Hopper GPU (16-byte float atomics), after the CUDA headers have been
 // read for the host.
 #define __CUDA_ARCH__ 900
+#define DCNV4_EMULATED 1  // no inline PTX: the kernels take their portable paths where they have one
 #include "cuda/dcnv4_cuda.cu"
 #undef __CUDA_ARCH__
 
@@ -77,7 +78,10 @@ std::string backward(const at::Tensor& grad_output, const at::Tensor& value, con
   const dcnv4::Params p = dcnv4::make_params(value, offset_mask, kernel_size, stride, padding, dilation, groups,
                                              offset_scale, remove_center);
   dcnv4::check_grad_output(grad_output, value, p);
-  const auto acc_type = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const bool half = value.scalar_type() == at::kHalf || value.scalar_type() == at::kBFloat16;
+  const auto acc_type = value.scalar_type() == at::kDouble                        ? at::kDouble
+                        : half && dcnv4::backward16_accumulates_in_16bit() ? value.scalar_type()
+                                                                                  : at::kFloat;
   TORCH_CHECK(grad_value_acc.sizes() == value.sizes() && grad_value_acc.scalar_type() == acc_type,
               "grad_value_acc must have value's shape and the accumulation dtype");
   TORCH_CHECK(grad_offset_mask.sizes() == offset_mask.sizes() &&
@@ -155,6 +159,8 @@ std::map<std::string, int64_t> counters() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "the CUDA forward kernel, emulated on the CPU");
   m.def("backward", &backward, "the CUDA backward kernel, emulated on the CPU");
+  m.def("accumulates_16bit", &dcnv4::backward16_accumulates_in_16bit,
+        "whether the 16-bit backward accumulates grad_value in its own type (-DDCNV4_BWD16_ACC16)");
   m.def("selftest", &selftest, "run a rule-breaking kernel (or a correct one) under the emulator");
   m.def("counters", &counters,
         "what the last launch did: 16-byte and scalar loads, global and shared atomics, shuffles, barriers");
