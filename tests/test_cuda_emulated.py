@@ -182,7 +182,7 @@ def test_emulated_forward_with_int64_indices(emu_index64, case, dtype):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=lambda t: str(t).split(".")[-1])
-@pytest.mark.parametrize("case", ["13x9", "k5_D32", "remove_center", "far_offsets", "D36_scalar_half"], ids=str)
+@pytest.mark.parametrize("case", ["13x9", "k5_D32", "remove_center", "D36_scalar_half"], ids=str)
 def test_emulated_backward_with_int64_indices(emu_index64, case, dtype, variant):
     """The atomic backward's int64 builds (K = 9 and any K); the tiled kernel is int64 in every build."""
     check_backward(emu_index64, EMULATED[case], dtype, seed=80 + list(EMULATED).index(case), variant=variant)
@@ -198,8 +198,7 @@ def test_emulated_forward_with_two_words_a_corner(emu_variants, case, dtype):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda t: str(t).split(".")[-1])
-@pytest.mark.parametrize("case", ["13x9", "k5_D32", "D64", "far_offsets", "7x7_D4", "D36_scalar_half", "padded_P"],
-                         ids=str)
+@pytest.mark.parametrize("case", ["13x9", "k5_D32", "D64", "7x7_D4", "padded_P"], ids=str)
 def test_emulated_backward_variants(emu_variants, case, dtype, variant):
     """The backward built with DCNV4_BWD32_V=8 (fp32 groups of a multiple of 8 take two words a corner) and
     DCNV4_BWD_SKIP_ZERO."""
@@ -371,7 +370,7 @@ def test_emulated_16bit_backward_with_4_channels_a_lane(emu_bwd16_v4, case, dtyp
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda t: str(t).split(".")[-1])
-@pytest.mark.parametrize("case", ["13x9", "k5_D32", "D64", "far_offsets", "7x7_D4", "D36_scalar_half"], ids=str)
+@pytest.mark.parametrize("case", ["13x9", "k5_D32", "D36_scalar_half"], ids=str)
 def test_emulated_16bit_accumulation(emu, emu_acc16, case, dtype, variant):
     """The 16-bit backward accumulating grad_value in its own type (DCNV4_BWD16_ACC16) stays within the 16-bit
     tolerance of the float64 reference; it is less precise than the float accumulator (a 16-bit sum loses its
@@ -388,7 +387,7 @@ def test_emulated_16bit_accumulation(emu, emu_acc16, case, dtype, variant):
     gv16, gom16 = emulated_backward(emu_acc16, grad_out, value, om, kwargs, variant)
     assert torch.equal(gom16, gom32)
     assert rel_err(gv16, ref_gv) < BWD_TOL[dtype]
-    if variant == "atomic" and case != "far_offsets":  # far_offsets: every corner outside, no gradient
+    if variant == "atomic":
         # Every contribution is a 16-bit addition here (3.2-5.9x the float accumulator's error measured); the
         # tiled kernel sums a region in float first and adds it once.
         assert rel_err(gv16, ref_gv) > 2 * rel_err(gv32, ref_gv)
