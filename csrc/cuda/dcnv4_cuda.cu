@@ -761,13 +761,14 @@ constexpr bool kBackwardK9 = false;
 constexpr bool kBackwardK9 = true;
 #endif
 
-template <typename scalar_t, int V, typename index_t, int KC>
-cudaError_t launch_forward_as(const Params& p, const Launch& l, const void* value, const void* offset_mask,
-                              void* output, cudaStream_t stream) {
-  DCNV4_LAUNCH(l.blocks, kThreads, 0, stream, forward_kernel<scalar_t, V, index_t, KC>)(
-      p, static_cast<const scalar_t*>(value), static_cast<const scalar_t*>(offset_mask),
-      static_cast<scalar_t*>(output), l.log2_lanes, l.chunks, static_cast<index_t>(l.tasks));
-  return cudaGetLastError();
+// The launch of one of a kernel's four builds: `launch(index, kc)` gets an index_t value (int32_t where
+// `int32`, else int64_t) and std::integral_constant<int, 9> where `k9` (else 0) to instantiate the kernel with.
+template <typename Launcher>
+cudaError_t launch_build(bool int32, bool k9, Launcher&& launch) {
+  using K9 = std::integral_constant<int, 9>;
+  using KAny = std::integral_constant<int, 0>;
+  if (int32) return k9 ? launch(int32_t{}, K9{}) : launch(int32_t{}, KAny{});
+  return k9 ? launch(int64_t{}, K9{}) : launch(int64_t{}, KAny{});
 }
 
 // The forward's four builds: int32_t or int64_t indices, K a compile-time 9 (3x3, no remove_center) or any.
@@ -775,25 +776,13 @@ template <typename scalar_t, int V>
 cudaError_t launch_forward(const Params& p, const void* value, const void* offset_mask, void* output,
                            cudaStream_t stream) {
   const Launch l = plan(p, V);
-  const bool k9 = kForwardK9 && is_k9(p);
-  if (kForwardInt32 && fits_int32(p, l)) {
-    return k9 ? launch_forward_as<scalar_t, V, int32_t, 9>(p, l, value, offset_mask, output, stream)
-              : launch_forward_as<scalar_t, V, int32_t, 0>(p, l, value, offset_mask, output, stream);
-  }
-  return k9 ? launch_forward_as<scalar_t, V, int64_t, 9>(p, l, value, offset_mask, output, stream)
-            : launch_forward_as<scalar_t, V, int64_t, 0>(p, l, value, offset_mask, output, stream);
-}
-
-template <typename scalar_t, int V, typename index_t, int KC>
-cudaError_t launch_backward_as(const Params& p, const Launch& l, const void* grad_output, const void* value,
-                               const void* offset_mask, void* grad_value_acc, void* grad_offset_mask,
-                               cudaStream_t stream) {
-  using acc_t = typename Acc<scalar_t>::type;
-  DCNV4_LAUNCH(l.blocks, kThreads, 0, stream, backward_kernel<scalar_t, V, index_t, KC>)(
-      p, static_cast<const scalar_t*>(grad_output), static_cast<const scalar_t*>(value),
-      static_cast<const scalar_t*>(offset_mask), static_cast<typename GradAcc<scalar_t>::type*>(grad_value_acc),
-      static_cast<scalar_t*>(grad_offset_mask), l.log2_lanes, l.chunks, static_cast<index_t>(l.tasks));
-  return cudaGetLastError();
+  return launch_build(kForwardInt32 && fits_int32(p, l), kForwardK9 && is_k9(p), [&](auto index, auto kc) {
+    using index_t = decltype(index);
+    DCNV4_LAUNCH(l.blocks, kThreads, 0, stream, forward_kernel<scalar_t, V, index_t, decltype(kc)::value>)(
+        p, static_cast<const scalar_t*>(value), static_cast<const scalar_t*>(offset_mask),
+        static_cast<scalar_t*>(output), l.log2_lanes, l.chunks, static_cast<index_t>(l.tasks));
+    return cudaGetLastError();
+  });
 }
 
 // The atomic backward's four builds, chosen as the forward's.
@@ -801,17 +790,14 @@ template <typename scalar_t, int V>
 cudaError_t launch_backward(const Params& p, const void* grad_output, const void* value, const void* offset_mask,
                             void* grad_value_acc, void* grad_offset_mask, cudaStream_t stream) {
   const Launch l = plan(p, V);
-  const bool k9 = kBackwardK9 && is_k9(p);
-  if (kBackwardInt32 && fits_int32(p, l)) {
-    return k9 ? launch_backward_as<scalar_t, V, int32_t, 9>(p, l, grad_output, value, offset_mask, grad_value_acc,
-                                                            grad_offset_mask, stream)
-              : launch_backward_as<scalar_t, V, int32_t, 0>(p, l, grad_output, value, offset_mask, grad_value_acc,
-                                                            grad_offset_mask, stream);
-  }
-  return k9 ? launch_backward_as<scalar_t, V, int64_t, 9>(p, l, grad_output, value, offset_mask, grad_value_acc,
-                                                          grad_offset_mask, stream)
-            : launch_backward_as<scalar_t, V, int64_t, 0>(p, l, grad_output, value, offset_mask, grad_value_acc,
-                                                          grad_offset_mask, stream);
+  return launch_build(kBackwardInt32 && fits_int32(p, l), kBackwardK9 && is_k9(p), [&](auto index, auto kc) {
+    using index_t = decltype(index);
+    DCNV4_LAUNCH(l.blocks, kThreads, 0, stream, backward_kernel<scalar_t, V, index_t, decltype(kc)::value>)(
+        p, static_cast<const scalar_t*>(grad_output), static_cast<const scalar_t*>(value),
+        static_cast<const scalar_t*>(offset_mask), static_cast<typename GradAcc<scalar_t>::type*>(grad_value_acc),
+        static_cast<scalar_t*>(grad_offset_mask), l.log2_lanes, l.chunks, static_cast<index_t>(l.tasks));
+    return cudaGetLastError();
+  });
 }
 
 // The tiled backward's launch: tiles of kThreads / lanes output pixels, as square as powers of two
