@@ -24,8 +24,9 @@ p-values of all rows get Holm's correction (the table says which verdicts surviv
 step and U-Net evaluation are timed against the baseline's in interleaved rounds in one process, and study.md and
 study.json get one table. Selection (`select`) takes the row with the lowest mean FID among those that beat conv
 after Holm's correction (or the lowest of all, marked so) into selected.json; confirmation (`confirm`) trains that
-row and conv on the confirm data with the confirm seeds and writes confirm/confirmation.md: a verdict on data and
-seeds the choice was not made on.
+row and conv on the confirm data with the confirm seeds, compares them with the FID curve at `curve_steps` and
+writes confirm/confirmation.md: a verdict on data and seeds the choice was not made on, and the curves of the
+second domain.
 """
 
 from __future__ import annotations
@@ -472,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def confirm(study: dict, output_dir: Path, args) -> dict | None:
     """Trains the selected row and the baseline on the study's confirm data with its fresh seeds, compares them
-    and writes confirm/confirmation.md; None (and a line saying so) when the study file has no `confirm`."""
+    (with the FID curve at the study's `curve_steps`) and writes confirm/confirmation.md; None (and a line saying
+    so) when the study file has no `confirm`."""
     if study["confirm"] is None:
         print("confirm: the study file has no confirm section (seeds and data to confirm on); skipped")
         return None
@@ -489,8 +491,9 @@ def confirm(study: dict, output_dir: Path, args) -> dict | None:
     train_all([cfgs[i] for i in range(len(seeds)) for cfgs in configs.values()], folder, args.jobs, args.overwrite,
               args.threads)
     settings = argparse.Namespace(**{**vars(args), "reference": study["confirm"]["reference"]})
+    # With the FID curve at the study's curve steps: the confirmation is also the second domain's curves.
     summary = compare_row(row, [c.output_dir for c in configs[row]], [c.output_dir for c in configs[BASELINE]],
-                          folder, settings, False)
+                          folder, settings, True, study["curve_steps"])
     difference = summary["fid_difference"]
     text = (f"Confirmation of row {row!r} ({selected['changes']}), selected on {selected['data_source']} at "
             f"{selected['max_train_steps']} steps with seeds {selected['seeds']} ({selected['rule']}), against conv "

@@ -287,7 +287,8 @@ def test_select_then_confirm_on_other_data_with_fresh_seeds(tmp_path, reference,
     fake_train.calls = []
     monkeypatch.setattr(study_script, "train", fake_train)
     monkeypatch.chdir(tmp_path)
-    study = {**STUDY, "confirm": {"seeds": [7, 8], "base": {"data_source": "other_images"}, "reference": reference}}
+    study = {**STUDY, "curve_steps": [4],
+             "confirm": {"seeds": [7, 8], "base": {"data_source": "other_images"}, "reference": reference}}
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study))
     out = tmp_path / "study"
@@ -305,6 +306,9 @@ def test_select_then_confirm_on_other_data_with_fresh_seeds(tmp_path, reference,
     assert f"Confirmation of row {selected['row']!r}" in text and "fresh seeds [7, 8]" in text
     assert json.loads((out / "confirm" / "confirmation.json").read_text())["fid_difference"]["method"].startswith(
         "Welch's t")
+    # The confirmation measures the FID curve at the study's steps: it is the second domain's curves too.
+    key = json.loads((out / "confirm" / "comparisons" / selected["row"] / "study_key.json").read_text())
+    assert key["curve"] is True and key["curve_steps"] == [4]
     # Seeds of the selection are not fresh.
     study["confirm"]["seeds"] = [1, 9]
     path.write_text(yaml.safe_dump(study))
