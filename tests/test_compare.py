@@ -31,8 +31,9 @@ def _fake_run(path: Path, model_type: str, seed: int = 0, config: str = "", stat
     pipe.save_pretrained(path / "pipeline")
     (path / "config.yaml").write_text(f"model_type: {model_type}\nmodel_size: tiny\nresolution: 16\nseed: {seed}\n"
                                       + config)
+    # As a resumed run's: its last process trained 3 of its 30 seconds.
     values = {"steps": 10, "images_per_s": 12.5, "final_loss": 0.5, "parameters": 1, "wall_time_s": 3.0,
-              "data_fingerprint": "data-0", **(stats or {})}
+              "train_seconds": 30.0, "data_fingerprint": "data-0", **(stats or {})}
     (path / "train_stats.json").write_text(json.dumps(values))
     return str(path)
 
@@ -83,7 +84,8 @@ def test_one_run_per_arm_writes_json_markdown_and_figure(pair, tmp_path):
         run = arm["runs"][0]
         assert run["train_images_per_s"] == 12.5 and run["sampling_images_per_s"] > 0 and run["train_steps"] == 10
         assert sorted(os.listdir(Path(run["samples"]) / "images")) == [f"{i:06d}.png" for i in range(8)]
-        assert run["fid_curve"] == [{"step": 10, "train_seconds": None, "fid": run["fid"], "kid_mean": run["kid_mean"]}]
+        assert run["fid_curve"] == [{"step": 10, "train_seconds": 30.0, "fid": run["fid"], "kid_mean": run["kid_mean"]}]
+        assert run["train_seconds"] == arm["train_seconds"] == 30.0 and run["train_wall_time_s"] == 3.0
     assert dcnv4["parameters"] < conv["parameters"] and conv["parameter_ratio"] == 1
     assert dcnv4["parameter_ratio"] == pytest.approx(dcnv4["parameters"] / conv["parameters"])
     diff = summary["fid_difference"]
@@ -97,6 +99,7 @@ def test_one_run_per_arm_writes_json_markdown_and_figure(pair, tmp_path):
     assert summary["inception_weights"] == resolve_inception_weights(str(out.parent / "cache"))["source"]
     text = (out / "comparison.md").read_text()
     assert "Verdict: " in text and f"df {diff['df']:.1f}, p = " in text and "for DCNv4, image noise only" in text
+    assert text.count("| 12.5 | ") == 2 and text.count(" | 10 | 30 |") == 2  # train s: all processes' seconds
     figure = Image.open(out / "comparison.png")
     assert figure.size[0] > figure.size[1]
 

@@ -510,6 +510,8 @@ def measure_run(measure: _Measurer, label: str, i: int, count: int, run: dict, s
         "sampling_images_per_s": measured["sampling_images_per_s"],
         "train_steps": stats["steps"],
         "train_wall_time_s": stats.get("wall_time_s"),
+        # Summed over every process that trained the run; wall_time_s and images_per_s are its last process's.
+        "train_seconds": stats.get("train_seconds"),
         "fid_curve": curve,
         "samples": folder,
         **{k: measured[k] for k in _EXTRA_METRICS[measure.isc, measure.prc]},
@@ -543,6 +545,7 @@ def summarize_arm(label: str, cfg_arm, results: list[dict], num_images: int, gri
         "sampling_images_per_s": _mean_std([r["sampling_images_per_s"] for r in results])[0],
         "train_steps": results[0]["train_steps"],
         "train_wall_time_s": _mean_std([r["train_wall_time_s"] for r in results])[0],
+        "train_seconds": _mean_std([r.get("train_seconds") for r in results])[0],
         **{_ARM_KEY[k]: _mean_std([r[k] for r in results])[0] for k in _EXTRA_METRICS[isc, prc] if k in _ARM_KEY},
         "runs": results,
         "grid": write_grid(results[0]["samples"], num_images, grid_images),
@@ -642,7 +645,7 @@ def markdown_table(summary: dict) -> str:
             f"{arm['parameters'] / 1e6:.3f} | {arm['parameter_ratio']:.2f} | {arm['gflops']:.3f} | "
             f"{arm['gflops_ratio']:.2f} | {_fmt(arm['train_images_per_s'], '.1f')} | "
             f"{_fmt(arm['sampling_images_per_s'], '.2f')} | {arm['train_steps']} | "
-            f"{_fmt(arm['train_wall_time_s'], '.0f')} |")
+            f"{_fmt(arm.get('train_seconds') or arm['train_wall_time_s'], '.0f')} |")
     diff = summary["fid_difference"]
     lines += [
         "",
@@ -652,6 +655,8 @@ def markdown_table(summary: dict) -> str:
         f"Verdict: {summary['verdict']}.",
         f"Budget: {summary['budget']}.",
         "",
+        "Train img/s: the timed steps of each run's last training process (a resumed run's last segment); train s: "
+        "the training seconds summed over all its processes.",
         f"Mean +- standard deviation over runs (KID of one run: mean over subsets). {summary['num_images']} samples "
         f"per run ({summary['sampler']}, {summary['num_inference_steps']} steps, seed {summary['seed']}, {precision}"
         + (f", guidance scale {summary['guidance_scale']:g}, class mix {summary['class_mix']}"
