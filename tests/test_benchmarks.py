@@ -271,3 +271,44 @@ def test_compare_samples_measures_two_folders_and_refuses_unlike_ones(tmp_path, 
     assert "is not a sample folder" in capsys.readouterr().err
     assert compare.main([str(close), str(close), *argv[2:]]) == 2
     assert "given twice" in capsys.readouterr().err
+
+
+def _run_on_images(tmp_path: Path, count: int) -> tuple[str, str]:
+    """A finished run (untrained tiny pipeline) whose training data is a folder of `count` random 16x16 images."""
+    import numpy as np
+    from PIL import Image
+
+    from pipeline_cases import tiny_pipeline
+    from unet_dcnv4.data import build_image_dataset
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    run = tmp_path / "run"
+    tiny_pipeline().save_pretrained(run / "pipeline")
+    (run / "config.yaml").write_text(f"model_type: conv\nmodel_size: tiny\nresolution: 16\ndata_source: {images}\n")
+    fingerprint = build_image_dataset(str(images), resolution=16).fingerprint()
+    (run / "train_stats.json").write_text(json.dumps({"steps": 1, "data_fingerprint": fingerprint,
+                                                      "data_source_path": str(images)}))
+    return str(run), str(images)
+
+
+def test_fid_floor_measures_drawn_training_images_and_their_reconstructions(tmp_path, capsys):
+    fid_floor = _load("fid_floor")
+    run, _ = _run_on_images(tmp_path, 6)
+    cache = str(tmp_path / "cache")
+    # Every training image drawn: the same set as the reference, FID 0 up to rounding; the untrained VAE's
+    # reconstructions are far from it.
+    whole = fid_floor.floor(run, num_images=6, draws=1, cache_dir=cache, work_dir=str(tmp_path / "drawn"))
+    assert whole["draws"][0]["fid_real"] == pytest.approx(0.0, abs=1e-3) and whole["draws"][0]["fid_recon"] > 1.0
+    assert len(list((tmp_path / "drawn" / "draw0" / "recon").glob("*.png"))) == 6
+    # Four of six: the draws differ, and a draw's FID is above the whole set's.
+    out = tmp_path / "floor.json"
+    assert fid_floor.main([run, "--num_images", "4", "--draws", "2", "--cache_dir", cache, "--output", str(out)]) == 0
+    part = json.loads(out.read_text())
+    assert part["draws"][0]["fid_real"] != part["draws"][1]["fid_real"] and part["fid_real_mean"] > 1e-3
+    assert part["num_images"] == 4 and "training images FID" in capsys.readouterr().out
+    assert fid_floor.main([run, "--num_images", "7", "--cache_dir", cache]) == 2
+    assert "num_images must be between 3 and the 6 training images, got 7" in capsys.readouterr().err
