@@ -100,6 +100,11 @@ def test_one_run_per_arm_writes_json_markdown_and_figure(pair, tmp_path):
     text = (out / "comparison.md").read_text()
     assert "Verdict: " in text and f"df {diff['df']:.1f}, p = " in text and "for DCNv4, image noise only" in text
     assert text.count("| 12.5 | ") == 2 and text.count(" | 10 | 30 |") == 2  # train s: all processes' seconds
+    assert "the training seconds summed over all its processes" in text
+    for arm in summary["arms"]:  # as a comparison of runs that did not record the sum reads
+        arm["train_seconds"] = None
+    older = comparison.markdown_table(summary)
+    assert older.count(" | 10 | 3 |") == 2 and "(these runs did not record the sum)" in older
     figure = Image.open(out / "comparison.png")
     assert figure.size[0] > figure.size[1]
 

@@ -656,7 +656,9 @@ def markdown_table(summary: dict) -> str:
         f"Budget: {summary['budget']}.",
         "",
         "Train img/s: the timed steps of each run's last training process (a resumed run's last segment); train s: "
-        "the training seconds summed over all its processes.",
+        + ("the training seconds summed over all its processes." if all(arm.get("train_seconds") is not None
+                                                                         for arm in summary["arms"])
+           else "the wall time of each run's last training process (these runs did not record the sum)."),
         f"Mean +- standard deviation over runs (KID of one run: mean over subsets). {summary['num_images']} samples "
         f"per run ({summary['sampler']}, {summary['num_inference_steps']} steps, seed {summary['seed']}, {precision}"
         + (f", guidance scale {summary['guidance_scale']:g}, class mix {summary['class_mix']}"
