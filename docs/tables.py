@@ -20,7 +20,8 @@ with PATH relative to the repository root and KIND one of
     python docs/tables.py --add outputs/study/comparisons/default/comparison.json docs/data/study/comparison.json
 
 `--add` copies a result into docs/data with the machine's paths made relative (the repository's to the
-repository, installed packages' to the package), so that a page can name it.
+repository, those under a linked folder's target, such as outputs/ on another disk, through the link, installed
+packages' to the package), so that a page can name it.
 """
 
 from __future__ import annotations
@@ -97,14 +98,22 @@ def regenerate(text: str, root: Path = ROOT) -> str:
     return BLOCK.sub(block, text)
 
 
-def portable(value, root: Path = ROOT):
-    """`value` (parsed JSON) with absolute paths made relative: under `root` to it, inside an installed package
+def linked_folders(root: Path = ROOT) -> dict[str, str]:
+    """The folders of `root` that are links elsewhere (e.g. outputs/ on a larger disk): target -> name."""
+    return {str(entry.resolve()): entry.name for entry in root.iterdir() if entry.is_symlink() and entry.is_dir()}
+
+
+def portable(value, root: Path = ROOT, links: dict[str, str] | None = None):
+    """`value` (parsed JSON) with absolute paths made relative: under `root` to it, under the target of one of
+    its linked folders (`links`, target -> name) to that folder's name, inside an installed package
     (site-packages) to the package."""
     if isinstance(value, dict):
-        return {k: portable(v, root) for k, v in value.items()}
+        return {k: portable(v, root, links) for k, v in value.items()}
     if isinstance(value, list):
-        return [portable(v, root) for v in value]
+        return [portable(v, root, links) for v in value]
     if isinstance(value, str):
+        for target, name in (links or {}).items():
+            value = value.replace(target + "/", name + "/")
         value = value.replace(str(root) + "/", "")
         return re.sub(r"/\S*/(?:site|dist)-packages/", "", value)
     return value
@@ -127,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tables.py: --add: {source} does not exist", file=sys.stderr)
             return 2
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_text(json.dumps(portable(json.loads(source.read_text()), ROOT.resolve()), indent=1) + "\n")
+        data = portable(json.loads(source.read_text()), ROOT.resolve(), linked_folders(ROOT))
+        dest.write_text(json.dumps(data, indent=1) + "\n")
     stale = []
     try:
         for page in pages():

@@ -95,3 +95,11 @@ def test_add_copies_a_result_with_portable_paths(tmp_path):
     assert tables.main(["--add", str(source), str(dest)]) == 0
     assert json.loads(dest.read_text()) == {"x": "outputs/a"}
     assert tables.main(["--add", str(tmp_path / "absent.json"), str(dest)]) == 2
+    # outputs/ as a link to another disk: paths under its target are named through the link.
+    checkout, disk = tmp_path / "checkout", tmp_path / "disk" / "outputs"
+    checkout.mkdir()
+    disk.mkdir(parents=True)
+    (checkout / "outputs").symlink_to(disk)
+    links = tables.linked_folders(checkout)
+    assert links == {str(disk.resolve()): "outputs"}
+    assert tables.portable({"run": f"{disk.resolve()}/runs/seed0"}, checkout, links) == {"run": "outputs/runs/seed0"}
