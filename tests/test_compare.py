@@ -409,3 +409,8 @@ def test_inception_score_without_a_classifier_is_refused_before_sampling(runs, t
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Inception Score needs Inception's 1008-way classifier" in err
     assert not (tmp_path / "x" / "samples").exists()
+
+
+def test_curves_spanning_a_factor_of_8_get_a_log_axis():
+    assert comparison.log_axis([1000, 2000, 4000, 8000])
+    assert not comparison.log_axis([5, 10]) and not comparison.log_axis([]) and not comparison.log_axis([0, 100])

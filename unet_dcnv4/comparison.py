@@ -679,9 +679,15 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def log_axis(values: list[float]) -> bool:
+    """Whether a curve's x values (all positive) span a factor of 8 or more: then they are drawn on a log axis."""
+    return bool(values) and min(values) > 0 and max(values) / min(values) >= 8
+
+
 def write_figure(summary: dict, path: str) -> None:
     """One sample grid per arm, then FID against training step and against training seconds (mean line, band
-    from min to max over runs) where runs have intermediate checkpoints."""
+    from min to max over runs; a log axis where they span a factor of 8) where runs have intermediate
+    checkpoints."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -719,6 +725,8 @@ def write_figure(summary: dict, path: str) -> None:
                 if arm["num_runs"] > 1:
                     ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2)
             ax.set_xlabel(name)
+            if log_axis([x for line in ax.get_lines() for x in line.get_xdata()]):
+                ax.set_xscale("log")  # checkpoints at log-spaced steps: the early crossing stays visible
             ax.set_ylabel("FID")
             ax.legend(fontsize=8)
     fig.tight_layout()
