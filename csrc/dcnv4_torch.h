@@ -84,4 +84,12 @@ inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& v
               ", got ", grad_output.device());
 }
 
+// The dtype of the CUDA backward's grad_value accumulator for a value of dtype `t`: double for double, the
+// 16-bit type itself where the build accumulates in it (`acc16`: backward16_accumulates_in_16bit()), else float.
+inline at::ScalarType grad_value_acc_type(at::ScalarType t, bool acc16) {
+  if (t == at::kDouble) return at::kDouble;
+  if ((t == at::kHalf || t == at::kBFloat16) && acc16) return t;
+  return at::kFloat;
+}
+
 }  // namespace dcnv4

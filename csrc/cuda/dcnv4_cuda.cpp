@@ -75,10 +75,7 @@ std::tuple<at::Tensor, at::Tensor> dcnv4_backward_cuda(const at::Tensor& grad_ou
   check_grad_output(grad_output, value, p);
   const DType dtype = dtype_of(value);
   const c10::cuda::CUDAGuard guard(value.device());
-  const bool half = value.scalar_type() == at::kHalf || value.scalar_type() == at::kBFloat16;
-  const auto acc_type = value.scalar_type() == at::kDouble                 ? at::kDouble
-                        : half && backward16_accumulates_in_16bit() ? value.scalar_type()
-                                                                           : at::kFloat;
+  const auto acc_type = grad_value_acc_type(value.scalar_type(), backward16_accumulates_in_16bit());
   at::Tensor grad_value_acc = at::zeros(value.sizes(), value.options().dtype(acc_type));
   at::Tensor grad_offset_mask = at::empty_like(offset_mask);
   const int64_t used = 3 * p.G * p.K;

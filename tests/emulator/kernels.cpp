@@ -78,10 +78,7 @@ std::string backward(const at::Tensor& grad_output, const at::Tensor& value, con
   const dcnv4::Params p = dcnv4::make_params(value, offset_mask, kernel_size, stride, padding, dilation, groups,
                                              offset_scale, remove_center);
   dcnv4::check_grad_output(grad_output, value, p);
-  const bool half = value.scalar_type() == at::kHalf || value.scalar_type() == at::kBFloat16;
-  const auto acc_type = value.scalar_type() == at::kDouble                        ? at::kDouble
-                        : half && dcnv4::backward16_accumulates_in_16bit() ? value.scalar_type()
-                                                                                  : at::kFloat;
+  const auto acc_type = dcnv4::grad_value_acc_type(value.scalar_type(), dcnv4::backward16_accumulates_in_16bit());
   TORCH_CHECK(grad_value_acc.sizes() == value.sizes() && grad_value_acc.scalar_type() == acc_type,
               "grad_value_acc must have value's shape and the accumulation dtype");
   TORCH_CHECK(grad_offset_mask.sizes() == offset_mask.sizes() &&
