@@ -315,10 +315,12 @@ def test_cli_report_and_user_errors(capsys):
 @pytest.mark.parametrize("size, sample_size, options", [
     ("tiny", 8, {}),
     ("tiny", 8, {"group_channels": 8}),
+    ("tiny", 8, {"levels": [1]}),
+    ("tiny", 8, {"time_offsets": True, "time_rank": 16}),
     ("S", 32, {}),
 ])
 def test_matched_parameters_are_within_five_percent_of_the_conv_baseline(size, sample_size, options):
-    from unet_dcnv4.unet import matched_widths
+    from unet_dcnv4.unet import matched_widths, sampled_levels
 
     with torch.device("meta"):
         conv = build_unet("conv", size, sample_size)
@@ -331,7 +333,71 @@ def test_matched_parameters_are_within_five_percent_of_the_conv_baseline(size, s
     assert tuple(widths) == matched_widths(size, sample_size, match="params", **options)
     assert tuple(widths) != tuple(UNET_SIZES[size]["block_out_channels"])
     step = options.get("group_channels", 16)
-    assert all(w % step == 0 and w % UNET_SIZES[size]["norm_num_groups"] == 0 for w in widths)
+    assert all(w % UNET_SIZES[size]["norm_num_groups"] == 0 for w in widths)
+    assert all(widths[i] % step == 0 for i in sampled_levels(len(widths), levels=options.get("levels")))
+
+
+def test_group_channels_divide_only_the_widths_dcnv4_layers_sample_at():
+    """A level without DCNv4 layers keeps the GroupNorm grid: levels [1] of the tiny U-Net builds at (40, 80), whose
+    40 is no multiple of group_channels (16), and matching widens its conv level in steps of the 8 GroupNorm
+    groups; swapping the upsampler's conv at level 0 makes it sample at level 1's width."""
+    from unet_dcnv4.unet import REPLACEABLE, matched_widths, sampled_levels
+
+    assert sampled_levels(2) == (0, 1) and sampled_levels(2, levels=[1]) == (1,)
+    assert sampled_levels(2, levels=[0]) == (0, 1) and sampled_levels(2, ("resnet",), [0]) == (0,)
+    assert sampled_levels(3, ("downsample",), [2]) == () and sampled_levels(3, ("upsample",), [0, 1]) == (1, 2)
+    assert sampled_levels(2, ("conv_in",), [1]) == () and sampled_levels(2, REPLACEABLE, None) == (0, 1)
+    config = dict(UNET_SIZES["tiny"], sample_size=8, in_channels=4, out_channels=4, block_out_channels=(40, 80))
+    with torch.device("meta"):
+        model = DCNv4UNet2DModel(**config, levels=[1])
+    assert model.down_blocks[1].resnets[0].conv1.group_channels == 16
+    with pytest.raises(ValueError, match=r"group_channels \(16\) must divide .* \(40, 80\) at a level with DCNv4 "
+                                         r"layers \(\[40, 80\]\); allowed: \[1, 2, 4, 5, 8, 10, 20, 40\]"):
+        DCNv4UNet2DModel(**config)
+    widths = matched_widths("tiny", 8, levels=[1])
+    assert widths[0] % 16 and widths[0] % 8 == 0 and widths[1] % 16 == 0
+
+
+def test_time_rank_factorises_the_time_projection(tmp_path):
+    """time_rank r makes each time projection Linear(time, r) then Linear(r, C_in), the second zero at the start (the
+    model starts time-blind there) and learning from the first step; it needs time_offsets and reloads."""
+    torch.manual_seed(0)
+    model = build_unet("dcnv4", "tiny", 8, time_offsets=True, time_rank=4)
+    conv1 = model.down_blocks[0].resnets[0].conv1
+    down, up = conv1.offset_time_proj
+    assert (down.in_features, down.out_features, down.bias, up.out_features) == (conv1.time_channels, 4, None,
+                                                                               conv1.in_channels)
+    assert down.weight.abs().sum() > 0 and not up.weight.any() and not up.bias.any()
+    full = build_unet("dcnv4", "tiny", 8, time_offsets=True)
+    count = lambda m: sum(p.numel() for p in m.offset_time_proj.parameters())  # noqa: E731
+    assert count(conv1) == (conv1.time_channels + conv1.in_channels) * 4 + conv1.in_channels
+    assert count(full.down_blocks[0].resnets[0].conv1) == (conv1.time_channels + 1) * conv1.in_channels
+    x = torch.randn(1, 4, 8, 8)
+    captured = []
+    conv1.offset_mask.register_forward_hook(lambda m, a, out: captured.append(out.detach()))
+
+    def offsets_at(t):
+        captured.clear()
+        with torch.no_grad():
+            model(x, torch.tensor([t]))
+        return captured[0]
+
+    with torch.no_grad():
+        conv1.offset_mask.weight.normal_(std=0.1)
+    assert torch.equal(offsets_at(10), offsets_at(900))
+    with torch.no_grad():
+        up.weight.normal_(std=0.1)
+    assert not torch.allclose(offsets_at(10), offsets_at(900))
+    with torch.no_grad():
+        up.weight.zero_()
+    model(x.expand(2, -1, -1, -1), torch.tensor([10, 900])).sample.square().sum().backward()
+    assert up.weight.grad.abs().sum() > 0
+    model.save_pretrained(tmp_path)
+    assert DCNv4UNet2DModel.from_pretrained(tmp_path).config.time_rank == 4
+    with pytest.raises(ValueError, match=r"time_rank \(4\) is the rank of the time projections of time_offsets"):
+        build_unet("dcnv4", "tiny", 8, time_rank=4)
+    with pytest.raises(ValueError, match="time_rank must be a positive int"):
+        build_unet("dcnv4", "tiny", 8, time_offsets=True, time_rank=0)
 
 
 def test_matched_flops_and_the_saved_widths_reload(tmp_path):

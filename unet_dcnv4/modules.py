@@ -91,6 +91,9 @@ class DCNv4(nn.Module):
         Both are kept as attributes of the same names and can be changed later.
         time_channels: the width of a time embedding the offset branch sees (`set_time`): SiLU(embedding) through
             `offset_time_proj` (zero at the start) is added to the branch's input per channel. None: no time.
+        time_rank: the rank of `offset_time_proj`: None for one Linear(time_channels, in_channels); r for
+            Linear(time_channels, r, no bias) then Linear(r, in_channels), (time_channels + in_channels) * r +
+            in_channels parameters instead of (time_channels + 1) * in_channels (the second Linear starts at zero).
 
     With the compiled kernels the layer runs as one op (`dcnv4_layer`), which takes the three projections'
     weights instead of calling the `nn.Linear`s. A projection with a forward hook, or replaced by another
@@ -119,6 +122,7 @@ class DCNv4(nn.Module):
         impl: str = "auto",
         cuda_backward: str = "atomic",
         time_channels: int | None = None,
+        time_rank: int | None = None,
     ):
         super().__init__()
         self.channels = channels
@@ -164,10 +168,16 @@ class DCNv4(nn.Module):
         # Offsets and masks that see the diffusion time: SiLU(time embedding) projected to a per-channel bias of
         # the offset branch's input, zero at the start. The embedding of each call is given by `set_time`.
         self.time_channels = time_channels
+        self.time_rank = time_rank
         self._time: torch.Tensor | None = None
+        if time_rank is not None:
+            positive_int("time_rank", time_rank)
+            if time_channels is None:
+                raise ValueError(f"time_rank ({time_rank}) needs time_channels: it is the rank of the time projection")
         if time_channels is not None:
             positive_int("time_channels", time_channels)
-            self.offset_time_proj = nn.Linear(time_channels, self.in_channels)
+            self.offset_time_proj = nn.Linear(time_channels, self.in_channels) if time_rank is None else \
+                nn.Sequential(nn.Linear(time_channels, time_rank, bias=False), nn.Linear(time_rank, self.in_channels))
         if not without_pointwise:
             self.value_proj = nn.Linear(self.in_channels, channels)
             self.output_proj = nn.Linear(channels, self.out_channels, bias=output_bias)
@@ -179,8 +189,11 @@ class DCNv4(nn.Module):
         nn.init.zeros_(self.offset_mask.weight)
         nn.init.zeros_(self.offset_mask.bias)
         if self.time_channels is not None:
-            nn.init.zeros_(self.offset_time_proj.weight)
-            nn.init.zeros_(self.offset_time_proj.bias)
+            last = self.offset_time_proj if self.time_rank is None else self.offset_time_proj[1]
+            if self.time_rank is not None:
+                self.offset_time_proj[0].reset_parameters()  # random, so that the zero second Linear learns
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
         if not official_init:
             G, K = self.group, self.K
             with torch.no_grad():
@@ -291,7 +304,7 @@ class DCNv4Conv2d(DCNv4):
         group_channels: channels per DCNv4 group at width C (C must be divisible by it).
         channels: the width C at which the op samples, overriding the choice above.
         offset_scale, dw_kernel_size, remove_center, official_init, recompute_value, impl, cuda_backward,
-            time_channels: see `DCNv4`.
+            time_channels, time_rank: see `DCNv4`.
         bias: whether the output projection has a bias.
     """
 
@@ -315,6 +328,7 @@ class DCNv4Conv2d(DCNv4):
         impl: str = "auto",
         cuda_backward: str = "atomic",
         time_channels: int | None = None,
+        time_rank: int | None = None,
     ):
         positive_int("in_channels", in_channels)
         positive_int("out_channels", out_channels)
@@ -326,7 +340,7 @@ class DCNv4Conv2d(DCNv4):
             group_channels=group_channels, offset_scale=offset_scale, remove_center=remove_center,
             dw_kernel_size=dw_kernel_size, output_bias=bias, in_channels=in_channels,
             out_channels=out_channels, official_init=official_init, recompute_value=recompute_value,
-            impl=impl, cuda_backward=cuda_backward, time_channels=time_channels,
+            impl=impl, cuda_backward=cuda_backward, time_channels=time_channels, time_rank=time_rank,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ REPLACEABLE = ("resnet", "conv_in", "conv_out", "downsample", "upsample")
 MODEL_TYPES = ("dcnv4", "conv")
 # `match` is not a model field: build_unet resolves it into block_out_channels, which the saved config records.
 DCNV4_OPTIONS = ("replace", "group_channels", "offset_scale", "dw_kernel_size", "remove_center", "official_init",
-                 "offset_lr_scale", "time_offsets", "levels", "match")
+                 "offset_lr_scale", "time_offsets", "time_rank", "levels", "match")
 # What a matched-budget DCNv4 U-Net is widened to equal: the conv baseline's parameter count or its GFLOPs.
 BUDGETS = ("params", "flops")
 BUDGET_TOLERANCE = 0.05
@@ -79,13 +79,35 @@ def _check_replace(replace) -> tuple[str, ...]:
     return tuple(replace)
 
 
-def _check_group_channels(group_channels, block_out_channels) -> None:
+def sampled_levels(depth: int, replace=REPLACEABLE, levels=None) -> tuple[int, ...]:
+    """The resolution levels whose block width some DCNv4 layer samples at, for a U-Net of `depth` levels whose
+    convs `replace` names are swapped at `levels` (None: all): group_channels must divide these widths only.
+
+    A swapped conv samples at its output width (`DCNv4Conv2d`): the ResnetBlock2D convs, downsampling convs,
+    conv_in and conv_out (which narrows from level 0's width) at their own level's width; an upsampling conv,
+    which runs on the finer level's map, at the coarser block's width it upsamples.
+    """
+    swapped = set(range(depth) if levels is None else levels)
+    used = set()
+    if "resnet" in replace:
+        used |= swapped
+    if "downsample" in replace:
+        used |= swapped - {depth - 1}  # the last down block does not downsample
+    if ("conv_in" in replace or "conv_out" in replace) and 0 in swapped:
+        used.add(0)
+    if "upsample" in replace:
+        used |= {level + 1 for level in swapped if level + 1 < depth}
+    return tuple(sorted(used))
+
+
+def _check_group_channels(group_channels, block_out_channels, replace=REPLACEABLE, levels=None) -> None:
     positive_int("group_channels", group_channels)
     widths = tuple(block_out_channels)
-    if any(w % group_channels for w in widths):
-        common = [d for d in range(1, min(widths) + 1) if all(w % d == 0 for w in widths)]
+    used = [widths[i] for i in sampled_levels(len(widths), replace, levels)]
+    if used and any(w % group_channels for w in used):
+        common = [d for d in range(1, min(used) + 1) if all(w % d == 0 for w in used)]
         raise ValueError(f"group_channels ({group_channels}) must divide every entry of block_out_channels "
-                         f"{widths}; allowed: {common}")
+                         f"{widths} at a level with DCNv4 layers ({used}); allowed: {common}")
 
 
 def _give_time(block: ResnetBlock2D, args: tuple, kwargs: dict) -> None:
@@ -110,7 +132,8 @@ class DCNv4UNet2DModel(UNet2DModel):
             "conv_in", "conv_out", "downsample", "upsample" (the resampling convs); all of them by default,
             the choice the design study found best (benchmarks/NOTES.md). Folders saved with another default
             load as saved: the config names the list.
-        group_channels: channels per DCNv4 group; must divide every entry of block_out_channels.
+        group_channels: channels per DCNv4 group; must divide the block_out_channels of every level with DCNv4
+            layers (`sampled_levels`).
         offset_scale: DCNv4's offset scale.
         dw_kernel_size: depthwise conv kernel in the offset/mask branch, None for none.
         remove_center: drop the centre tap of each DCNv4.
@@ -126,6 +149,8 @@ class DCNv4UNet2DModel(UNet2DModel):
         time_offsets: let the offsets and masks of every ResnetBlock2D's first conv see the diffusion time (its
             input is taken before the block adds the time embedding; the second conv's input has it): the block's
             time embedding, through a zero-initialised projection, is added to the offset branch's input.
+        time_rank: the rank of those time projections (`DCNv4`): None for a full Linear per layer, (time embedding
+            width + 1) x its input width parameters; r for a rank-r factorisation, a few times cheaper.
         impl: which implementation of the op every DCNv4 layer runs, one of `unet_dcnv4.ops.IMPLS` (see `dcnv4`).
         cuda_backward: the CUDA backward kernel of every DCNv4 layer, one of `unet_dcnv4.ops.CUDA_BACKWARDS`.
             Both are recorded in the saved config, so it says what ran; configs saved without them load with the
@@ -171,6 +196,7 @@ class DCNv4UNet2DModel(UNet2DModel):
         official_init: bool = False,
         offset_lr_scale: float = 1.0,
         time_offsets: bool = False,
+        time_rank: int | None = None,
         levels: tuple[int, ...] | None = None,
         impl: str = "auto",
         cuda_backward: str = "atomic",
@@ -179,7 +205,18 @@ class DCNv4UNet2DModel(UNet2DModel):
         if isinstance(offset_lr_scale, bool) or not isinstance(offset_lr_scale, (int, float)) or offset_lr_scale < 0:
             raise ValueError(f"offset_lr_scale must be a number >= 0, got {offset_lr_scale!r}")
         check_impl(impl, cuda_backward)
-        _check_group_channels(group_channels, block_out_channels)
+        if not isinstance(time_offsets, bool):
+            raise ValueError(f"time_offsets must be a bool, got {time_offsets!r}")
+        if time_rank is not None:
+            positive_int("time_rank", time_rank)
+            if not time_offsets:
+                raise ValueError(f"time_rank ({time_rank}) is the rank of the time projections of time_offsets: "
+                                 "set time_offsets: true with it")
+        depth = len(block_out_channels)
+        if levels is not None and (isinstance(levels, (str, int)) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v < depth for v in levels)):
+            raise ValueError(f"levels must be null or a list of resolution levels in [0, {depth}), got {levels!r}")
+        _check_group_channels(group_channels, block_out_channels, replace, levels)
         super().__init__(
             sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
             center_input_sample=center_input_sample, time_embedding_type=time_embedding_type,
@@ -198,12 +235,6 @@ class DCNv4UNet2DModel(UNet2DModel):
                        remove_center=remove_center, official_init=official_init, impl=impl,
                        cuda_backward=cuda_backward)
 
-        if not isinstance(time_offsets, bool):
-            raise ValueError(f"time_offsets must be a bool, got {time_offsets!r}")
-        depth = len(block_out_channels)
-        if levels is not None and (isinstance(levels, (str, int)) or not all(
-                isinstance(v, int) and not isinstance(v, bool) and 0 <= v < depth for v in levels)):
-            raise ValueError(f"levels must be null or a list of resolution levels in [0, {depth}), got {levels!r}")
         # The level each block's convs read (up block j runs at level depth - 1 - j); see `levels`.
         level_of = {id(m): i for i, block in enumerate(self.down_blocks) for m in block.modules()}
         if self.mid_block is not None:
@@ -216,7 +247,8 @@ class DCNv4UNet2DModel(UNet2DModel):
                 return conv
             return DCNv4Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                                padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
-                               time_channels=time_channels, **options)
+                               time_channels=time_channels, time_rank=time_rank if time_channels else None,
+                               **options)
 
         if "conv_in" in replace:
             self.conv_in = swap(self.conv_in, 0)
@@ -338,8 +370,8 @@ def matched_widths(
 ) -> tuple[int, ...]:
     """`block_out_channels` that give the DCNv4 U-Net the conv baseline's budget, within `tolerance`.
 
-    Every width of the size's `block_out_channels` is scaled by one factor and rounded to a multiple of
-    both `group_channels` and the GroupNorm group count, so the layers stay valid; the factor is found by
+    Every width of the size's `block_out_channels` is scaled by one factor and rounded to a multiple of the
+    GroupNorm group count, and of `group_channels` too at the levels with DCNv4 layers, so the layers stay valid; the factor is found by
     bisection (the budget grows with it) and the closest of the candidates around the crossing wins.
 
     Args:
@@ -374,11 +406,14 @@ def _matched_widths(key: str) -> tuple[int, ...]:
     base = dict(UNET_SIZES[size], sample_size=sample_size, in_channels=in_channels,
                 out_channels=in_channels if out_channels is None else out_channels, num_class_embeds=num_class_embeds)
     target = _budget("conv", base, {}, match)
-    group_channels = options.get("group_channels", 16)
-    step = math.lcm(int(group_channels), int(base["norm_num_groups"]))
+    # Each level's grid: multiples of the GroupNorm group count, and of group_channels where DCNv4 layers sample.
+    groups, widths0 = int(base["norm_num_groups"]), base["block_out_channels"]
+    dcnv4_levels = sampled_levels(len(widths0), options.get("replace", REPLACEABLE), options.get("levels"))
+    steps = tuple(math.lcm(int(options.get("group_channels", 16)), groups) if level in dcnv4_levels else groups
+                  for level in range(len(widths0)))
 
     def widths(factor: float) -> tuple[int, ...]:
-        return tuple(max(step, round(w * factor / step) * step) for w in base["block_out_channels"])
+        return tuple(max(step, round(w * factor / step) * step) for w, step in zip(widths0, steps))
 
     measured: dict[tuple[int, ...], float] = {}
 
@@ -405,17 +440,17 @@ def _matched_widths(key: str) -> tuple[int, ...]:
     for _ in range(4):
         if abs(measured[best] - 1) <= tolerance:
             break
-        for deltas in itertools.product((-step, 0, step), repeat=len(best)):
-            w = tuple(a + d for a, d in zip(best, deltas))
-            if min(w) >= step:
+        for deltas in itertools.product((-1, 0, 1), repeat=len(best)):
+            w = tuple(a + d * step for a, d, step in zip(best, deltas, steps))
+            if all(a >= step for a, step in zip(w, steps)):
                 measure(w)
         previous, best = best, min(measured, key=lambda w: abs(measured[w] - 1))
         if best == previous:
             break
     if abs(measured[best] - 1) > tolerance:
         raise ValueError(
-            f"no block_out_channels on the grid of multiples of {step} give the conv baseline's {match} within "
-            f"{tolerance:.0%} (closest {best}: {measured[best]:.3f}x); use a smaller group_channels for a finer grid")
+            f"no block_out_channels on the grid of multiples of {steps} (one a level) give the conv baseline's "
+            f"{match} within {tolerance:.0%} (closest {best}: {measured[best]:.3f}x); use a smaller group_channels for a finer grid")
     return best
 
 
