@@ -101,7 +101,7 @@ def test_every_dcnv4_option_reaches_the_saved_config_and_the_layers(tmp_path):
     from unet_dcnv4.unet import DCNV4_OPTIONS
 
     options = dict(replace=["resnet", "upsample"], group_channels=8, offset_scale=0.5, dw_kernel_size=3,
-                   remove_center=True, official_init=True, offset_lr_scale=0.1, time_offsets=True,
+                   remove_center=True, official_init=True, offset_lr_scale=0.1, time_offsets=True, time_rank=4,
                    levels=[0, 1])
     assert set(options) == set(DCNV4_OPTIONS) - {"match"}
     model = build_unet("dcnv4", "tiny", 8, **options)
@@ -120,6 +120,7 @@ def test_every_dcnv4_option_reaches_the_saved_config_and_the_layers(tmp_path):
     branch = {id(p) for m in layers for p in [*m.offset_mask.parameters(), *m.offset_mask_dw.parameters(),
                                               *(m.offset_time_proj.parameters() if m.time_channels else [])]}
     assert any(m.time_channels for m in layers)  # time_offsets: the blocks' first convs
+    assert all(m.time_rank == 4 for m in layers if m.time_channels)
     assert [(g["lr"], g["lr_scale"]) for g in groups] == [(1e-3, 1.0), (pytest.approx(1e-4), 0.1)]
     assert {id(p) for p in groups[1]["params"]} == branch
     assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(loaded.parameters()))
