@@ -464,6 +464,35 @@ def test_time_offsets_let_the_first_conv_of_a_block_see_the_time(tmp_path, impl)
         block.conv1(torch.randn(1, block.conv1.in_channels, 8, 8))
 
 
+def test_an_option_added_later_keeps_the_fingerprint_of_folders_saved_before_it(tmp_path):
+    """A folder saved before the class gained an option (time_rank) loads with the option's default, which diffusers
+    lists in `_use_default_values`; the fingerprint leaves such keys out, so it stays what it was when the folder
+    was saved, and the samples made from it (whose manifests record it) stay reusable."""
+    import json
+
+    from unet_dcnv4.data import module_fingerprint
+
+    build_unet("dcnv4", "tiny", 8).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["time_rank"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    old = DCNv4UNet2DModel.from_pretrained(tmp_path)
+    assert "time_rank" in old.config["_use_default_values"]
+
+    class Before(nn.Module):  # the model as the class without the option hashed it: no time_rank in its config
+        def __init__(self):
+            super().__init__()
+            self.config = {k: v for k, v in old.config.items() if k != "time_rank"}
+
+        def state_dict(self):
+            return old.state_dict()
+
+    assert module_fingerprint(old) == module_fingerprint(Before())
+    explicit = build_unet("dcnv4", "tiny", 8, time_offsets=True, time_rank=4)
+    assert module_fingerprint(explicit) != module_fingerprint(build_unet("dcnv4", "tiny", 8, time_offsets=True,
+                                                                         time_rank=8))
+
+
 def test_levels_swap_the_convs_of_the_levels_named(tmp_path):
     """levels: [1] in the two-level tiny U-Net swaps the convs that read the half-resolution maps (the second down
     block, the mid block, the first up block) and keeps the full-resolution ones (conv_in, conv_out, the first down

@@ -540,9 +540,17 @@ def build_image_dataset(
 
 
 def module_fingerprint(module) -> str:
-    """Hash of a model's config (public keys) and weights: equal hashes compute alike (a VAE, a U-Net)."""
+    """Hash of a model's config (public keys) and weights: equal hashes compute alike (a VAE, a U-Net).
+
+    Keys that diffusers filled in with the class default because the saved config.json lacks them (its
+    `_use_default_values`: options the class gained after the folder was saved, whose defaults keep the old
+    behaviour) are left out, so that a new option does not change the fingerprint of every saved model and
+    orphan the samples made from it.
+    """
     h = hashlib.sha256()
-    config = {k: v for k, v in dict(getattr(module, "config", {}) or {}).items() if not k.startswith("_")}
+    config = dict(getattr(module, "config", {}) or {})
+    filled = set(config.get("_use_default_values") or ())
+    config = {k: v for k, v in config.items() if not k.startswith("_") and k not in filled}
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(module.state_dict().items()):
         t = tensor.detach().cpu().contiguous().reshape(-1)
