@@ -308,6 +308,11 @@ def test_cli_report_and_user_errors(capsys):
     assert main(["--size", "tiny", "--sample_size", "8", "--report"]) == 0
     out = capsys.readouterr().out
     assert "dcnv4" in out and "conv" in out and "GFLOPs" in out
+    assert main(["--size", "tiny", "--sample_size", "8", "--report", "--levels", "1", "--match", "params"]) == 0
+    from unet_dcnv4.unet import matched_widths
+
+    widths = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("widths"))
+    assert widths.split()[1:] == str(matched_widths("tiny", 8, levels=[1])).split() + ["(32,", "64)"]
     assert main(["--size", "tiny", "--group_channels", "24"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: group_channels (24)") and err.count("\n") == 1

@@ -498,7 +498,8 @@ def model_report(
         **dcnv4_options: passed to `build_unet`.
 
     Returns:
-        dict with model_type, size, sample_size, parameters, gflops and dcnv4_gflops (the op's share).
+        dict with model_type, size, sample_size, block_out_channels, parameters, gflops and dcnv4_gflops (the op's
+        share).
     """
     if isinstance(model_type_or_model, str):
         if size is None:
@@ -537,6 +538,7 @@ def model_report(
         "model_type": model_type,
         "size": size,
         "sample_size": list(hw),
+        "block_out_channels": list(model.config.block_out_channels),
         "parameters": sum(p.numel() for p in model.parameters()),
         "gflops": (counter.get_total_flops() + dcnv4_total) / 1e9,
         "dcnv4_gflops": dcnv4_total / 1e9,
@@ -545,6 +547,7 @@ def model_report(
 
 def _format_report(reports: list[dict]) -> str:
     rows = [("", *[r["model_type"] for r in reports]),
+            ("widths", *[str(tuple(r["block_out_channels"])) for r in reports]),
             ("parameters (M)", *[f"{r['parameters'] / 1e6:.3f}" for r in reports]),
             ("GFLOPs / sample", *[f"{r['gflops']:.3f}" for r in reports]),
             ("  of which DCNv4 op", *[f"{r['dcnv4_gflops']:.3f}" for r in reports])]
@@ -565,13 +568,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dw_kernel_size", type=int, default=None)
     parser.add_argument("--remove_center", action="store_true")
     parser.add_argument("--official_init", action="store_true", help="all masks zero at initialisation")
+    parser.add_argument("--time_offsets", action="store_true",
+                        help="the offsets of each ResnetBlock2D's first conv see the diffusion time")
+    parser.add_argument("--time_rank", type=int, default=None, help="rank of those time projections (default: full)")
+    parser.add_argument("--levels", type=int, nargs="+", default=None,
+                        help="the resolution levels whose convs are swapped (default: all; 0 the full resolution)")
+    parser.add_argument("--match", choices=list(BUDGETS), default=None,
+                        help="widen the DCNv4 U-Net to the conv baseline's parameters or GFLOPs")
     parser.add_argument("--report", action="store_true",
                         help="print parameters and GFLOPs of the DCNv4 model and the conv baseline side by side")
     parser.add_argument("--json", action="store_true", help="print the report (or the config) as JSON")
     args = parser.parse_args(argv)
     options = dict(replace=args.replace, group_channels=args.group_channels, offset_scale=args.offset_scale,
                    dw_kernel_size=args.dw_kernel_size, remove_center=args.remove_center,
-                   official_init=args.official_init)
+                   official_init=args.official_init, time_offsets=args.time_offsets, time_rank=args.time_rank,
+                   levels=args.levels, match=args.match)
     try:
         if args.sample_size < 1:
             raise ValueError(f"--sample_size must be positive, got {args.sample_size}")
