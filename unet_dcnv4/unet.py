@@ -30,7 +30,7 @@ from .modules import DCNv4, DCNv4Conv2d
 from .ops import _uses_kernels, check_impl, load_extension
 
 __all__ = ["DCNv4UNet2DModel", "UNET_SIZES", "REPLACEABLE", "DCNV4_OPTIONS", "MODEL_TYPES", "BUDGETS",
-           "build_unet", "matched_widths", "model_report", "dcnv4_flops"]
+           "build_unet", "matched_widths", "sampled_levels", "model_report", "dcnv4_flops"]
 
 REPLACEABLE = ("resnet", "conv_in", "conv_out", "downsample", "upsample")
 MODEL_TYPES = ("dcnv4", "conv")
@@ -371,8 +371,9 @@ def matched_widths(
     """`block_out_channels` that give the DCNv4 U-Net the conv baseline's budget, within `tolerance`.
 
     Every width of the size's `block_out_channels` is scaled by one factor and rounded to a multiple of the
-    GroupNorm group count, and of `group_channels` too at the levels with DCNv4 layers, so the layers stay valid; the factor is found by
-    bisection (the budget grows with it) and the closest of the candidates around the crossing wins.
+    GroupNorm group count, and of `group_channels` too at the levels with DCNv4 layers (`sampled_levels`), so
+    the layers stay valid; the factor is found by bisection (the budget grows with it) and the closest of the
+    candidates around the crossing wins.
 
     Args:
         size, sample_size, in_channels, out_channels, num_class_embeds: the models' shape, as for `build_unet`.
@@ -450,7 +451,8 @@ def _matched_widths(key: str) -> tuple[int, ...]:
     if abs(measured[best] - 1) > tolerance:
         raise ValueError(
             f"no block_out_channels on the grid of multiples of {steps} (one a level) give the conv baseline's "
-            f"{match} within {tolerance:.0%} (closest {best}: {measured[best]:.3f}x); use a smaller group_channels for a finer grid")
+            f"{match} within {tolerance:.0%} (closest {best}: {measured[best]:.3f}x); use a smaller group_channels "
+            "for a finer grid")
     return best
 
 
