@@ -189,9 +189,10 @@ class DCNv4(nn.Module):
         nn.init.zeros_(self.offset_mask.weight)
         nn.init.zeros_(self.offset_mask.bias)
         if self.time_channels is not None:
-            last = self.offset_time_proj if self.time_rank is None else self.offset_time_proj[1]
+            last = self.offset_time_proj
             if self.time_rank is not None:
-                self.offset_time_proj[0].reset_parameters()  # random, so that the zero second Linear learns
+                last[0].reset_parameters()  # random, so that the zero second Linear learns
+                last = last[1]
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
         if not official_init:
