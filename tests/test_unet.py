@@ -367,14 +367,14 @@ def test_group_channels_divide_only_the_widths_dcnv4_layers_sample_at():
 @pytest.mark.parametrize("replace", [(name,) for name in REPLACEABLE] + [REPLACEABLE])
 def test_sampled_levels_are_the_widths_the_built_model_samples_at(replace):
     """matched_widths and the group check read sampled_levels before any model exists; it must name exactly the
-    levels whose widths the built model's DCNv4 layers sample at, for every conv kind and choice of levels."""
+    levels whose widths the built model's DCNv4 layers sample at, for each conv kind and all of them together."""
     from unet_dcnv4.modules import DCNv4
     from unet_dcnv4.unet import sampled_levels
 
     widths = (16, 32, 48)  # one width a level, so a layer's width names its level
     config = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=widths, layers_per_block=1,
                   down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3, norm_num_groups=8)
-    for levels in (None, [1], [0, 2]):  # between them every rule of the four conv kinds
+    for levels in (None, [1], [0, 2]):  # between them, every conv kind's level rule
         with torch.device("meta"):
             model = DCNv4UNet2DModel(**config, replace=list(replace), levels=levels)
         built = {widths.index(m.channels) for m in model.modules() if isinstance(m, DCNv4)}
