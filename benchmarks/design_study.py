@@ -6,6 +6,8 @@ the conv U-Net, in one table.
     python benchmarks/design_study.py --phases throughput table  # re-time every row on a quiet machine
     python benchmarks/design_study.py --only default --max_train_steps 4000 --output_dir outputs/study_4000
                                                           # one row again at twice the budget
+    python benchmarks/design_study.py --phases confirm --confirm_row lower_level
+                                                          # confirm a row chosen elsewhere, no select phase
 
 The study file (YAML) holds `base` (TrainConfig keys every run shares: data, VAE, budget), `baseline` (keys
 over `base` for the conv U-Net), `variants` (row name -> keys over `base`; a row's `dcnv4_options` merge key
@@ -24,7 +26,7 @@ p-values of all rows get Holm's correction (the table says which verdicts surviv
 step and U-Net evaluation are timed against the baseline's in interleaved rounds in one process, and study.md and
 study.json get one table. Selection (`select`) takes the row with the lowest mean FID among those that beat conv
 after Holm's correction (or the lowest of all, marked so) into selected.json; confirmation (`confirm`) trains that
-row and conv on the confirm data with the confirm seeds, compares them with the FID curve at `curve_steps` and
+row (or the row --confirm_row names, say one chosen from a study whose runs are on another machine) and conv on the confirm data with the confirm seeds, compares them with the FID curve at `curve_steps` and
 writes confirm/confirmation.md: a verdict on data and seeds the choice was not made on, and the curves of the
 second domain.
 """
@@ -189,8 +191,8 @@ def train(cfg: TrainConfig, output_dir: Path, threads: int) -> None:
 def train_all(configs: list[TrainConfig], output_dir: Path, jobs: int, overwrite: bool,
               threads: int | None = None) -> None:
     """Trains what is not finished, in the order given, `jobs` at a time with `threads` threads each (default:
-    the cores split evenly); when none has saved a checkpoint, the first run alone (it builds the shared latent
-    cache, which a run that checkpointed has built)."""
+    the cores split evenly); when none has saved a checkpoint and the latent cache they share is not built, the
+    first run alone (it builds that cache, which a run that checkpointed has built)."""
     todo, begun = [], 0
     for cfg in configs:
         try:
@@ -204,6 +206,8 @@ def train_all(configs: list[TrainConfig], output_dir: Path, jobs: int, overwrite
         if state != "finished":
             todo.append(cfg)
         begun += state == "finished" or (Path(cfg.output_dir) / "checkpoints").is_dir()
+    caches = {cfg.latent_cache_dir for cfg in configs}
+    begun += None not in caches and all((Path(c) / "cache.json").is_file() for c in caches)
     cores = os.cpu_count() or 1
     started = time.time()
 
@@ -393,6 +397,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="groups of the jackknife that measures the image noise of a row of one seed")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each throughput timing")
     parser.add_argument("--iters", type=int, default=10, help="timed steps (median) of each throughput timing")
+    parser.add_argument("--confirm_row", default=None,
+                        help="the row the confirm phase trains against conv, instead of the select phase's choice "
+                             "(selected.json): a row chosen from a study whose runs are not on this machine; "
+                             "--seeds are then the seeds it was chosen on, and the confirmation says it was named")
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES),
                         help="what to do, in this order: train the runs, compare each row with the baseline, time "
                              "each row against the baseline (throughput.json), write the table from the comparisons "
@@ -405,9 +413,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.jobs < 1 or args.num_images < 3 or args.iters < 1 or args.warmup < 0 or args.jackknife_groups < 2:
             raise ValueError("--jobs and --iters must be >= 1, --num_images >= 3, --warmup >= 0, "
                              "--jackknife_groups >= 2")
+        if args.confirm_row is not None and "select" in args.phases:
+            raise ValueError("--confirm_row replaces the select phase's choice: leave select out of --phases")
         if args.max_train_steps is not None and args.max_train_steps < 1:
             raise ValueError(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
         study = read_study(Path(args.study).resolve())
+        if args.confirm_row is not None and args.confirm_row not in study["variants"]:
+            raise ValueError(f"--confirm_row names no row of the study: {args.confirm_row!r}; "
+                             f"rows: {list(study['variants'])}")
         if args.max_train_steps is not None:
             study["base"]["max_train_steps"] = args.max_train_steps
         rows = args.only or list(study["variants"])
@@ -479,9 +492,16 @@ def confirm(study: dict, output_dir: Path, args) -> dict | None:
         print("confirm: the study file has no confirm section (seeds and data to confirm on); skipped")
         return None
     selected_file = output_dir / "selected.json"
-    if not selected_file.is_file():
-        raise ValueError(f"{selected_file} does not exist: run the select phase first")
-    selected = json.loads(selected_file.read_text())
+    if args.confirm_row is not None:
+        selected = {"row": args.confirm_row, "changes": changes(study, args.confirm_row), "seeds": args.seeds,
+                    "data_source": study["base"].get("data_source"),
+                    "max_train_steps": study["base"].get("max_train_steps"),
+                    "rule": "named with --confirm_row, not chosen by this study's select phase"}
+    elif not selected_file.is_file():
+        raise ValueError(f"{selected_file} does not exist: run the select phase first, or name the row with "
+                         "--confirm_row")
+    else:
+        selected = json.loads(selected_file.read_text())
     row, seeds = selected["row"], study["confirm"]["seeds"]
     if set(seeds) & set(selected["seeds"]):
         raise ValueError(f"confirm seeds {seeds} repeat the selection's seeds {selected['seeds']}: use fresh seeds")

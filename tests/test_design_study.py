@@ -172,6 +172,26 @@ def test_the_first_run_trains_alone_only_while_no_run_has_checkpointed(study_fil
     assert [call[2] for call in fake_train.calls] == [max(1, cores // 2)] * 2
 
 
+def test_a_built_latent_cache_lets_new_runs_train_jobs_at_a_time(study_file, tmp_path, monkeypatch):
+    """New runs whose shared latent cache is already built need no run alone first; an unbuilt one does."""
+    monkeypatch.setattr(study_script, "train", fake_train)
+    monkeypatch.chdir(tmp_path)
+    study = study_script.read_study(study_file)
+    configs = [dataclasses.replace(study_script.run_config(study, row, 0, tmp_path), latent_cache_dir="cache")
+               for row in ("baseline", "default")]
+    cores = study_script.os.cpu_count() or 1
+    fake_train.calls = []
+    (tmp_path / "cache").mkdir()  # a folder without an index is not a built cache
+    study_script.train_all(configs, tmp_path, jobs=2, overwrite=False)
+    assert [call[2] for call in fake_train.calls] == [cores, max(1, cores // 2)]
+
+    fresh = [dataclasses.replace(cfg, output_dir=cfg.output_dir + "-fresh") for cfg in configs]
+    (tmp_path / "cache" / "cache.json").write_text("{}")
+    fake_train.calls = []
+    study_script.train_all(fresh, tmp_path, jobs=2, overwrite=False)
+    assert [call[2] for call in fake_train.calls] == [max(1, cores // 2)] * 2
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     folder = tmp_path_factory.mktemp("reference")
@@ -314,6 +334,36 @@ def test_select_then_confirm_on_other_data_with_fresh_seeds(tmp_path, reference,
     path.write_text(yaml.safe_dump(study))
     assert study_script.main(common + ["--phases", "confirm"]) == 2
     assert "repeat the selection's seeds" in capsys.readouterr().err
+
+
+def test_confirm_row_confirms_a_named_row_without_a_select_phase(tmp_path, reference, monkeypatch, capsys):
+    fake_train.calls = []
+    monkeypatch.setattr(study_script, "train", fake_train)
+    monkeypatch.chdir(tmp_path)
+    study = {**STUDY, "curve_steps": [4], "confirm": {"seeds": [7], "base": {"data_source": "other_images"},
+                                                      "reference": reference}}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    out = tmp_path / "study"
+    common = ["--study", str(path), "--output_dir", str(out), "--num_images", "4", "--num_inference_steps", "2",
+              "--batch_size", "4", "--jackknife_groups", "3", "--seeds", "0", "1"]
+    assert study_script.main(common + ["--phases", "confirm", "--confirm_row", "gc8"]) == 0
+    assert not (out / "selected.json").exists()
+    assert sorted(call[:2] for call in fake_train.calls) == [("baseline", "seed7"), ("gc8", "seed7")]
+    text = (out / "confirm" / "confirmation.md").read_text()
+    assert "Confirmation of row 'gc8' (group_channels=8)" in text and "named with --confirm_row" in text
+    selected = json.loads((out / "confirm" / "confirmation.json").read_text())["selected"]
+    assert selected["row"] == "gc8" and selected["seeds"] == [0, 1]
+    # A row the study lacks, or a select phase beside it, is refused before anything trains.
+    fake_train.calls = []
+    assert study_script.main(common + ["--phases", "confirm", "--confirm_row", "nope"]) == 2
+    assert "--confirm_row names no row of the study: 'nope'" in capsys.readouterr().err
+    assert study_script.main(common + ["--phases", "select", "confirm", "--confirm_row", "gc8"]) == 2
+    assert "leave select out of --phases" in capsys.readouterr().err
+    # Without it and without a select phase's choice, the confirm phase says how to name one.
+    assert study_script.main(common + ["--phases", "confirm"]) == 2
+    assert "name the row with --confirm_row" in capsys.readouterr().err
+    assert fake_train.calls == []
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "benchmarks").glob("*study*.yaml")))
