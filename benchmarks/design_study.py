@@ -26,9 +26,10 @@ p-values of all rows get Holm's correction (the table says which verdicts surviv
 step and U-Net evaluation are timed against the baseline's in interleaved rounds in one process, and study.md and
 study.json get one table. Selection (`select`) takes the row with the lowest mean FID among those that beat conv
 after Holm's correction (or the lowest of all, marked so) into selected.json; confirmation (`confirm`) trains that
-row (or the row --confirm_row names, say one chosen from a study whose runs are on another machine) and conv on the confirm data with the confirm seeds, compares them with the FID curve at `curve_steps` and
-writes confirm/confirmation.md: a verdict on data and seeds the choice was not made on, and the curves of the
-second domain.
+row (or the row --confirm_row names, say one chosen from a study whose runs are on another machine) and conv on
+the confirm data with the confirm seeds, compares them with the FID curve at `curve_steps` and writes
+confirm/confirmation.md: a verdict on data and seeds the choice was not made on, and the curves of the second
+domain.
 """
 
 from __future__ import annotations
