@@ -6,18 +6,22 @@ Every run is sampled with the same sampler, steps, seeds and number of images an
 (the training data, another image folder, or a .npz of Inception statistics such as ADM's reference batches), then
 `comparison.json`, `comparison.md` and `comparison.png` are written to --output_dir (with --isc and --prc, the
 Inception Score, precision and recall of every run and their mean per arm too).
-`compare.py RUN_A RUN_B` compares one run per arm; `compare.py --a RUN... --b RUN...` several.
+`compare.py RUN_A RUN_B` compares one run per arm; `compare.py --a RUN... --b RUN...` several;
+`compare.py --pool A/comparison.json B/comparison.json --output_dir C` pools comparisons of other seeds of the
+same two arms, measured the same way (say on two machines), into one.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 from pipelines import SAMPLERS
 from unet_dcnv4._checks import positive_int
-from unet_dcnv4.comparison import compare_arms
+from unet_dcnv4.comparison import compare_arms, pool_comparisons
 from unet_dcnv4.sampling import CLASS_MIXES, PRECISIONS
 
 
@@ -26,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("runs", nargs="*", help="two train_ldm.py output folders, arm a then arm b (one run each)")
     parser.add_argument("--a", nargs="+", default=None, metavar="RUN", help="the runs of arm a (e.g. DCNv4 seeds)")
     parser.add_argument("--b", nargs="+", default=None, metavar="RUN", help="the runs of arm b (e.g. conv seeds)")
+    parser.add_argument("--pool", nargs="+", default=None, metavar="COMPARISON_JSON",
+                        help="instead of runs: comparison.json files of other runs (other seeds) of the same two arms, "
+                             "measured the same way (say on other machines), pooled into one comparison in "
+                             "--output_dir; nothing is sampled")
     parser.add_argument("--output_dir", required=True, help="where samples and comparison.{json,md,png} go")
     parser.add_argument("--samples_dir", default=None,
                         help="where each run's samples go, reused when their manifest matches (default: "
@@ -72,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     disable_progress_bar()
     start = time.perf_counter()
     try:
+        if args.pool is not None:
+            if args.runs or args.a or args.b:
+                raise ValueError("--pool pools comparisons already measured: give no runs with it")
+            summaries = [json.loads(Path(path).read_text()) for path in args.pool]
+            pool_comparisons(summaries, sources=args.pool, output_dir=args.output_dir)
+            print(f"pooled comparison written to {args.output_dir} in {time.perf_counter() - start:.0f} s")
+            return 0
         if args.runs and (args.a or args.b):
             raise ValueError("give the runs either as two positional folders or with --a and --b, not both")
         if args.runs and len(args.runs) != 2:

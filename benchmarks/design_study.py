@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import itertools
 import json
 import os
 import shutil
@@ -50,7 +51,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from unet_dcnv4.comparison import BOOKKEEPING, MODEL_KEYS, compare_arms, interval_text  # noqa: E402
+from unet_dcnv4.comparison import (BOOKKEEPING, MODEL_KEYS, compare_arms, interval_text,  # noqa: E402
+                                  pool_comparisons)
 from unet_dcnv4.config import to_dict, to_yaml  # noqa: E402
 from unet_dcnv4.intervals import LEVEL, holm, verdict  # noqa: E402
 from unet_dcnv4.timing import time_interleaved  # noqa: E402
@@ -402,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the row the confirm phase trains against conv, instead of the select phase's choice "
                              "(selected.json): a row chosen from a study whose runs are not on this machine; "
                              "--seeds are then the seeds it was chosen on, and the confirmation says it was named")
+    parser.add_argument("--confirm_pool", nargs="+", default=[], metavar="COMPARISON_JSON",
+                        help="comparison.json files of confirm runs measured elsewhere (some of the study's confirm "
+                             "seeds, say on another machine): the confirm phase does not train their seeds again and "
+                             "pools them with the runs it trains (compare.py --pool)")
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES),
                         help="what to do, in this order: train the runs, compare each row with the baseline, time "
                              "each row against the baseline (throughput.json), write the table from the comparisons "
@@ -508,23 +514,40 @@ def confirm(study: dict, output_dir: Path, args) -> dict | None:
         raise ValueError(f"confirm seeds {seeds} repeat the selection's seeds {selected['seeds']}: use fresh seeds")
     other = confirm_study(study)
     folder = output_dir / "confirm"
-    configs = {name: [run_config(other, name, seed, folder) for seed in seeds] for name in (BASELINE, row)}
-    train_all([cfgs[i] for i in range(len(seeds)) for cfgs in configs.values()], folder, args.jobs, args.overwrite,
-              args.threads)
+    # Seeds measured elsewhere (arm a the row, arm b conv, as compare_row orders them) are not trained again.
+    pooled = [json.loads(Path(f).read_text()) for f in args.confirm_pool]
+    measured = {name: {r["seed"] for s in pooled for r in s["arms"][i]["runs"]}
+                for i, name in enumerate((row, BASELINE))}
+    outside = sorted(set().union(*measured.values()) - set(seeds))
+    if outside:
+        raise ValueError(f"--confirm_pool holds seeds {outside}, which are not the study's confirm seeds {seeds}")
+    todo = {name: [s for s in seeds if s not in measured[name]] for name in (BASELINE, row)}
+    if pooled and not all(todo.values()) and any(todo.values()):
+        raise ValueError(f"--confirm_pool leaves seeds {todo} to train: a comparison of them needs both arms; pool "
+                         "files that leave the same seeds of both arms, or all of them")
+    configs = {name: [run_config(other, name, seed, folder) for seed in todo[name]] for name in (BASELINE, row)}
+    order = [cfg for pair in itertools.zip_longest(configs[BASELINE], configs[row]) for cfg in pair if cfg]
+    train_all(order, folder, args.jobs, args.overwrite, args.threads)
     settings = argparse.Namespace(**{**vars(args), "reference": study["confirm"]["reference"]})
     # With the FID curve at the study's curve steps: the confirmation is also the second domain's curves.
-    summary = compare_row(row, [c.output_dir for c in configs[row]], [c.output_dir for c in configs[BASELINE]],
-                          folder, settings, True, study["curve_steps"])
+    summaries = [compare_row(row, [c.output_dir for c in configs[row]], [c.output_dir for c in configs[BASELINE]],
+                             folder, settings, True, study["curve_steps"])] if configs[row] else []
+    if pooled:
+        sources = [*args.confirm_pool, "the runs trained here"][:len(pooled) + len(summaries)]
+        summaries = [pool_comparisons([*pooled, *summaries], sources, str(folder / "comparisons" / f"{row}-pooled"))]
+    summary = summaries[0]
     difference = summary["fid_difference"]
     text = (f"Confirmation of row {row!r} ({selected['changes']}), selected on {selected['data_source']} at "
             f"{selected['max_train_steps']} steps with seeds {selected['seeds']} ({selected['rule']}), against conv "
             f"on {other['base'].get('data_source')} at {other['base'].get('max_train_steps')} steps with fresh seeds "
-            f"{seeds}: FID difference {difference['value']:+.2f}, {interval_text(difference)}; "
-            f"{difference['verdict']}.\n")
+            f"{seeds}" + (f" (pooled from {', '.join(p['source'] for p in summary['pooled_from'])})"
+                          if pooled else "") + f": FID difference {difference['value']:+.2f}, "
+            f"{interval_text(difference)}; {difference['verdict']}.\n")
     (folder / "confirmation.md").write_text(text)
     (folder / "confirmation.json").write_text(json.dumps({"selected": selected, "seeds": seeds,
                                                           "data_source": other["base"].get("data_source"),
-                                                          "fid_difference": difference}, indent=1))
+                                                          "fid_difference": difference,
+                                                          "pooled_from": summary.get("pooled_from")}, indent=1))
     print(text, end="")
     return summary
 

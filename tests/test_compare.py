@@ -414,3 +414,53 @@ def test_inception_score_without_a_classifier_is_refused_before_sampling(runs, t
 def test_curves_spanning_a_factor_of_8_get_a_log_axis():
     assert comparison.log_axis([1000, 2000, 4000, 8000])
     assert not comparison.log_axis([5, 10]) and not comparison.log_axis([]) and not comparison.log_axis([0, 100])
+
+
+def test_comparisons_of_other_seeds_pool_into_the_comparison_of_all_runs(runs, pair, tmp_path, capsys):
+    """Seed 0 of each arm compared on one machine and seed 1 on another, pooled, give what comparing the four
+    runs at once gives; comparisons measured otherwise, of other models, or of a run counted twice are refused."""
+    first = pair[0] / "comparison.json"
+    second = tmp_path / "second"
+    assert compare.main(["--a", runs["dcnv4"][1], "--b", runs["conv"][1], *_argv(second, runs["reference"])]) == 0
+    pooled_dir = tmp_path / "pooled"
+    assert compare.main(["--pool", str(first), str(second / "comparison.json"), "--output_dir", str(pooled_dir)]) == 0
+    pooled = json.loads((pooled_dir / "comparison.json").read_text())
+    together = tmp_path / "together"
+    assert compare.main(["--a", *runs["dcnv4"], "--b", *runs["conv"], *_argv(together, runs["reference"])]) == 0
+    direct = json.loads((together / "comparison.json").read_text())
+    for arm, other in zip(pooled["arms"], direct["arms"]):
+        assert arm["label"] == other["label"] and arm["num_runs"] == 2 and [r["seed"] for r in arm["runs"]] == [0, 1]
+        assert [r["fid"] for r in arm["runs"]] == pytest.approx([r["fid"] for r in other["runs"]])
+        assert arm["fid_mean"] == pytest.approx(other["fid_mean"]) and arm["fid_std"] == pytest.approx(other["fid_std"])
+        assert arm["interval_covers"] == "runs" and Path(arm["grid"]).is_file()
+    diff = pooled["fid_difference"]
+    assert diff["method"] == direct["fid_difference"]["method"] == "Welch's t interval on the per-run FIDs"
+    assert diff["ci95"] == pytest.approx(direct["fid_difference"]["ci95"])
+    assert diff["p_value"] == pytest.approx(direct["fid_difference"]["p_value"])
+    assert pooled["verdict"] == direct["verdict"] and pooled["experiment"] == direct["experiment"]
+    assert [p["seeds"] for p in pooled["pooled_from"]] == [[[0], [0]], [[1], [1]]]
+    assert "Pooled from " in (pooled_dir / "comparison.md").read_text() and (pooled_dir / "comparison.png").is_file()
+
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+
+    def refused(summary_or_file, needle):
+        path = summary_or_file
+        if isinstance(summary_or_file, dict):
+            path = bad / f"{len(list(bad.iterdir()))}.json"
+            path.write_text(json.dumps(summary_or_file))
+        assert compare.main(["--pool", str(first), str(path), "--output_dir", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1
+
+    refused(first, "seed 0 of arm 'DCNv4' is in")
+    second_summary = json.loads((second / "comparison.json").read_text())
+    refused({**second_summary, "num_images": 4}, "differ in num_images (8 vs 4)")
+    refused({**second_summary, "experiment": {**second_summary["experiment"], "data": "data-1"}}, "differ in experiment")
+    refused({**second_summary, "arms": second_summary["arms"][::-1]}, "are not the same model")
+    refused({k: v for k, v in second_summary.items() if k != "experiment"}, "does not record its runs' experiment")
+    assert compare.main(["--pool", str(first), "--output_dir", str(tmp_path / "x")]) == 2
+    assert "pool needs two comparisons or more" in capsys.readouterr().err
+    assert compare.main([*runs["dcnv4"], "--pool", str(first), str(first), "--output_dir", str(tmp_path / "x")]) == 2
+    assert "give no runs with it" in capsys.readouterr().err

@@ -366,6 +366,46 @@ def test_confirm_row_confirms_a_named_row_without_a_select_phase(tmp_path, refer
     assert fake_train.calls == []
 
 
+def test_confirm_pool_trains_only_the_seeds_measured_nowhere_and_pools_them(tmp_path, reference, monkeypatch,
+                                                                           capsys):
+    """Seeds 7 and 8 confirmed on one machine, the study's four confirm seeds on another with their comparison
+    pooled: only 9 and 10 train there, and the confirmation holds all four."""
+    monkeypatch.setattr(study_script, "train", fake_train)
+    monkeypatch.chdir(tmp_path)
+    study = {**STUDY, "curve_steps": [4], "confirm": {"seeds": [7, 8], "base": {"data_source": "other_images"},
+                                                      "reference": reference}}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    common = ["--study", str(path), "--num_images", "4", "--num_inference_steps", "2", "--batch_size", "4",
+              "--jackknife_groups", "3", "--seeds", "0", "1", "--phases", "confirm", "--confirm_row", "gc8"]
+    assert study_script.main(common + ["--output_dir", str(tmp_path / "first")]) == 0
+    earlier = tmp_path / "first" / "confirm" / "comparisons" / "gc8" / "comparison.json"
+
+    study["confirm"]["seeds"] = [7, 8, 9, 10]
+    path.write_text(yaml.safe_dump(study))
+    fake_train.calls = []
+    out = tmp_path / "second"
+    assert study_script.main(common + ["--output_dir", str(out), "--confirm_pool", str(earlier)]) == 0
+    assert sorted(call[:2] for call in fake_train.calls) == sorted(
+        (r, f"seed{s}") for r in ("baseline", "gc8") for s in (9, 10))
+    pooled = json.loads((out / "confirm" / "comparisons" / "gc8-pooled" / "comparison.json").read_text())
+    assert [[r["seed"] for r in arm["runs"]] for arm in pooled["arms"]] == [[7, 8, 9, 10]] * 2
+    confirmation = json.loads((out / "confirm" / "confirmation.json").read_text())
+    assert confirmation["fid_difference"]["ci95"] == pytest.approx(pooled["fid_difference"]["ci95"])
+    assert [p["source"] for p in confirmation["pooled_from"]] == [str(earlier), "the runs trained here"]
+    assert f"fresh seeds [7, 8, 9, 10] (pooled from {earlier}, the runs trained here)" in \
+        (out / "confirm" / "confirmation.md").read_text()
+
+    # Pooled seeds that are not the study's confirm seeds are refused before anything trains.
+    study["confirm"]["seeds"] = [9, 10]
+    path.write_text(yaml.safe_dump(study))
+    fake_train.calls = []
+    assert study_script.main(common + ["--output_dir", str(tmp_path / "third"), "--confirm_pool", str(earlier)]) == 2
+    assert "--confirm_pool holds seeds [7, 8], which are not the study's confirm seeds [9, 10]" in \
+        capsys.readouterr().err
+    assert fake_train.calls == []
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "benchmarks").glob("*study*.yaml")))
 def test_the_repositorys_study_files_resolve_to_valid_configs(name, tmp_path):
     study = study_script.read_study(ROOT / "benchmarks" / name)

@@ -20,7 +20,7 @@ from .intervals import difference_interval, jackknife_fid_variance, verdict
 
 __all__ = ["EXPERIMENT_EXCLUDED", "BOOKKEEPING", "MIN_IMAGES", "read_run", "experiment_identity", "model_config",
            "training_changes", "check_distinct_runs", "check_comparable", "training_data", "compare_arms",
-           "interval_text", "markdown_table", "write_figure"]
+           "pool_comparisons", "interval_text", "markdown_table", "write_figure"]
 
 # TrainConfig keys that do not define the experiment: the model (what is compared), the seed (what varies
 # within an arm), bookkeeping and hardware settings. Every other key must agree between all runs, and new keys
@@ -44,6 +44,14 @@ LR_SCHEDULES_OVER_STEPS = ("linear", "cosine")
 MIN_IMAGES = 3
 # The DCNv4-only keys of a model: a conv run ignores them. recompute_value is not one: it trains the same weights.
 DCNV4_MODEL_KEYS = ("dcnv4_options",)
+# What the runs of a comparison share and how they were measured: comparisons pooled by `pool_comparisons` agree
+# on all of it ("experiment": what `experiment_identity` gives every run, seed and model aside).
+POOLED_PROTOCOL = ("experiment", "sampler", "num_inference_steps", "num_images", "seed", "mixed_precision",
+                   "guidance_scale", "class_mix", "reference", "num_reference", "resolution", "inception_weights",
+                   "isc", "prc", "kid_unavailable")
+# What makes an arm's model: the same arm of every pooled comparison agrees on all of it.
+POOLED_ARM = ("label", "model_type", "model_size", "dcnv4_options", "match", "parameters", "gflops",
+              "block_out_channels", "train_steps")
 
 
 def _file_digest(path: Path) -> str:
@@ -347,6 +355,7 @@ def compare_arms(
     # 5. The report.
     summary = {
         "arms": arms_out,
+        "experiment": shared_experiment([run for runs in runs_by_arm.values() for run in runs]),
         "fid_difference": {"a": a["label"], "b": b["label"], **difference, "verdict": conclusion,
                            "jackknife_groups": jackknife_groups if any(image_variances) else None},
         "verdict": conclusion,
@@ -525,14 +534,23 @@ def summarize_arm(label: str, cfg_arm, results: list[dict], num_images: int, gri
     grid of its first run's samples."""
     from .sampling import write_grid
 
-    fid_mean, fid_std = _mean_std([r["fid"] for r in results])
-    kid_mean, kid_std = _mean_std([r["kid_mean"] for r in results])
     return {
         "label": label,
         "model_type": cfg_arm.model_type,
         "model_size": cfg_arm.model_size,
         "dcnv4_options": dict(cfg_arm.dcnv4_options) if cfg_arm.model_type == "dcnv4" else {},
         "match": cfg_arm.dcnv4_options.get("match") if cfg_arm.model_type == "dcnv4" else None,
+        **arm_statistics(results, isc, prc),
+        "grid": write_grid(results[0]["samples"], num_images, grid_images),
+    }
+
+
+def arm_statistics(results: list[dict], isc: bool, prc: bool) -> dict:
+    """The part of an arm's row that its runs' rows give: their count, the mean and spread of their metrics, the
+    model's size and the runs themselves."""
+    fid_mean, fid_std = _mean_std([r["fid"] for r in results])
+    kid_mean, kid_std = _mean_std([r["kid_mean"] for r in results])
+    return {
         "num_runs": len(results),
         "fid_mean": fid_mean,
         "fid_std": fid_std,
@@ -548,8 +566,99 @@ def summarize_arm(label: str, cfg_arm, results: list[dict], num_images: int, gri
         "train_seconds": _mean_std([r.get("train_seconds") for r in results])[0],
         **{_ARM_KEY[k]: _mean_std([r[k] for r in results])[0] for k in _EXTRA_METRICS[isc, prc] if k in _ARM_KEY},
         "runs": results,
-        "grid": write_grid(results[0]["samples"], num_images, grid_images),
     }
+
+
+def shared_experiment(runs: list[dict]) -> dict:
+    """What defines the experiment of all `runs` (`read_run` dicts): the identity keys on which they agree, and
+    under "differing" the keys on which they differ (those a comparison was allowed to mix)."""
+    identities = [json.loads(json.dumps(run["identity"], default=str)) for run in runs]
+    keys = sorted(set().union(*identities))
+    same = {k: identities[0].get(k) for k in keys if all(i.get(k) == identities[0].get(k) for i in identities)}
+    return {**same, "differing": [k for k in keys if k not in same]}
+
+
+def pool_comparisons(summaries: list[dict], sources: list[str] | None = None, output_dir: str | None = None) -> dict:
+    """One comparison from several that measured other runs (other seeds) of the same two arms the same way, say
+    on other machines: every run of an arm together, the interval of the FID difference from all of them
+    (Welch's t; each pooled arm needs two runs or more), the curves too. Refused unless the comparisons agree on
+    the experiment, on how they sampled and measured (`POOLED_PROTOCOL`) and on each arm's model (`POOLED_ARM`),
+    and unless every run is counted once (a seed of an arm in one comparison only).
+
+    Args:
+        summaries: what `compare_arms` returned, or its comparison.json files read.
+        sources: a name for each (e.g. its file), for the messages and the report.
+        output_dir: where comparison.{json,md,png} of the pooled comparison go (None: not written).
+
+    Returns:
+        What the pooled comparison.json holds: a `compare_arms` summary, with "pooled_from" listing each source
+        and the seeds it gave each arm.
+    """
+    sources = list(sources) if sources is not None else [f"comparison {i + 1}" for i in range(len(summaries))]
+    if len(summaries) < 2 or len(sources) != len(summaries):
+        raise ValueError(f"pool needs two comparisons or more (and one source name each), got {len(summaries)}")
+    summaries = [json.loads(json.dumps(s, default=str)) for s in summaries]  # as comparison.json reads them
+    first = summaries[0]
+    for source, summary in zip(sources, summaries):
+        if "experiment" not in summary:
+            raise ValueError(f"{source} does not record its runs' experiment (a comparison.json written before "
+                             "pooling existed): compare its runs again to pool it")
+        differing = [k for k in POOLED_PROTOCOL if summary.get(k) != first.get(k)]
+        if differing:
+            raise ValueError(f"{source} was not measured as {sources[0]} was: they differ in "
+                             + "; ".join(f"{k} ({first.get(k)!r} vs {summary.get(k)!r})" for k in differing))
+        if (summary["curves"] is None) != (first["curves"] is None):
+            raise ValueError(f"{source} and {sources[0]} do not both measure FID curves; pool curves with curves")
+        for arm, base in zip(summary["arms"], first["arms"]):
+            changed = [k for k in POOLED_ARM if arm.get(k) != base.get(k)]
+            if changed:
+                raise ValueError(f"arm {base['label']!r} of {sources[0]} and arm {arm['label']!r} of {source} are not "
+                                 "the same model: they differ in "
+                                 + "; ".join(f"{k} ({base.get(k)!r} vs {arm.get(k)!r})" for k in changed))
+    arms_out = []
+    for index, base in enumerate(first["arms"]):
+        seen: dict[int, str] = {}
+        runs = []
+        for source, summary in zip(sources, summaries):
+            for run in summary["arms"][index]["runs"]:
+                if run["seed"] in seen:
+                    raise ValueError(f"seed {run['seed']} of arm {base['label']!r} is in {seen[run['seed']]} and in "
+                                     f"{source}: a run counted twice")
+                seen[run["seed"]] = source
+                runs.append(run)
+        if len(runs) < 2:
+            raise ValueError(f"arm {base['label']!r} has {len(runs)} run in all; a pooled interval needs two or more "
+                             "an arm (Welch's t on the per-run FIDs)")
+        grid = next((s["arms"][index]["grid"] for s in summaries if os.path.isfile(s["arms"][index]["grid"] or "")),
+                    None)
+        arms_out.append({**{k: base[k] for k in ("label", "model_type", "model_size", "dcnv4_options", "match")},
+                         **arm_statistics(runs, first.get("isc", False), first.get("prc", False)), "grid": grid})
+    a, b = arms_out
+    for arm in arms_out:
+        arm["parameter_ratio"] = arm["parameters"] / b["parameters"]
+        arm["gflops_ratio"] = arm["gflops"] / b["gflops"]
+    difference = difference_interval([r["fid"] for r in a["runs"]], [r["fid"] for r in b["runs"]])
+    conclusion = verdict([a["label"], b["label"]], difference["ci95"])
+    for arm, spread in zip(arms_out, difference.pop("arms")):
+        arm["interval_covers"] = spread["covers"]
+        arm["interval_covers_text"] = spread["covers_text"]
+    pooled = {
+        **{k: first.get(k) for k in POOLED_PROTOCOL},
+        "arms": arms_out,
+        "fid_difference": {"a": a["label"], "b": b["label"], **difference, "verdict": conclusion,
+                           "jackknife_groups": None},
+        "verdict": conclusion,
+        "budget": _budget_line(a, b),
+        "allowed_differences": sorted({line for s in summaries for line in s["allowed_differences"]}),
+        "device": ", ".join(dict.fromkeys(s["device"] for s in summaries)),
+        "curves": curve_analysis(a, b) if first["curves"] is not None else None,
+        "pooled_from": [{"source": source, "seeds": [[r["seed"] for r in arm["runs"]] for arm in summary["arms"]]}
+                        for source, summary in zip(sources, summaries)],
+    }
+    if output_dir is not None:
+        os.makedirs(output_dir, exist_ok=True)
+        write_report(pooled, output_dir)
+    return pooled
 
 
 def write_report(summary: dict, output_dir: str) -> None:
@@ -672,6 +781,11 @@ def markdown_table(summary: dict) -> str:
     ]
     if summary["allowed_differences"]:
         lines.append("Allowed differences between runs: " + "; ".join(summary["allowed_differences"]) + ".")
+    if summary.get("pooled_from"):
+        lines.append("Pooled from " + "; ".join(
+            f"{p['source']} (seeds " + ", ".join(f"{arm['label']} {seeds}" for arm, seeds in zip(summary["arms"],
+                                                                                             p["seeds"])) + ")"
+            for p in summary["pooled_from"]) + ": every run measured as above.")
     if summary.get("curves"):
         lines += ["", "FID against training step (mean +- standard deviation over runs; the interval: Welch's t on "
                   "the per-run FIDs at that step, n/a for an arm of one run):", ""]
@@ -699,7 +813,10 @@ def write_figure(summary: dict, path: str) -> None:
     panels = len(arms) + 2 * int(with_curve)
     fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 5.2), squeeze=False)
     for ax, arm in zip(axes[0], arms):
-        ax.imshow(Image.open(arm["grid"]))
+        if arm["grid"] is None:  # a pooled arm whose samples are on none of this machine's folders
+            ax.text(0.5, 0.5, "samples not on this machine", ha="center", va="center", fontsize=9)
+        else:
+            ax.imshow(Image.open(arm["grid"]))
         ax.set_title(f"{arm['label']}\nFID {arm['fid_mean']:.2f} +- {arm['fid_std']:.2f} ({arm['num_runs']} runs)",
                      fontsize=9)
         ax.axis("off")
