@@ -532,17 +532,16 @@ def confirm(study: dict, output_dir: Path, args) -> dict | None:
     # With the FID curve at the study's curve steps: the confirmation is also the second domain's curves.
     summaries = [compare_row(row, [c.output_dir for c in configs[row]], [c.output_dir for c in configs[BASELINE]],
                              folder, settings, True, study["curve_steps"])] if configs[row] else []
-    if pooled:
-        sources = [*args.confirm_pool, "the runs trained here"][:len(pooled) + len(summaries)]
-        summaries = [pool_comparisons([*pooled, *summaries], sources, str(folder / "comparisons" / f"{row}-pooled"))]
-    summary = summaries[0]
+    sources = [*args.confirm_pool, "the runs trained here"][:len(pooled) + len(summaries)]
+    summary = pool_comparisons([*pooled, *summaries], sources, str(folder / "comparisons" / f"{row}-pooled")) \
+        if len(sources) > 1 else (pooled + summaries)[0]
     difference = summary["fid_difference"]
     text = (f"Confirmation of row {row!r} ({selected['changes']}), selected on {selected['data_source']} at "
             f"{selected['max_train_steps']} steps with seeds {selected['seeds']} ({selected['rule']}), against conv "
             f"on {other['base'].get('data_source')} at {other['base'].get('max_train_steps')} steps with fresh seeds "
-            f"{seeds}" + (f" (pooled from {', '.join(p['source'] for p in summary['pooled_from'])})"
-                          if pooled else "") + f": FID difference {difference['value']:+.2f}, "
+            f"{seeds}" + (f" (measured in {', '.join(sources)})" if pooled else "") + f": FID difference {difference['value']:+.2f}, "
             f"{interval_text(difference)}; {difference['verdict']}.\n")
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "confirmation.md").write_text(text)
     (folder / "confirmation.json").write_text(json.dumps({"selected": selected, "seeds": seeds,
                                                           "data_source": other["base"].get("data_source"),

@@ -370,6 +370,7 @@ def test_confirm_pool_trains_only_the_seeds_measured_nowhere_and_pools_them(tmp_
                                                                            capsys):
     """Seeds 7 and 8 confirmed on one machine, the study's four confirm seeds on another with their comparison
     pooled: only 9 and 10 train there, and the confirmation holds all four."""
+    fake_train.calls = []
     monkeypatch.setattr(study_script, "train", fake_train)
     monkeypatch.chdir(tmp_path)
     study = {**STUDY, "curve_steps": [4], "confirm": {"seeds": [7, 8], "base": {"data_source": "other_images"},
@@ -393,8 +394,16 @@ def test_confirm_pool_trains_only_the_seeds_measured_nowhere_and_pools_them(tmp_
     confirmation = json.loads((out / "confirm" / "confirmation.json").read_text())
     assert confirmation["fid_difference"]["ci95"] == pytest.approx(pooled["fid_difference"]["ci95"])
     assert [p["source"] for p in confirmation["pooled_from"]] == [str(earlier), "the runs trained here"]
-    assert f"fresh seeds [7, 8, 9, 10] (pooled from {earlier}, the runs trained here)" in \
+    assert f"fresh seeds [7, 8, 9, 10] (measured in {earlier}, the runs trained here)" in \
         (out / "confirm" / "confirmation.md").read_text()
+
+    # A file that holds every confirm seed is the confirmation: nothing trains.
+    fake_train.calls = []
+    pooled_file = out / "confirm" / "comparisons" / "gc8-pooled" / "comparison.json"
+    assert study_script.main(common + ["--output_dir", str(tmp_path / "all"), "--confirm_pool", str(pooled_file)]) == 0
+    assert fake_train.calls == []
+    assert json.loads((tmp_path / "all" / "confirm" / "confirmation.json").read_text())["fid_difference"] == \
+        pooled["fid_difference"]
 
     # Pooled seeds that are not the study's confirm seeds are refused before anything trains.
     study["confirm"]["seeds"] = [9, 10]
