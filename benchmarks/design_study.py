@@ -493,8 +493,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def confirm(study: dict, output_dir: Path, args) -> dict | None:
     """Trains the selected row and the baseline on the study's confirm data with its fresh seeds, compares them
-    (with the FID curve at the study's `curve_steps`) and writes confirm/confirmation.md; None (and a line saying
-    so) when the study file has no `confirm`."""
+    (with the FID curve at the study's `curve_steps`), times the row against conv (`measure_rows`, when both
+    arms trained here) and writes confirm/confirmation.md; None (and a line saying so) when the study file has
+    no `confirm`."""
     if study["confirm"] is None:
         print("confirm: the study file has no confirm section (seeds and data to confirm on); skipped")
         return None
@@ -536,17 +537,25 @@ def confirm(study: dict, output_dir: Path, args) -> dict | None:
     summary = pool_comparisons([*pooled, *summaries], sources, str(folder / "comparisons" / f"{row}-pooled")) \
         if len(sources) > 1 else (pooled + summaries)[0]
     difference = summary["fid_difference"]
+    # The speed at matched parameters: the first seed of each arm trained here, timed in interleaved rounds.
+    speed = measure_rows({row: [configs[row][0].output_dir]}, [configs[BASELINE][0].output_dir],
+                         {row: configs[row][0], BASELINE: configs[BASELINE][0]}, args)[row] \
+        if configs[row] and configs[BASELINE] else None
     text = (f"Confirmation of row {row!r} ({selected['changes']}), selected on {selected['data_source']} at "
             f"{selected['max_train_steps']} steps with seeds {selected['seeds']} ({selected['rule']}), against conv "
             f"on {other['base'].get('data_source')} at {other['base'].get('max_train_steps')} steps with fresh seeds "
-            f"{seeds}" + (f" (measured in {', '.join(sources)})" if pooled else "") + f": FID difference {difference['value']:+.2f}, "
-            f"{interval_text(difference)}; {difference['verdict']}.\n")
+            f"{seeds}" + (f" (measured in {', '.join(sources)})" if pooled else "")
+            + f": FID difference {difference['value']:+.2f}, {interval_text(difference)}; {difference['verdict']}.\n"
+            + (f"Throughput against conv on this machine ({os.cpu_count()} cores, {torch.get_num_threads()} threads): "
+               f"training {speed['train_images_ratio']:.2f}x conv's images/s, U-Net evaluation "
+               f"{speed['eval_images_ratio']:.2f}x.\n" if speed else ""))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "confirmation.md").write_text(text)
     (folder / "confirmation.json").write_text(json.dumps({"selected": selected, "seeds": seeds,
                                                           "data_source": other["base"].get("data_source"),
                                                           "fid_difference": difference,
-                                                          "pooled_from": summary.get("pooled_from")}, indent=1))
+                                                          "pooled_from": summary.get("pooled_from"),
+                                                          "throughput": speed}, indent=1))
     print(text, end="")
     return summary
 

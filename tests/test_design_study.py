@@ -352,8 +352,11 @@ def test_confirm_row_confirms_a_named_row_without_a_select_phase(tmp_path, refer
     assert sorted(call[:2] for call in fake_train.calls) == [("baseline", "seed7"), ("gc8", "seed7")]
     text = (out / "confirm" / "confirmation.md").read_text()
     assert "Confirmation of row 'gc8' (group_channels=8)" in text and "named with --confirm_row" in text
-    selected = json.loads((out / "confirm" / "confirmation.json").read_text())["selected"]
-    assert selected["row"] == "gc8" and selected["seeds"] == [0, 1]
+    confirmation = json.loads((out / "confirm" / "confirmation.json").read_text())
+    assert confirmation["selected"]["row"] == "gc8" and confirmation["selected"]["seeds"] == [0, 1]
+    # The speed at matched parameters, timed here: the row's first seed against conv's.
+    assert confirmation["throughput"]["train_images_ratio"] > 0 and confirmation["throughput"]["eval_images_per_s"] > 0
+    assert f"training {confirmation['throughput']['train_images_ratio']:.2f}x conv's images/s" in text
     # A row the study lacks, or a select phase beside it, is refused before anything trains.
     fake_train.calls = []
     assert study_script.main(common + ["--phases", "confirm", "--confirm_row", "nope"]) == 2
@@ -402,8 +405,8 @@ def test_confirm_pool_trains_only_the_seeds_measured_nowhere_and_pools_them(tmp_
     pooled_file = out / "confirm" / "comparisons" / "gc8-pooled" / "comparison.json"
     assert study_script.main(common + ["--output_dir", str(tmp_path / "all"), "--confirm_pool", str(pooled_file)]) == 0
     assert fake_train.calls == []
-    assert json.loads((tmp_path / "all" / "confirm" / "confirmation.json").read_text())["fid_difference"] == \
-        pooled["fid_difference"]
+    everything = json.loads((tmp_path / "all" / "confirm" / "confirmation.json").read_text())
+    assert everything["fid_difference"] == pooled["fid_difference"] and everything["throughput"] is None
 
     # Pooled seeds that are not the study's confirm seeds are refused before anything trains.
     study["confirm"]["seeds"] = [9, 10]
