@@ -173,8 +173,14 @@ def run_state(cfg: TrainConfig) -> str:
     return "partial"
 
 
-def train(cfg: TrainConfig, output_dir: Path, threads: int) -> None:
-    """One train_ldm.py process for `cfg` (resuming from the last checkpoint), its output in <run>.log."""
+# What train_ldm.py does before it trains: the latent cache built (and the built-in VAE, on first use).
+_PREPARE = ("import sys; sys.path.insert(0, sys.argv[1]); import train_ldm; from unet_dcnv4.training import "
+            "load_config; cfg = load_config(sys.argv[2]); train_ldm.prepare_latents(cfg, train_ldm.build_accelerator(cfg))")
+
+
+def train(cfg: TrainConfig, output_dir: Path, threads: int, prepare_only: bool = False) -> None:
+    """One train_ldm.py process for `cfg` (resuming from the last checkpoint), its output in <run>.log; with
+    `prepare_only`, only what it does before training: the latent cache built."""
     run = Path(cfg.output_dir)
     config_file = output_dir / "configs" / f"{run.parent.name}.{run.name}.yaml"
     config_file.parent.mkdir(parents=True, exist_ok=True)
@@ -182,20 +188,21 @@ def train(cfg: TrainConfig, output_dir: Path, threads: int) -> None:
     log = run.parent / f"{run.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", TQDM_MININTERVAL="30")
-    command = [sys.executable, str(ROOT / "train_ldm.py"), "--config", str(config_file),
-               "--resume_from_checkpoint", "latest"]
+    command = [sys.executable, "-c", _PREPARE, str(ROOT), str(config_file)] if prepare_only else \
+        [sys.executable, str(ROOT / "train_ldm.py"), "--config", str(config_file), "--resume_from_checkpoint", "latest"]
     with open(log, "a") as out:
         code = subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
     if code:
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
-        raise RuntimeError(f"training {run} failed (exit {code}); the end of {log}:\n{tail}")
+        raise RuntimeError(f"{'preparing' if prepare_only else 'training'} {run} failed (exit {code}); the end of "
+                           f"{log}:\n{tail}")
 
 
 def train_all(configs: list[TrainConfig], output_dir: Path, jobs: int, overwrite: bool,
               threads: int | None = None) -> None:
     """Trains what is not finished, in the order given, `jobs` at a time with `threads` threads each (default:
-    the cores split evenly); when none has saved a checkpoint and the latent cache they share is not built, the
-    first run alone (it builds that cache, which a run that checkpointed has built)."""
+    the cores split evenly); when none has saved a checkpoint and the latent cache they share is not built, that
+    cache is built first, by one process with every core (a run that checkpointed has built it)."""
     todo, begun = [], 0
     for cfg in configs:
         try:
@@ -219,8 +226,9 @@ def train_all(configs: list[TrainConfig], output_dir: Path, jobs: int, overwrite
         train(cfg, output_dir, threads)
         print(f"[{time.time() - started:7.0f} s] done  {cfg.output_dir}", flush=True)
 
-    if todo and not begun:  # nothing trained yet: the first run builds the latent cache alone
-        one(todo.pop(0), threads or cores)
+    if todo and not begun:  # nothing trained yet: the latent cache (and the built-in VAE) once, before the jobs
+        print(f"[{time.time() - started:7.0f} s] latent cache of {todo[0].output_dir}", flush=True)
+        train(todo[0], output_dir, cores, prepare_only=True)
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = [pool.submit(one, cfg, threads or max(1, cores // jobs)) for cfg in todo]
         for future in concurrent.futures.as_completed(futures):

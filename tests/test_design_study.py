@@ -39,13 +39,16 @@ def study_file(tmp_path):
     return path
 
 
-def fake_train(cfg, output_dir, threads):
+def fake_train(cfg, output_dir, threads, prepare_only=False):
     """What train_ldm.py leaves behind for `cfg`, with an untrained tiny model of the config's options (the
-    jobs run in threads, which share torch's random state: one at a time)."""
+    jobs run in threads, which share torch's random state: one at a time); with `prepare_only`, the call only."""
     from unet_dcnv4.training import unet_options
     from unet_dcnv4.unet import build_unet
 
     run = Path(cfg.output_dir)
+    if prepare_only:
+        fake_train.calls.append(("prepare", run.name, threads))
+        return
     with _one_at_a_time:
         pipe = tiny_pipeline()
         torch.manual_seed(cfg.seed)
@@ -150,8 +153,9 @@ def test_max_train_steps_sets_every_runs_budget(study_file, tmp_path, monkeypatc
     assert "--max_train_steps must be >= 1, got 0" in capsys.readouterr().err
 
 
-def test_the_first_run_trains_alone_only_while_no_run_has_checkpointed(study_file, tmp_path, monkeypatch):
-    """Runs that stopped part-way have built the latent cache: extending them runs `jobs` at a time at once."""
+def test_the_latent_cache_is_built_first_only_while_no_run_has_checkpointed(study_file, tmp_path, monkeypatch):
+    """Before any run has checkpointed, one process with every core builds the latent cache, then the runs train
+    `jobs` at a time; runs that stopped part-way have built it: extending them starts `jobs` at a time at once."""
     fake_train.calls = []
     monkeypatch.setattr(study_script, "train", fake_train)
     study = study_script.read_study(study_file)
@@ -161,7 +165,9 @@ def test_the_first_run_trains_alone_only_while_no_run_has_checkpointed(study_fil
         (Path(cfg.output_dir) / "config.yaml").write_text(to_yaml(cfg))
     study_script.train_all(configs, tmp_path, jobs=2, overwrite=False)
     cores = study_script.os.cpu_count() or 1
-    assert [call[2] for call in fake_train.calls] == [cores, max(1, cores // 2)]
+    assert fake_train.calls[0] == ("prepare", "seed0", cores)
+    assert sorted(call[:2] for call in fake_train.calls[1:]) == [("baseline", "seed0"), ("default", "seed0")]
+    assert [call[2] for call in fake_train.calls[1:]] == [max(1, cores // 2)] * 2
 
     fake_train.calls = []
     longer = [dataclasses.replace(cfg, max_train_steps=cfg.max_train_steps * 2) for cfg in configs]
@@ -173,7 +179,7 @@ def test_the_first_run_trains_alone_only_while_no_run_has_checkpointed(study_fil
 
 
 def test_a_built_latent_cache_lets_new_runs_train_jobs_at_a_time(study_file, tmp_path, monkeypatch):
-    """New runs whose shared latent cache is already built need no run alone first; an unbuilt one does."""
+    """New runs whose shared latent cache is already built start `jobs` at a time; an unbuilt one is built first."""
     monkeypatch.setattr(study_script, "train", fake_train)
     monkeypatch.chdir(tmp_path)
     study = study_script.read_study(study_file)
@@ -183,12 +189,13 @@ def test_a_built_latent_cache_lets_new_runs_train_jobs_at_a_time(study_file, tmp
     fake_train.calls = []
     (tmp_path / "cache").mkdir()  # a folder without an index is not a built cache
     study_script.train_all(configs, tmp_path, jobs=2, overwrite=False)
-    assert [call[2] for call in fake_train.calls] == [cores, max(1, cores // 2)]
+    assert [call[0] for call in fake_train.calls].count("prepare") == 1
 
     fresh = [dataclasses.replace(cfg, output_dir=cfg.output_dir + "-fresh") for cfg in configs]
     (tmp_path / "cache" / "cache.json").write_text("{}")
     fake_train.calls = []
     study_script.train_all(fresh, tmp_path, jobs=2, overwrite=False)
+    assert "prepare" not in [call[0] for call in fake_train.calls]
     assert [call[2] for call in fake_train.calls] == [max(1, cores // 2)] * 2
 
 
@@ -211,9 +218,10 @@ def test_study_trains_what_is_missing_compares_each_row_and_writes_one_table(stu
               "--num_inference_steps", "2", "--reference", reference, "--batch_size", "4", "--jackknife_groups", "3",
               "--warmup", "0", "--iters", "1"]
     assert study_script.main(common + ["--seeds", "0", "1", "--only", "default"]) == 0
-    trained = sorted(call[:2] for call in fake_train.calls)
+    trained = sorted(call[:2] for call in fake_train.calls[1:])
     assert trained == sorted((row, f"seed{s}") for row in ("baseline", "default") for s in (0, 1))
-    assert fake_train.calls[0][2] == (study_script.os.cpu_count() or 1)  # the first run alone, with every core
+    cores = study_script.os.cpu_count() or 1
+    assert fake_train.calls[0] == ("prepare", "seed0", cores)  # the latent cache first, with every core
 
     summary = json.loads((out / "study.json").read_text())
     rows = {r["row"]: r for r in summary["rows"]}
@@ -233,7 +241,7 @@ def test_study_trains_what_is_missing_compares_each_row_and_writes_one_table(stu
     capsys.readouterr()
     assert study_script.main(common + ["--seeds", "0", "--only", "gc8", "--phases", "train", "compare", "table"]) == 0
     assert [call[:2] for call in fake_train.calls] == [("gc8", "seed0")]
-    assert fake_train.calls[0][2] == max(1, (study_script.os.cpu_count() or 1) // 2)  # the cache exists: not alone
+    assert fake_train.calls[0][2] == max(1, (study_script.os.cpu_count() or 1) // 2)  # the cache exists
     assert "baseline/seed0: finished, reused" in capsys.readouterr().out
     rows = [r["row"] for r in json.loads((out / "study.json").read_text())["rows"]]
     assert rows == ["default", "gc8", "baseline"]
@@ -252,6 +260,7 @@ def test_a_real_run_trains_through_train_ldm(tmp_path):
              "variants": {"default": {}}}
     cfg = study_script.run_config(study, "default", 0, tmp_path)
     study_script.train_all([cfg], tmp_path, jobs=1, overwrite=False)
+    assert (tmp_path / "latents" / "cache.json").is_file()  # built by the prepare process, then trained on
     assert study_script.run_state(cfg) == "finished"
     assert (tmp_path / "configs" / "default.seed0.yaml").is_file()
     assert "steps" in (tmp_path / "runs" / "default" / "seed0.log").read_text()
@@ -284,7 +293,8 @@ def test_runs_train_seed_by_seed_with_the_threads_asked_for(study_file, tmp_path
     argv = ["--study", str(study_file), "--output_dir", str(tmp_path / "study"), "--only", "default", "gc8",
             "--seeds", "0", "1", "--jobs", "1", "--threads", "1", "--phases", "train"]
     assert study_script.main(argv) == 0
-    assert fake_train.calls == [(row, f"seed{s}", 1) for s in (0, 1) for row in ("baseline", "default", "gc8")]
+    assert fake_train.calls == [("prepare", "seed0", study_script.os.cpu_count() or 1)] + [
+        (row, f"seed{s}", 1) for s in (0, 1) for row in ("baseline", "default", "gc8")]
     assert study_script.main(argv[:-6] + ["--threads", "0", "--phases", "train"]) == 2
 
 
@@ -318,7 +328,7 @@ def test_select_then_confirm_on_other_data_with_fresh_seeds(tmp_path, reference,
     assert study_script.main(common + ["--phases", "train", "compare", "table", "select", "confirm"]) == 0
     selected = json.loads((out / "selected.json").read_text())
     assert selected["row"] in ("default", "gc8") and selected["seeds"] == [0, 1]
-    confirmed = sorted(call[:2] for call in fake_train.calls if call[1] in ("seed7", "seed8"))
+    confirmed = sorted(call[:2] for call in fake_train.calls if call[1] in ("seed7", "seed8") and call[0] != "prepare")
     assert confirmed == sorted((r, f"seed{s}") for r in ("baseline", selected["row"]) for s in (7, 8))
     config = yaml.safe_load((out / "confirm" / "runs" / selected["row"] / "seed7" / "config.yaml").read_text())
     assert config["data_source"] == "other_images"
@@ -349,7 +359,7 @@ def test_confirm_row_confirms_a_named_row_without_a_select_phase(tmp_path, refer
               "--batch_size", "4", "--jackknife_groups", "3", "--seeds", "0", "1"]
     assert study_script.main(common + ["--phases", "confirm", "--confirm_row", "gc8"]) == 0
     assert not (out / "selected.json").exists()
-    assert sorted(call[:2] for call in fake_train.calls) == [("baseline", "seed7"), ("gc8", "seed7")]
+    assert sorted(call[:2] for call in fake_train.calls) == [("baseline", "seed7"), ("gc8", "seed7"), ("prepare", "seed7")]
     text = (out / "confirm" / "confirmation.md").read_text()
     assert "Confirmation of row 'gc8' (group_channels=8)" in text and "named with --confirm_row" in text
     confirmation = json.loads((out / "confirm" / "confirmation.json").read_text())
@@ -390,7 +400,7 @@ def test_confirm_pool_trains_only_the_seeds_measured_nowhere_and_pools_them(tmp_
     fake_train.calls = []
     out = tmp_path / "second"
     assert study_script.main(common + ["--output_dir", str(out), "--confirm_pool", str(earlier)]) == 0
-    assert sorted(call[:2] for call in fake_train.calls) == sorted(
+    assert sorted(call[:2] for call in fake_train.calls if call[0] != "prepare") == sorted(
         (r, f"seed{s}") for r in ("baseline", "gc8") for s in (9, 10))
     pooled = json.loads((out / "confirm" / "comparisons" / "gc8-pooled" / "comparison.json").read_text())
     assert [[r["seed"] for r in arm["runs"]] for arm in pooled["arms"]] == [[7, 8, 9, 10]] * 2
