@@ -348,11 +348,7 @@ def compare_arms(
     for arm in arms_out:
         for run in arm["runs"]:
             run.pop("sample_features", None)
-    difference = difference_interval([r["fid"] for r in a["runs"]], [r["fid"] for r in b["runs"]], *image_variances)
-    conclusion = verdict([a["label"], b["label"]], difference["ci95"])
-    for arm, spread in zip(arms_out, difference.pop("arms")):
-        arm["interval_covers"] = spread["covers"]
-        arm["interval_covers_text"] = spread["covers_text"]
+    difference, conclusion = _arms_difference(arms_out, image_variances)
     # 5. The report.
     summary = {
         "arms": arms_out,
@@ -570,6 +566,17 @@ def arm_statistics(results: list[dict], isc: bool, prc: bool) -> dict:
     }
 
 
+def _arms_difference(arms: list[dict], image_variances) -> tuple[dict, str]:
+    """The interval of the FID difference of two arms (`difference_interval`) and its verdict; each arm gets what
+    its spread covers."""
+    a, b = arms
+    difference = difference_interval([r["fid"] for r in a["runs"]], [r["fid"] for r in b["runs"]], *image_variances)
+    for arm, spread in zip(arms, difference.pop("arms")):
+        arm["interval_covers"] = spread["covers"]
+        arm["interval_covers_text"] = spread["covers_text"]
+    return difference, verdict([a["label"], b["label"]], difference["ci95"])
+
+
 def shared_experiment(runs: list[dict]) -> dict:
     """What defines the experiment of all `runs` (`read_run` dicts): the identity keys on which they agree, and
     under "differing" the keys on which they differ (those a comparison was allowed to mix)."""
@@ -645,11 +652,7 @@ def pool_comparisons(summaries: list[dict], sources: list[str] | None = None, ou
     for arm in arms_out:
         arm["parameter_ratio"] = arm["parameters"] / b["parameters"]
         arm["gflops_ratio"] = arm["gflops"] / b["gflops"]
-    difference = difference_interval([r["fid"] for r in a["runs"]], [r["fid"] for r in b["runs"]])
-    conclusion = verdict([a["label"], b["label"]], difference["ci95"])
-    for arm, spread in zip(arms_out, difference.pop("arms")):
-        arm["interval_covers"] = spread["covers"]
-        arm["interval_covers_text"] = spread["covers_text"]
+    difference, conclusion = _arms_difference(arms_out, (None, None))
     pooled = {
         **{k: first.get(k) for k in POOLED_PROTOCOL},
         "arms": arms_out,
