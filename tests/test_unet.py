@@ -1,6 +1,7 @@
 """Tests of the DCNv4 U-Net and its conv baseline: shapes and gradients, which convs were swapped, exact
 save/load round trips, torch.compile, autocast, the size registry, the report and configuration errors."""
 
+import json
 import math
 
 import pytest
@@ -38,7 +39,7 @@ def test_forward_backward_shapes_and_finite_gradients(model_type):
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     if model_type == "dcnv4":
         assert isinstance(model, DCNv4UNet2DModel)
-        assert model.down_blocks[0].resnets[0].conv1.value_proj.weight.grad.abs().sum() > 0
+        assert model.down_blocks[1].resnets[0].conv1.value_proj.weight.grad.abs().sum() > 0
     else:
         assert type(model) is UNet2DModel
 
@@ -53,7 +54,7 @@ def test_dcnv4_and_conv_models_share_the_configuration():
 @pytest.mark.parametrize("replace", [("resnet",), REPLACEABLE, ("conv_in", "downsample")])
 def test_no_3x3_conv_remains_where_dcnv4_was_asked_for(replace):
     conv_names = _3x3_convs(build_unet("conv", "tiny", 8))
-    model = build_unet("dcnv4", "tiny", 8, replace=list(replace), group_channels=8)
+    model = build_unet("dcnv4", "tiny", 8, replace=list(replace), group_channels=8, levels=None)
     left = _3x3_convs(model)
 
     def asked(name):
@@ -69,13 +70,43 @@ def test_no_3x3_conv_remains_where_dcnv4_was_asked_for(replace):
     assert all(isinstance(model.get_submodule(n), DCNv4Conv2d) for n in swapped)
 
 
-def test_the_default_swaps_every_3x3_conv_and_folders_saved_with_another_list_keep_it(tmp_path):
-    assert not _3x3_convs(build_unet("dcnv4", "tiny", 8))
-    old = build_unet("dcnv4", "tiny", 8, replace=["resnet"])  # the default before the design study
-    old.save_pretrained(tmp_path)
-    loaded = DCNv4UNet2DModel.from_pretrained(tmp_path)
-    assert list(loaded.config.replace) == ["resnet"]
-    assert _3x3_convs(loaded) == _3x3_convs(old) != set()
+def test_the_default_swaps_every_3x3_conv_below_the_full_resolution_and_saved_folders_keep_theirs(tmp_path):
+    """The default (levels "coarse") swaps every 3x3 conv of the levels below the full resolution and names them in
+    config.json; folders saved with another list, or before `levels` existed (every level swapped then), load as
+    they were saved, with the fingerprint they had."""
+    from types import SimpleNamespace
+
+    from unet_dcnv4.data import module_fingerprint
+
+    conv = _3x3_convs(build_unet("conv", "tiny", 8))
+    model = build_unet("dcnv4", "tiny", 8)
+    assert list(model.config.levels) == [1] and list(build_unet("dcnv4", "S", 32).config.levels) == [1, 2]
+    assert _3x3_convs(model) == _3x3_convs(build_unet("dcnv4", "tiny", 8, levels=[1])) != set()
+    assert _3x3_convs(model) == {n for n in conv if n.startswith(("conv_in", "conv_out", "down_blocks.0", "up_blocks.1"))
+                                 or ".upsamplers." in n}  # the upsampler's conv runs on the full-resolution map
+    assert list(DCNv4UNet2DModel.from_config(model.config).config.levels) == [1]
+    model.save_pretrained(tmp_path / "new")
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["levels"] == [1]
+    old = build_unet("dcnv4", "tiny", 8, replace=["resnet"], levels=None)  # the default before the design study
+    old.save_pretrained(tmp_path / "old")
+    loaded = DCNv4UNet2DModel.from_pretrained(tmp_path / "old")
+    assert list(loaded.config.replace) == ["resnet"] and loaded.config.levels is None
+    assert _3x3_convs(loaded) == _3x3_convs(old) == conv - {n for n in conv if ".resnets." in n}
+    # A folder from before `levels`: its config.json lacks the key.
+    before = build_unet("dcnv4", "tiny", 8, levels=None)
+    before.save_pretrained(tmp_path / "before")
+    config = json.loads((tmp_path / "before" / "config.json").read_text())
+    del config["levels"]
+    (tmp_path / "before" / "config.json").write_text(json.dumps(config))
+    loaded = DCNv4UNet2DModel.from_pretrained(tmp_path / "before")
+    assert not _3x3_convs(loaded) and loaded.config.levels is None
+    assert not _3x3_convs(DCNv4UNet2DModel.from_config(loaded.config))
+    # As the class without the option hashed it: no levels in its config.
+    unaware = SimpleNamespace(config={k: v for k, v in loaded.config.items() if k != "levels"},
+                              state_dict=before.state_dict)
+    assert module_fingerprint(loaded) == module_fingerprint(unaware)
+    with pytest.raises(ValueError, match=r"replace \['conv_in'\] at levels \[1\] swaps no 3x3 conv"):
+        build_unet("dcnv4", "tiny", 8, replace=["conv_in"])
 
 
 @pytest.mark.parametrize("num_class_embeds,options", [(None, {}), (5, dict(replace=["resnet"], dw_kernel_size=3))])
@@ -96,7 +127,6 @@ def test_save_pretrained_from_pretrained_is_bit_identical(tmp_path, num_class_em
 def test_every_dcnv4_option_reaches_the_saved_config_and_the_layers(tmp_path):
     """Each design knob of the U-Net (all of DCNV4_OPTIONS but `match`, which resolves into the widths) is saved
     in config.json with its non-default value, reloads, and changes the layers it names."""
-    import json
 
     from unet_dcnv4.unet import DCNV4_OPTIONS
 
@@ -130,7 +160,6 @@ def test_every_dcnv4_option_reaches_the_saved_config_and_the_layers(tmp_path):
 
 def test_impl_and_cuda_backward_are_saved_and_run(tmp_path, monkeypatch):
     """The saved config says which implementation ran; with impl="reference" the compiled op is never called."""
-    import json
 
     from unet_dcnv4 import ops
 
@@ -155,7 +184,7 @@ def test_impl_and_cuda_backward_are_saved_and_run(tmp_path, monkeypatch):
                                                       if k not in ("impl", "cuda_backward")}))
     old = DCNv4UNet2DModel.from_pretrained(tmp_path)
     assert (old.config.impl, old.config.cuda_backward) == ("auto", "atomic")
-    assert old.down_blocks[0].resnets[0].conv1.impl == "auto"
+    assert old.down_blocks[1].resnets[0].conv1.impl == "auto"
 
 
 def test_pipeline_folder_with_the_dcnv4_unet_loads(tmp_path):
@@ -178,7 +207,7 @@ def test_torch_compile_matches_eager(recompute_value):
     model = build_unet("dcnv4", "tiny", 8)
     model.enable_value_recompute(recompute_value)
     x, t, _ = _inputs(model, n=1)
-    weight = model.down_blocks[0].resnets[0].conv1.offset_mask.weight
+    weight = model.down_blocks[1].resnets[0].conv1.offset_mask.weight
     eager = model(x, t).sample
     eager.square().mean().backward()
     eager_grad, weight.grad = weight.grad.clone(), None
@@ -266,7 +295,6 @@ def test_model_report_counts_parameters_and_the_dcnv4_op():
 def test_report_counts_the_dcnv4_layers_in_a_fresh_process():
     """The CLI's report, in a process that has not loaded the kernels yet, counts every DCNv4 layer's three
     projections (one op, counted by its FLOP formula) and its sampling, besides the other modules' FLOPs."""
-    import json
     import subprocess
     import sys
 
@@ -313,6 +341,13 @@ def test_cli_report_and_user_errors(capsys):
 
     widths = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("widths"))
     assert widths.split()[1:] == str(matched_widths("tiny", 8, levels=[1])).split() + ["(32,", "64)"]
+    assert main(["--size", "tiny", "--sample_size", "8", "--levels", "all"]) == 0
+    assert json.loads(capsys.readouterr().out)["levels"] is None
+    assert main(["--size", "tiny", "--sample_size", "8"]) == 0
+    assert json.loads(capsys.readouterr().out)["levels"] == [1]
+    with pytest.raises(SystemExit):
+        main(["--size", "tiny", "--levels", "fine"])
+    assert "--levels takes level numbers, 'coarse' or 'all', got fine" in capsys.readouterr().err
     assert main(["--size", "tiny", "--group_channels", "24"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: group_channels (24)") and err.count("\n") == 1
@@ -321,12 +356,12 @@ def test_cli_report_and_user_errors(capsys):
 @pytest.mark.parametrize("size, sample_size, options", [
     ("tiny", 8, {}),
     ("tiny", 8, {"group_channels": 8}),
-    ("tiny", 8, {"levels": [1]}),
+    ("tiny", 8, {"levels": None}),
     ("tiny", 8, {"time_offsets": True, "time_rank": 16}),
     ("S", 32, {}),
 ])
 def test_matched_parameters_are_within_five_percent_of_the_conv_baseline(size, sample_size, options):
-    from unet_dcnv4.unet import matched_widths, sampled_levels
+    from unet_dcnv4.unet import COARSE, matched_widths, sampled_levels
 
     with torch.device("meta"):
         conv = build_unet("conv", size, sample_size)
@@ -340,7 +375,7 @@ def test_matched_parameters_are_within_five_percent_of_the_conv_baseline(size, s
     assert tuple(widths) != tuple(UNET_SIZES[size]["block_out_channels"])
     step = options.get("group_channels", 16)
     assert all(w % UNET_SIZES[size]["norm_num_groups"] == 0 for w in widths)
-    assert all(widths[i] % step == 0 for i in sampled_levels(len(widths), levels=options.get("levels")))
+    assert all(widths[i] % step == 0 for i in sampled_levels(len(widths), levels=options.get("levels", COARSE)))
 
 
 def test_group_channels_divide_only_the_widths_dcnv4_layers_sample_at():
@@ -349,7 +384,7 @@ def test_group_channels_divide_only_the_widths_dcnv4_layers_sample_at():
     groups; swapping the upsampler's conv at level 0 makes it sample at level 1's width."""
     from unet_dcnv4.unet import REPLACEABLE, matched_widths, sampled_levels
 
-    assert sampled_levels(2) == (0, 1) and sampled_levels(2, levels=[1]) == (1,)
+    assert sampled_levels(2) == (1,) == sampled_levels(2, levels=[1]) and sampled_levels(2, levels=None) == (0, 1)
     assert sampled_levels(2, levels=[0]) == (0, 1) and sampled_levels(2, ("resnet",), [0]) == (0,)
     assert sampled_levels(3, ("downsample",), [2]) == () and sampled_levels(3, ("upsample",), [0, 1]) == (1, 2)
     assert sampled_levels(2, ("conv_in",), [1]) == () and sampled_levels(2, REPLACEABLE, None) == (0, 1)
@@ -359,7 +394,7 @@ def test_group_channels_divide_only_the_widths_dcnv4_layers_sample_at():
     assert model.down_blocks[1].resnets[0].conv1.group_channels == 16
     with pytest.raises(ValueError, match=r"group_channels \(16\) must divide .* \(40, 80\) at a level with DCNv4 "
                                          r"layers \(\[40, 80\]\); allowed: \[1, 2, 4, 5, 8, 10, 20, 40\]"):
-        DCNv4UNet2DModel(**config)
+        DCNv4UNet2DModel(**config, levels=None)
     widths = matched_widths("tiny", 8, levels=[1])
     assert widths[0] % 16 and widths[0] % 8 == 0 and widths[1] % 16 == 0
 
@@ -374,7 +409,11 @@ def test_sampled_levels_are_the_widths_the_built_model_samples_at(replace):
     widths = (16, 32, 48)  # one width a level, so a layer's width names its level
     config = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=widths, layers_per_block=1,
                   down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3, norm_num_groups=8)
-    for levels in (None, [1], [0, 2]):  # between them, every conv kind's level rule
+    for levels in (None, [1], [0, 2], "coarse"):  # between them, every conv kind's level rule
+        if not sampled_levels(3, replace, levels):  # nothing to swap there: the model refuses to build
+            with pytest.raises(ValueError, match="swaps no 3x3 conv"):
+                DCNv4UNet2DModel(**config, replace=list(replace), levels=levels)
+            continue
         with torch.device("meta"):
             model = DCNv4UNet2DModel(**config, replace=list(replace), levels=levels)
         built = {widths.index(m.channels) for m in model.modules() if isinstance(m, DCNv4)}
@@ -385,13 +424,14 @@ def test_time_rank_factorises_the_time_projection(tmp_path):
     """time_rank r makes each time projection Linear(time, r) then Linear(r, C_in), the second zero at the start (the
     model starts time-blind there) and learning from the first step; it needs time_offsets and reloads."""
     torch.manual_seed(0)
-    model = build_unet("dcnv4", "tiny", 8, time_offsets=True, time_rank=4)
+    # Every level: the first block's input (conv_in's output) does not depend on the time.
+    model = build_unet("dcnv4", "tiny", 8, time_offsets=True, time_rank=4, levels=None)
     conv1 = model.down_blocks[0].resnets[0].conv1
     down, up = conv1.offset_time_proj
     assert (down.in_features, down.out_features, down.bias, up.out_features) == (conv1.time_channels, 4, None,
                                                                                conv1.in_channels)
     assert down.weight.abs().sum() > 0 and not up.weight.any() and not up.bias.any()
-    full = build_unet("dcnv4", "tiny", 8, time_offsets=True)
+    full = build_unet("dcnv4", "tiny", 8, time_offsets=True, levels=None)
     count = lambda m: sum(p.numel() for p in m.offset_time_proj.parameters())  # noqa: E731
     assert count(conv1) == (conv1.time_channels + conv1.in_channels) * 4 + conv1.in_channels
     assert count(full.down_blocks[0].resnets[0].conv1) == (conv1.time_channels + 1) * conv1.in_channels
@@ -450,7 +490,7 @@ def test_time_offsets_let_the_first_conv_of_a_block_see_the_time(tmp_path, impl)
     projection that starts at zero, so a fresh model is time-blind there), the projection learns through both
     paths of the layer, the hooks leave no embedding behind, and the option reloads."""
     torch.manual_seed(0)
-    model = build_unet("dcnv4", "tiny", 8, time_offsets=True, impl=impl).eval()
+    model = build_unet("dcnv4", "tiny", 8, time_offsets=True, impl=impl, levels=None).eval()
     block = model.down_blocks[0].resnets[0]
     captured = []
     handle = block.conv1.offset_mask.register_forward_hook(lambda m, a, out: captured.append(out.detach()))
@@ -490,7 +530,6 @@ def test_an_option_added_later_keeps_the_fingerprint_of_folders_saved_before_it(
     """A folder saved before the class gained an option (time_rank) loads with the option's default, which diffusers
     lists in `_use_default_values`; the fingerprint leaves such keys out, so it stays what it was when the folder
     was saved, and the samples made from it (whose manifests record it) stay reusable."""
-    import json
 
     from unet_dcnv4.data import module_fingerprint
 
@@ -535,5 +574,5 @@ def test_levels_swap_the_convs_of_the_levels_named(tmp_path):
     assert not full & swapped
     model.save_pretrained(tmp_path)
     assert list(DCNv4UNet2DModel.from_pretrained(tmp_path).config.levels) == [1]
-    with pytest.raises(ValueError, match=r"levels must be null or a list of resolution levels in \[0, 2\)"):
+    with pytest.raises(ValueError, match=r"levels must be 'coarse', null or a list of resolution levels in \[0, 2\)"):
         build_unet("dcnv4", "tiny", 8, levels=[2])

@@ -30,13 +30,15 @@ from .modules import DCNv4, DCNv4Conv2d
 from .ops import _uses_kernels, check_impl, load_extension
 
 __all__ = ["DCNv4UNet2DModel", "UNET_SIZES", "REPLACEABLE", "DCNV4_OPTIONS", "MODEL_TYPES", "BUDGETS",
-           "build_unet", "matched_widths", "sampled_levels", "model_report", "dcnv4_flops"]
+           "build_unet", "matched_widths", "resolve_levels", "sampled_levels", "COARSE", "model_report", "dcnv4_flops"]
 
 REPLACEABLE = ("resnet", "conv_in", "conv_out", "downsample", "upsample")
 MODEL_TYPES = ("dcnv4", "conv")
 # `match` is not a model field: build_unet resolves it into block_out_channels, which the saved config records.
 DCNV4_OPTIONS = ("replace", "group_channels", "offset_scale", "dw_kernel_size", "remove_center", "official_init",
                  "offset_lr_scale", "time_offsets", "time_rank", "levels", "match")
+# The default `levels`: every resolution level but the full one (`resolve_levels`).
+COARSE = "coarse"
 # What a matched-budget DCNv4 U-Net is widened to equal: the conv baseline's parameter count or its GFLOPs.
 BUDGETS = ("params", "flops")
 BUDGET_TOLERANCE = 0.05
@@ -79,15 +81,29 @@ def _check_replace(replace) -> tuple[str, ...]:
     return tuple(replace)
 
 
-def sampled_levels(depth: int, replace=REPLACEABLE, levels=None) -> tuple[int, ...]:
+def resolve_levels(levels, depth: int) -> tuple[int, ...]:
+    """The resolution levels a `levels` value swaps in a U-Net of `depth` levels: "coarse" every level but the full
+    resolution (1, ..., depth - 1), None every level, else the list itself; raises ValueError on anything else."""
+    if levels == COARSE:
+        return tuple(range(1, depth))
+    if levels is None:
+        return tuple(range(depth))
+    if isinstance(levels, (str, int)) or not isinstance(levels, (list, tuple)) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < depth for v in levels):
+        raise ValueError(f"levels must be {COARSE!r}, null or a list of resolution levels in [0, {depth}), "
+                         f"got {levels!r}")
+    return tuple(sorted(set(levels)))
+
+
+def sampled_levels(depth: int, replace=REPLACEABLE, levels=COARSE) -> tuple[int, ...]:
     """The resolution levels whose block width some DCNv4 layer samples at, for a U-Net of `depth` levels whose
-    convs `replace` names are swapped at `levels` (None: all): group_channels must divide these widths only.
+    convs `replace` names are swapped at `levels` (`resolve_levels`): group_channels must divide these widths only.
 
     A swapped conv samples at its output width (`DCNv4Conv2d`): the ResnetBlock2D convs, downsampling convs,
     conv_in and conv_out (which narrows from level 0's width) at their own level's width; an upsampling conv,
     which runs on the finer level's map, at the coarser block's width it upsamples.
     """
-    swapped = set(range(depth) if levels is None else levels)
+    swapped = set(resolve_levels(levels, depth))
     used = set()
     if "resnet" in replace:
         used |= swapped
@@ -100,7 +116,7 @@ def sampled_levels(depth: int, replace=REPLACEABLE, levels=None) -> tuple[int, .
     return tuple(sorted(used))
 
 
-def _check_group_channels(group_channels, block_out_channels, replace=REPLACEABLE, levels=None) -> None:
+def _check_group_channels(group_channels, block_out_channels, replace=REPLACEABLE, levels=COARSE) -> None:
     positive_int("group_channels", group_channels)
     widths = tuple(block_out_channels)
     used = [widths[i] for i in sampled_levels(len(widths), replace, levels)]
@@ -143,9 +159,12 @@ class DCNv4UNet2DModel(UNet2DModel):
             of the rest's; deformable networks commonly train them at 0.1x. A training setting, kept in the config
             so that a saved model says how it was trained; `parameter_groups` applies it.
         levels: the resolution levels whose 3x3 convs (those `replace` names) are swapped, 0 the latent's full
-            resolution, 1 half of it, ...; None (the default) for every level. A conv's level is that of the map it
-            reads: conv_in and conv_out 0, the blocks' convs their block's, a downsampling conv its block's, an
-            upsampling conv the finer level it convolves after upsampling.
+            resolution, 1 half of it, ...; "coarse" (the default) for every level but the full resolution, None for
+            every level. A conv's level is that of the map it reads: conv_in and conv_out 0, the blocks' convs
+            their block's, a downsampling conv its block's, an upsampling conv the finer level it convolves after
+            upsampling. The saved config names the levels as a list. The default was every level until the plateau
+            study (benchmarks/NOTES.md): keeping the full-resolution convs plain was the best DCNv4 design there.
+            Configs saved before `levels` existed load with every level, as they were trained (`from_config`).
         time_offsets: let the offsets and masks of every ResnetBlock2D's first conv see the diffusion time (its
             input is taken before the block adds the time embedding; the second conv's input has it): the block's
             time embedding, through a zero-initialised projection, is added to the offset branch's input.
@@ -197,7 +216,7 @@ class DCNv4UNet2DModel(UNet2DModel):
         offset_lr_scale: float = 1.0,
         time_offsets: bool = False,
         time_rank: int | None = None,
-        levels: tuple[int, ...] | None = None,
+        levels: tuple[int, ...] | str | None = COARSE,
         impl: str = "auto",
         cuda_backward: str = "atomic",
     ):
@@ -212,10 +231,8 @@ class DCNv4UNet2DModel(UNet2DModel):
             if not time_offsets:
                 raise ValueError(f"time_rank ({time_rank}) is the rank of the time projections of time_offsets: "
                                  "set time_offsets: true with it")
-        depth = len(block_out_channels)
-        if levels is not None and (isinstance(levels, (str, int)) or not all(
-                isinstance(v, int) and not isinstance(v, bool) and 0 <= v < depth for v in levels)):
-            raise ValueError(f"levels must be null or a list of resolution levels in [0, {depth}), got {levels!r}")
+        depth, chosen = len(block_out_channels), levels
+        levels = resolve_levels(levels, depth)
         _check_group_channels(group_channels, block_out_channels, replace, levels)
         super().__init__(
             sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
@@ -243,7 +260,7 @@ class DCNv4UNet2DModel(UNet2DModel):
 
         def swap(conv: nn.Module, level: int, time_channels: int | None = None) -> nn.Module:
             if not isinstance(conv, nn.Conv2d) or conv.kernel_size == (1, 1) or \
-                    levels is not None and level not in levels:
+                    level not in levels:
                 return conv
             return DCNv4Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                                padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
@@ -274,6 +291,31 @@ class DCNv4UNet2DModel(UNet2DModel):
                         for alias in ("conv", "Conv2d_0"):
                             if getattr(module, alias, None) is getattr(module, attr):
                                 setattr(module, alias, new)
+        if not any(isinstance(m, DCNv4Conv2d) for m in self.modules()):
+            raise ValueError(f"replace {list(replace)} at levels {list(levels)} swaps no 3x3 conv of this "
+                             f"{depth}-level U-Net: name levels that hold some (levels: null for every level)")
+        if chosen == COARSE:
+            self.register_to_config(levels=list(levels))  # a saved config names the levels the default chose
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """diffusers' `from_config`, with one rule of this model's: a config without `levels`, saved before the
+        option existed, loads with every level (what it was trained with), not today's default. Like an option
+        diffusers fills in, the key is listed in `_use_default_values`, so the model's fingerprint stays the one
+        it had when saved (`unet_dcnv4.data.module_fingerprint`)."""
+        # Missing from the file, or filled in so by this rule before (a model built with the default has the list
+        # it chose there, never None).
+        filled = isinstance(config, dict) and "levels" not in kwargs and ("levels" not in config or (
+            config["levels"] is None and "levels" in (config.get("_use_default_values") or ())))
+        if filled:
+            config = {**config, "levels": None,
+                      "_use_default_values": [k for k in config.get("_use_default_values") or () if k != "levels"]}
+        out = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        if filled:
+            model = out[0] if return_unused_kwargs else out
+            model.register_to_config(_use_default_values=[*(model.config.get("_use_default_values") or ()),
+                                                          "levels"])
+        return out
 
     def offset_mask_parameters(self) -> list[nn.Parameter]:
         """The parameters of every DCNv4 layer's offset/mask branch (its Linear, optional depthwise conv and time
@@ -409,7 +451,7 @@ def _matched_widths(key: str) -> tuple[int, ...]:
     target = _budget("conv", base, {}, match)
     # Each level's grid: multiples of the GroupNorm group count, and of group_channels where DCNv4 layers sample.
     groups, widths0 = int(base["norm_num_groups"]), base["block_out_channels"]
-    dcnv4_levels = sampled_levels(len(widths0), options.get("replace", REPLACEABLE), options.get("levels"))
+    dcnv4_levels = sampled_levels(len(widths0), options.get("replace", REPLACEABLE), options.get("levels", COARSE))
     steps = tuple(math.lcm(int(options.get("group_channels", 16)), groups) if level in dcnv4_levels else groups
                   for level in range(len(widths0)))
 
@@ -573,18 +615,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time_offsets", action="store_true",
                         help="the offsets of each ResnetBlock2D's first conv see the diffusion time")
     parser.add_argument("--time_rank", type=int, default=None, help="rank of those time projections (default: full)")
-    parser.add_argument("--levels", type=int, nargs="+", default=None,
-                        help="the resolution levels whose convs are swapped (default: all; 0 the full resolution)")
+    parser.add_argument("--levels", nargs="+", default=[COARSE],
+                        help="the resolution levels whose convs are swapped, 0 the full resolution; 'coarse' (the "
+                             "default) every level but 0, 'all' every level")
     parser.add_argument("--match", choices=list(BUDGETS), default=None,
                         help="widen the DCNv4 U-Net to the conv baseline's parameters or GFLOPs")
     parser.add_argument("--report", action="store_true",
                         help="print parameters and GFLOPs of the DCNv4 model and the conv baseline side by side")
     parser.add_argument("--json", action="store_true", help="print the report (or the config) as JSON")
     args = parser.parse_args(argv)
+    if args.levels == [COARSE] or args.levels == ["all"]:
+        levels = None if args.levels == ["all"] else COARSE
+    elif all(v.isdigit() for v in args.levels):
+        levels = [int(v) for v in args.levels]
+    else:
+        parser.error(f"--levels takes level numbers, 'coarse' or 'all', got {' '.join(args.levels)}")
     options = dict(replace=args.replace, group_channels=args.group_channels, offset_scale=args.offset_scale,
                    dw_kernel_size=args.dw_kernel_size, remove_center=args.remove_center,
                    official_init=args.official_init, time_offsets=args.time_offsets, time_rank=args.time_rank,
-                   levels=args.levels, match=args.match)
+                   levels=levels, match=args.match)
     try:
         if args.sample_size < 1:
             raise ValueError(f"--sample_size must be positive, got {args.sample_size}")
