@@ -502,8 +502,8 @@ def main(argv: list[str] | None = None) -> int:
 def confirm(study: dict, output_dir: Path, args) -> dict | None:
     """Trains the selected row and the baseline on the study's confirm data with its fresh seeds, compares them
     (with the FID curve at the study's `curve_steps`), times the row against conv (`measure_rows`, when both
-    arms trained here) and writes confirm/confirmation.md; None (and a line saying so) when the study file has
-    no `confirm`."""
+    arms have a finished run in this folder) and writes confirm/confirmation.md; None (and a line saying so) when
+    the study file has no `confirm`."""
     if study["confirm"] is None:
         print("confirm: the study file has no confirm section (seeds and data to confirm on); skipped")
         return None
@@ -545,10 +545,12 @@ def confirm(study: dict, output_dir: Path, args) -> dict | None:
     summary = pool_comparisons([*pooled, *summaries], sources, str(folder / "comparisons" / f"{row}-pooled")) \
         if len(sources) > 1 else (pooled + summaries)[0]
     difference = summary["fid_difference"]
-    # The speed at matched parameters: the first seed of each arm trained here, timed in interleaved rounds.
-    speed = measure_rows({row: [configs[row][0].output_dir]}, [configs[BASELINE][0].output_dir],
-                         {row: configs[row][0], BASELINE: configs[BASELINE][0]}, args)[row] \
-        if configs[row] and configs[BASELINE] else None
+    # The speed at matched parameters: the first confirm seed of each arm whose finished run is in this folder
+    # (trained here, or by an earlier call, though pooled), timed in interleaved rounds.
+    local = {name: next((cfg for cfg in (run_config(other, name, seed, folder) for seed in seeds)
+                         if run_state(cfg) == "finished"), None) for name in (row, BASELINE)}
+    speed = measure_rows({row: [local[row].output_dir]}, [local[BASELINE].output_dir], local, args)[row] \
+        if all(local.values()) else None
     text = (f"Confirmation of row {row!r} ({selected['changes']}), selected on {selected['data_source']} at "
             f"{selected['max_train_steps']} steps with seeds {selected['seeds']} ({selected['rule']}), against conv "
             f"on {other['base'].get('data_source')} at {other['base'].get('max_train_steps')} steps with fresh seeds "

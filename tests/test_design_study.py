@@ -417,6 +417,11 @@ def test_confirm_pool_trains_only_the_seeds_measured_nowhere_and_pools_them(tmp_
     assert fake_train.calls == []
     everything = json.loads((tmp_path / "all" / "confirm" / "confirmation.json").read_text())
     assert everything["fid_difference"] == pooled["fid_difference"] and everything["throughput"] is None
+    # In the folder that holds the runs, the same call also times them, though every seed is pooled.
+    assert study_script.main(common + ["--output_dir", str(out), "--confirm_pool", str(pooled_file)]) == 0
+    assert fake_train.calls == []
+    again = json.loads((out / "confirm" / "confirmation.json").read_text())
+    assert again["fid_difference"] == pooled["fid_difference"] and again["throughput"]["train_images_ratio"] > 0
 
     # Pooled seeds that are not the study's confirm seeds are refused before anything trains.
     study["confirm"]["seeds"] = [9, 10]
